@@ -1,0 +1,3 @@
+from hpc_es.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""``python -m hpc_es``: train (default), eval, fingerprint, replay, submit.
+
+User errors end with one line ``hpc_es: error: ...`` and a non-zero exit; a rank that fails names itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+EXIT_REQUEUE = 75  # checkpointed on a signal: the launcher should requeue (EX_TEMPFAIL)
+
+USAGE = """usage: python -m hpc_es [--config FILE] [key=value ...]          train
+       python -m hpc_es eval [--config FILE] [key=value ...]     mean reward / accuracy on the test split
+       python -m hpc_es fingerprint DIR                           SHA-256 of a model's parameters
+       python -m hpc_es replay RUN_DIR [--iteration T] --out DIR  rebuild weights from the ledger
+       python -m hpc_es submit [--config FILE] [key=value ...] [--nodes N] [--gpus-per-node G] ...
+"""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _config_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog=prog, usage=USAGE)
+    p.add_argument("--config", "-c", default=None, help="YAML config file")
+    return p.parse_known_args(argv)
+
+
+def cmd_train(argv: list[str]) -> int:
+    from hpc_es.comm import make_comm
+    from hpc_es.config import load_config
+    from hpc_es.trainer import Stop, train
+
+    args, overrides = _config_args(argv, "python -m hpc_es")
+    _bad_flags(overrides)
+    cfg = load_config(args.config, overrides)
+    comm = make_comm(cfg.dist.backend, cfg.dist.timeout_s)
+    _RANK[0] = comm.rank
+    logging.basicConfig(level=logging.INFO if comm.is_main else logging.ERROR,
+                        format="hpc_es: %(message)s", stream=sys.stderr)
+
+    def install(trainer: Any) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            trainer.stop_signal = signum
+            if comm.is_main:
+                print(f"\nhpc_es: got {signal.Signals(signum).name}; checkpointing after this iteration",
+                      file=sys.stderr, flush=True)
+        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    try:
+        result = train(cfg, comm, on_signal=install)
+    except Stop as s:
+        if comm.is_main:
+            print(f"hpc_es: checkpointed after {signal.Signals(s.signum).name}; exit {EXIT_REQUEUE} "
+                  "(requeue to resume)", file=sys.stderr, flush=True)
+        comm.close()
+        return EXIT_REQUEUE
+    except BaseException:
+        _fail_fast(comm)
+        raise
+    if comm.is_main:
+        print(json.dumps({"run_dir": result.run_dir, "final": result.final_dir, "iterations": result.iterations,
+                          "fingerprint": result.fingerprint, "reward_mean_first": result.reward_mean_first,
+                          "reward_mean_last": result.reward_mean_last}), flush=True)
+    comm.close()
+    return 0
+
+
+def _fail_fast(comm: Any) -> None:
+    """A rank that fails outside a collective must not leave the others waiting in one."""
+    from hpc_es.errors import DistributedError, HpcEsError
+
+    if comm.world_size <= 1:
+        return
+    exc = sys.exc_info()[1]
+    if isinstance(exc, DistributedError):  # every rank saw it: rank 0 reports, all exit
+        if comm.is_main:
+            print(f"hpc_es: error: {exc}", file=sys.stderr, flush=True)
+        comm.close()
+        os._exit(exc.exit_code)
+    kind = "" if isinstance(exc, HpcEsError) else f"{type(exc).__name__}: "
+    print(f"hpc_es: error: rank {comm.rank} failed: {kind}{exc}", file=sys.stderr, flush=True)
+    comm.abort(exc.exit_code if isinstance(exc, HpcEsError) else 1)
+
+
+def _bad_flags(rest: list[str]) -> None:
+    from hpc_es.errors import ConfigError
+
+    flags = [a for a in rest if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"unknown option {flags[0]}; settings are given as key=value (e.g. es.sigma=0.01)")
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from hpc_es.config import load_config
+    from hpc_es.evaluate import evaluate
+
+    args, overrides = _config_args(argv, "python -m hpc_es eval")
+    _bad_flags(overrides)
+    cfg = load_config(args.config, overrides)
+    print(json.dumps(evaluate(cfg)), flush=True)
+    return 0
+
+
+def cmd_fingerprint(argv: list[str]) -> int:
+    from hpc_es.models import fingerprint_dir
+
+    p = argparse.ArgumentParser(prog="python -m hpc_es fingerprint")
+    p.add_argument("dir")
+    args = p.parse_args(argv)
+    print(fingerprint_dir(args.dir))
+    return 0
+
+
+def cmd_replay(argv: list[str]) -> int:
+    from hpc_es.replay import replay
+
+    p = argparse.ArgumentParser(prog="python -m hpc_es replay")
+    p.add_argument("run_dir")
+    p.add_argument("--iteration", type=int, default=None, help="completed iterations to replay (default: all)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="base model folder (default: the one the ledger names)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    fp = replay(args.run_dir, args.out, args.iteration, args.model, args.device)
+    print(json.dumps({"out": args.out, "fingerprint": fp}))
+    return 0
+
+
+def cmd_submit(argv: list[str]) -> int:
+    from hpc_es.launch import submit_main
+
+    return submit_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "fingerprint": cmd_fingerprint, "replay": cmd_replay,
+            "submit": cmd_submit}
+_RANK = [0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hpc_es.errors import HpcEsError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    try:
+        _quiet_libraries()
+        return COMMANDS[cmd](argv)
+    except HpcEsError as e:
+        who = f"rank {_RANK[0]}: " if _RANK[0] else ""
+        print(f"hpc_es: error: {who}{e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hpc_es: interrupted", file=sys.stderr)
+        return 130

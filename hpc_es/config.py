@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML files and dotted ``key=value`` overrides mapped onto dataclasses.
+
+Every key is checked against the dataclass fields, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import yaml
+
+from hpc_es.errors import ConfigError
+
+
+@dataclass
+class ESConfig:
+    population_size: int = 16
+    sigma: float = 1e-3
+    alpha: float = 5e-4
+    iterations: int = 500
+    antithetic: bool = False  # members 2k, 2k+1 share a seed with opposite signs
+    shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
+    noise_chunk: int = 1 << 20  # elements per generator call: bounds the fp32 scratch memory
+    base_on: str = "device"  # device: one extra copy on the GPU | host: base kept in CPU memory
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 1024
+    prompts_per_iteration: int = 200  # each member sees the same prompts in an iteration
+    batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # the task's data file; empty = the task's built-in synthetic set
+    train_size: int = 200  # the first train_size items are the training split
+    test_size: int = 0  # items after the training split used by `eval`; 0 = all the rest
+    synthetic_size: int = 1200  # size of a synthetic set when no path is given
+
+
+@dataclass
+class TinyModelConfig:
+    arch: str = "qwen2"  # qwen2 | llama
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    vocab_size: int = 384
+    cache_dir: str = ""  # empty = $HPC_ES_CACHE or ~/.cache/hpc_es
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto | mpi | torch | none
+    devices_per_rank: int = 0  # 0 = every device this rank is given (1 on CPU)
+    check_every: int = 10  # iterations between cross-rank weight fingerprint checks; 0 = never
+    allow_idle_ranks: bool = False  # more ranks than slots: idle the extra ranks instead of failing
+    timeout_s: float = 600.0  # torch.distributed collective timeout
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # iterations between checkpoints; 0 = only on signal and at the end
+    weights: bool = True  # false: ledger-only checkpoints (kilobytes), resume replays the ledger
+
+
+@dataclass
+class Config:
+    model: str = "tiny"  # a local HF model directory, or "tiny" for the built-in test model
+    task: str = "conciseness"  # countdown | conciseness | module:attr | path/file.py:attr
+    seed: int = 0
+    run_dir: str = "runs/default"
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads per rank; 0 = torch's default
+    progress: bool = True
+    es: ESConfig = field(default_factory=ESConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "es.shaping": ("zscore", "rank"),
+    "es.base_on": ("device", "host"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "device": ("auto", "cpu", "cuda"),
+    "tiny.arch": ("qwen2", "llama"),
+    "dist.backend": ("auto", "mpi", "torch", "none"),
+}
+
+# key -> (predicate, what is allowed)
+_RANGES: dict[str, tuple[Any, str]] = {
+    "es.population_size": (lambda v: v >= 1, "an integer >= 1"),
+    "es.sigma": (lambda v: v > 0, "a number > 0"),
+    "es.alpha": (lambda v: v >= 0, "a number >= 0"),
+    "es.iterations": (lambda v: v >= 0, "an integer >= 0"),
+    "es.noise_chunk": (lambda v: v >= 1024, "an integer >= 1024"),
+    "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.prompts_per_iteration": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = all prompts in one batch)"),
+    "data.train_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.test_size": (lambda v: v >= 0, "an integer >= 0 (0 = all the rest)"),
+    "data.synthetic_size": (lambda v: v >= 2, "an integer >= 2"),
+    "tiny.hidden_size": (lambda v: v >= 8, "an integer >= 8"),
+    "tiny.layers": (lambda v: v >= 1, "an integer >= 1"),
+    "tiny.heads": (lambda v: v >= 1, "an integer >= 1"),
+    "tiny.vocab_size": (lambda v: v >= 300, "an integer >= 300 (256 bytes plus merges and specials)"),
+    "threads": (lambda v: v >= 0, "an integer >= 0"),
+    "dist.devices_per_rank": (lambda v: v >= 0, "an integer >= 0"),
+    "dist.check_every": (lambda v: v >= 0, "an integer >= 0"),
+    "dist.timeout_s": (lambda v: v > 0, "a number > 0"),
+    "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+}
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        hint = get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.extend(all_keys(hint, f"{prefix}{f.name}."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"config key '{key}' has an unsupported type")  # pragma: no cover
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key, checking that it exists and that the value has the field's type."""
+    obj: Any = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise _unknown_key(key)
+        obj = getattr(obj, part)
+    name = parts[-1]
+    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        raise _unknown_key(key)
+    hint = get_type_hints(type(obj))[name]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section; give a mapping or set {key}.<field>")
+        for sub, v in value.items():
+            set_key(cfg, f"{key}.{sub}", v)
+        return
+    setattr(obj, name, _coerce(key, value, hint))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.extend(_flatten(v, f"{prefix}{k}."))
+        else:
+            out.append((prefix + str(k), v))
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and choices; the message names key, value and what is allowed."""
+    for key, choices in _CHOICES.items():
+        v = get_key(cfg, key)
+        if v not in choices:
+            raise ConfigError(f"config key '{key}' = {v!r} is not allowed; choose one of {', '.join(choices)}")
+    for key, (ok, allowed) in _RANGES.items():
+        v = get_key(cfg, key)
+        if not ok(v):
+            raise ConfigError(f"config key '{key}' = {v!r} is out of range; it must be {allowed}")
+    if cfg.es.antithetic and cfg.es.population_size % 2:
+        raise ConfigError(
+            f"config key 'es.population_size' = {cfg.es.population_size} must be even when es.antithetic is true"
+        )
+    if not cfg.model:
+        raise ConfigError("config key 'model' is empty; give a local model directory or 'tiny'")
+    if not cfg.run_dir:
+        raise ConfigError("config key 'run_dir' is empty")
+    return cfg
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. es.sigma=0.001)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None:
+        value = ""
+    return key, value
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Build a Config from defaults, an optional YAML file, then ``key=value`` overrides."""
+    cfg = base if base is not None else Config()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+        for key, value in _flatten(data):
+            set_key(cfg, key, value)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_key(cfg, key, value)
+    return validate(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. the ledger's ``config`` attribute)."""
+    cfg = Config()
+    for key, value in _flatten(d):
+        set_key(cfg, key, value)
+    return validate(cfg)
+
+
+def default_cache_dir(cfg: Config) -> str:
+    return cfg.tiny.cache_dir or os.environ.get("HPC_ES_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "hpc_es")

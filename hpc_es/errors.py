@@ -1,0 +1,35 @@
+"""User-facing errors: one clear message, no traceback wall, non-zero exit."""
+
+from __future__ import annotations
+
+
+class HpcEsError(Exception):
+    """An error caused by the user's input (config, data, model dir, task code, world size).
+
+    The CLI prints ``hpc_es: error: <message>`` and exits with ``exit_code``; anything else
+    is a bug and keeps its traceback.
+    """
+
+    exit_code = 2
+
+
+class ConfigError(HpcEsError):
+    """A config key, type or range is wrong."""
+
+
+class DataError(HpcEsError):
+    """A data file is missing or malformed."""
+
+
+class ModelError(HpcEsError):
+    """A model directory is missing, unreadable or not a causal LM."""
+
+
+class TaskError(HpcEsError):
+    """A task cannot be loaded, or its reward function raised or returned a non-finite value."""
+
+
+class DistributedError(HpcEsError):
+    """A rank failed, the world size does not fit the population, or ranks diverged."""
+
+    exit_code = 3

@@ -1,0 +1,183 @@
+"""Resolving ``task=`` to a Task, and calling a task's reward without letting user bugs escape unexplained.
+
+``task`` is a built-in name (``countdown``, ``conciseness``), ``module:attr`` (the module is imported with
+the current directory on ``sys.path``) or ``path/to/file.py:attr`` (loaded from that file). ``attr`` is a
+Task object, or a callable (e.g. a class) taking the Config and returning one.
+
+The built-in modules are imported lazily inside :func:`load_task` so that they can import
+:func:`split_examples` from this package without an import cycle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import numbers
+import os
+import sys
+from types import ModuleType
+from typing import Any, Sequence
+
+from hpc_es.errors import DataError, HpcEsError, TaskError
+from hpc_es.tasks.base import Example, Task
+
+__all__ = ["Example", "Task", "BUILTIN_TASKS", "load_task", "safe_score", "split_examples", "check_task"]
+
+BUILTIN_TASKS: tuple[str, ...] = ("countdown", "conciseness")
+
+_PROTOCOL_METHODS = ("train_examples", "test_examples", "score")
+
+
+def split_examples(items: Sequence[Example], train_size: int, test_size: int,
+                   source: str) -> tuple[list[Example], list[Example]]:
+    """First ``train_size`` items train, the next ``test_size`` (0 = all the rest) test.
+
+    Fails when the source cannot fill both splits, so a short file is caught before any compute is spent.
+    """
+    need_test = max(test_size, 1)
+    if len(items) < train_size + need_test:
+        want = (f"{train_size} train + {test_size} test" if test_size
+                else f"{train_size} train + at least 1 test")
+        raise DataError(f"{source} has {len(items)} items, too few for data.train_size={train_size} and "
+                        f"data.test_size={test_size} ({want} = {train_size + need_test} needed)")
+    train = list(items[:train_size])
+    test = list(items[train_size:train_size + test_size]) if test_size else list(items[train_size:])
+    return train, test
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _missing_members(obj: Any) -> list[str]:
+    missing = [m for m in _PROTOCOL_METHODS if not callable(getattr(obj, m, None))]
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name:
+        missing.insert(0, "name (a non-empty string)")
+    return missing
+
+
+def check_task(task: Any, spec: str) -> Task:
+    """Fail early, naming what is missing, when ``task`` does not implement the Task protocol."""
+    missing = _missing_members(task)
+    if missing:
+        raise TaskError(f"task '{spec}' gives a {type(task).__name__}, which does not implement the Task "
+                        f"protocol: missing {', '.join(missing)} (see hpc_es/tasks/base.py)")
+    try:
+        train = task.train_examples()
+        test = task.test_examples()
+    except HpcEsError:
+        raise
+    except Exception as e:
+        raise TaskError(f"task '{spec}' failed while listing its examples: {_first_line(e)}") from e
+    for split, examples in (("train_examples", train), ("test_examples", test)):
+        if not isinstance(examples, Sequence) or isinstance(examples, (str, bytes)):
+            raise TaskError(f"task '{spec}': {split}() must return a sequence of Example, "
+                            f"got {type(examples).__name__}")
+        for i, ex in enumerate(examples):
+            if not isinstance(ex, Example) or not isinstance(ex.prompt, str):
+                raise TaskError(f"task '{spec}': {split}()[{i}] is a {type(ex).__name__}, expected "
+                                f"hpc_es.tasks.Example with a string prompt")
+    if len(train) == 0:
+        raise TaskError(f"task '{spec}': train_examples() returned no examples")
+    return task
+
+
+def _import_module(modname: str) -> ModuleType:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)  # like `python -m`: a module next to the user's config is found
+    try:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name and (modname == e.name or modname.startswith(e.name + ".")):
+            raise TaskError(f"task module '{modname}' not found (searched sys.path, which includes the "
+                            f"current directory {cwd})") from None
+        raise TaskError(f"cannot import task module '{modname}': {_first_line(e)}") from e
+    except Exception as e:  # SyntaxError, errors raised at import time
+        raise TaskError(f"cannot import task module '{modname}': {_first_line(e)}") from e
+
+
+def _load_file(path: str) -> ModuleType:
+    if not os.path.isfile(path):
+        raise TaskError(f"task file '{path}' does not exist")
+    abspath = os.path.abspath(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    # A unique, stable name: dataclasses and pickle look modules up in sys.modules by name.
+    modname = f"hpc_es_user_task_{stem}_{hashlib.sha1(abspath.encode()).hexdigest()[:10]}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    spec = importlib.util.spec_from_file_location(modname, abspath)
+    if spec is None or spec.loader is None:
+        raise TaskError(f"task file '{path}' cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[modname]
+        raise TaskError(f"cannot import task file '{path}': {_first_line(e)}") from e
+    return module
+
+
+def _unknown(spec: str) -> TaskError:
+    return TaskError(f"unknown task '{spec}'; use a built-in task ({', '.join(BUILTIN_TASKS)}), "
+                     f"'module:attr' or 'path/to/file.py:attr' where attr is a Task or a callable "
+                     f"taking the Config and returning one")
+
+
+def load_task(cfg: Any) -> Task:
+    """Resolve ``cfg.task`` to a checked Task."""
+    spec = str(cfg.task).strip()
+    if spec == "countdown":
+        from hpc_es.tasks.countdown import CountdownTask
+        return check_task(CountdownTask(cfg), spec)
+    if spec == "conciseness":
+        from hpc_es.tasks.conciseness import ConcisenessTask
+        return check_task(ConcisenessTask(cfg), spec)
+    if ":" not in spec:
+        raise _unknown(spec)
+    where, attr = spec.rsplit(":", 1)
+    where, attr = where.strip(), attr.strip()
+    if not where or not attr.isidentifier():
+        raise _unknown(spec)
+    if where.endswith(".py") or "/" in where or os.sep in where:
+        module = _load_file(where)
+    else:
+        module = _import_module(where)
+    if not hasattr(module, attr):
+        raise TaskError(f"task '{spec}': '{where}' has no attribute '{attr}'")
+    obj = getattr(module, attr)
+    if not isinstance(obj, type) and not _missing_members(obj):
+        return check_task(obj, spec)
+    if not callable(obj):
+        return check_task(obj, spec)  # reports what is missing
+    try:
+        task = obj(cfg)
+    except HpcEsError:
+        raise
+    except Exception as e:
+        raise TaskError(f"task '{spec}': calling {attr}(cfg) raised {_first_line(e)}") from e
+    return check_task(task, spec)
+
+
+def safe_score(task: Task, completion: str, example: Example) -> float:
+    """``task.score`` as a finite float, or a TaskError that says which task, what went wrong and on which prompt.
+
+    A reward bug would otherwise surface as a NaN update or a traceback from deep inside a rollout.
+    """
+    where = f"on prompt {example.prompt[:60]!r}"
+    name = getattr(task, "name", type(task).__name__)
+    try:
+        value = task.score(completion, example)
+    except Exception as e:
+        raise TaskError(f"task '{name}' reward raised {_first_line(e)} {where}") from e
+    if not isinstance(value, numbers.Real):
+        raise TaskError(f"task '{name}' reward returned {value!r} ({type(value).__name__}), not a number {where}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise TaskError(f"task '{name}' reward returned a non-finite value {out!r} {where}")
+    return out

@@ -1,0 +1,449 @@
+"""The ES training loop.  Read ``Trainer.run`` first: it is the algorithm.
+
+Every rank derives the same seed table, evaluates the population members it owns, all-reduces the
+scalar rewards (one float per member), and applies the identical update to its own weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from hpc_es import checkpoint as ckpt
+from hpc_es.comm import Comm, make_comm
+from hpc_es.config import Config, default_cache_dir
+from hpc_es.errors import DistributedError, HpcEsError
+from hpc_es.es import Engine, Replica, shape_rewards
+from hpc_es.ledger import Ledger
+from hpc_es.models import ensure_tiny_model, fingerprint, load_model, load_tokenizer, resolve_dtype
+from hpc_es.noise import _hash64, member_seeds
+from hpc_es.rollout import generate
+from hpc_es.tasks import Example, load_task, safe_score
+
+log = logging.getLogger("hpc_es")
+
+# Config keys that define the trajectory: a resumed run must agree on all of them.
+TRAJECTORY_KEYS = ("model", "task", "seed", "dtype", "es.population_size", "es.sigma", "es.alpha",
+                   "es.antithetic", "es.shaping", "es.noise_chunk", "rollout", "data", "tiny")
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    final_dir: str
+    iterations: int
+    fingerprint: str
+    reward_mean_first: float
+    reward_mean_last: float
+
+
+class Stop(Exception):
+    """A signal asked the run to checkpoint and leave."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def resolve_model_path(cfg: Config, comm: Comm | None = None) -> str:
+    """``model=tiny`` -> the cached tiny model folder (built once, by rank 0 first)."""
+    if cfg.model != "tiny":
+        return cfg.model
+    cache = default_cache_dir(cfg)
+    if comm is None or comm.is_main:
+        path = ensure_tiny_model(cfg.tiny, cache)
+    if comm is not None:
+        comm.barrier()
+        if not comm.is_main:
+            path = ensure_tiny_model(cfg.tiny, cache)
+    return path
+
+
+def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:
+    """The devices this rank holds a replica on."""
+    kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cpu":
+        return [torch.device("cpu")] * max(1, cfg.dist.devices_per_rank)
+    if not torch.cuda.is_available():
+        raise HpcEsError("device=cuda but torch sees no GPU (check CUDA_VISIBLE_DEVICES and the torch build)")
+    count = torch.cuda.device_count()
+    local_size = getattr(comm, "local_size", 1)
+    per = cfg.dist.devices_per_rank or (count // local_size if local_size > 1 and count >= local_size else count)
+    offset = comm.local_rank * per if count >= local_size * per and local_size > 1 else 0
+    if offset + per > count:
+        raise HpcEsError(f"rank {comm.rank} needs GPUs {offset}..{offset + per - 1} but sees only {count}")
+    return [torch.device("cuda", offset + j) for j in range(per)]
+
+
+def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: int) -> list[Example]:
+    """The prompts of iteration t: all of them, or a window over seeded per-epoch permutations.
+
+    A pure function of (seed, t), so resume needs no data cursor.
+    """
+    n = len(train)
+    if per_iter >= n:
+        return list(train)
+    out = []
+    for k in range(t * per_iter, (t + 1) * per_iter):
+        epoch, pos = divmod(k, n)
+        perm = np.random.default_rng(_hash64("data", seed, epoch)).permutation(n)
+        out.append(train[int(perm[pos])])
+    return out
+
+
+def slot_owner(member: int, world: int, per_rank: int) -> tuple[int, int]:
+    """(rank, replica) that evaluates ``member``: round-robin over all world*per_rank workers."""
+    w = member % (world * per_rank)
+    return w // per_rank, w % per_rank
+
+
+class Fault:
+    """Deterministic fault injection for tests: HPC_ES_FAULT=point:iteration[:rank][,...]."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.points: set[tuple[str, int]] = set()
+        for spec in filter(None, os.environ.get("HPC_ES_FAULT", "").split(",")):
+            parts = spec.split(":")
+            if len(parts) < 3 or int(parts[2]) == rank:
+                self.points.add((parts[0], int(parts[1]) if len(parts) > 1 else 0))
+        self.iteration = -1
+
+    def __call__(self, point: str) -> None:
+        if (point, self.iteration) not in self.points:
+            return
+        if point == "raise":
+            raise RuntimeError(f"injected failure at iteration {self.iteration}")
+        if point == "nudge":
+            return
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def wants(self, point: str) -> bool:
+        return (point, self.iteration) in self.points
+
+
+def _trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in TRAJECTORY_KEYS:
+        v: Any = cfg_dict
+        for part in key.split("."):
+            v = v[part]
+        out[key] = v
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, comm: Comm) -> None:
+        self.cfg, self.comm = cfg, comm
+        self.fault = Fault(comm.rank)
+        self.stop_signal = 0
+        self.N = cfg.es.population_size
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.devices = local_devices(cfg, comm)
+        self.per_rank = len(self.devices)
+        workers = comm.world_size * self.per_rank
+        if workers > self.N and comm.world_size > self.N and not cfg.dist.allow_idle_ranks:
+            raise DistributedError(
+                f"{comm.world_size} ranks but only {self.N} population members: every rank needs at least one "
+                "(lower the rank count, raise es.population_size, or set dist.allow_idle_ranks=true)")
+        self.model_path = resolve_model_path(cfg, comm)
+        self.dtype = resolve_dtype(cfg.dtype, self.devices[0].type)
+        self.replicas: list[Replica] = []
+        self.tokenizers = []
+        for dev in self.devices:
+            model = load_model(self.model_path, self.dtype, str(dev))
+            self.replicas.append(Replica.wrap(model, cfg.es.base_on))
+            self.tokenizers.append(load_tokenizer(self.model_path))
+        self.base_fingerprint = fingerprint(self.replicas[0].model)
+        self.engine = Engine(cfg.es.noise_chunk)
+        self.task = load_task(cfg)
+        self.train_set = list(self.task.train_examples())
+        if not self.train_set:
+            raise HpcEsError(f"task '{cfg.task}' has no training examples")
+        self.mine = [n for n in range(self.N) if slot_owner(n, comm.world_size, self.per_rank)[0] == comm.rank]
+        self.pool = ThreadPoolExecutor(self.per_rank) if self.per_rank > 1 else None
+        self.ledger = Ledger(self.N, {
+            "config": cfg.to_json(), "base_model": os.path.abspath(self.model_path),
+            "base_fingerprint": self.base_fingerprint, "noise_device": self.devices[0].type,
+            "model_dtype": str(self.dtype).removeprefix("torch.")})
+        os.makedirs(cfg.run_dir, exist_ok=True) if comm.is_main else None
+        self.log_path = os.path.join(cfg.run_dir, "log.h5")
+
+    # ---- the algorithm ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, N = self.cfg, self.N
+        start = self.resume()
+        bar = Progress(cfg.es.iterations, start, enabled=self.comm.is_main and cfg.progress)
+        for t in range(start, cfg.es.iterations):
+            self.fault.iteration = t
+            t0 = time.perf_counter()
+            seeds, signs = member_seeds(cfg.seed, t, N, cfg.es.antithetic)
+            examples = iteration_examples(self.train_set, t, cfg.rollout.prompts_per_iteration, cfg.seed)
+            local, times = self.evaluate(seeds, signs, examples)      # perturb, generate, score my members
+            rewards = self.allreduce_rewards(local, t)                 # N floats cross ranks, nothing else
+            shaped = shape_rewards(rewards, cfg.es.shaping)
+            t1 = time.perf_counter()
+            self.fault("update")
+            self.engine.update(self.replicas, seeds, signs, shaped, cfg.es.alpha)
+            times["update"] = time.perf_counter() - t1
+            self.record(t, seeds, signs, rewards, shaped, times, time.perf_counter() - t0)
+            self.fault("after_ledger")
+            self.check_divergence(t)
+            bar.update(t, rewards, time.perf_counter() - t0)
+            done = t + 1
+            if self.stop_signal:
+                self.save_checkpoint(done)
+                raise Stop(self.stop_signal)
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.es.iterations:
+                self.save_checkpoint(done)
+        bar.close()
+        return self.finish()
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def evaluate(self, seeds: np.ndarray, signs: np.ndarray,
+                 examples: list[Example]) -> tuple[np.ndarray, dict[str, float]]:
+        """Rewards of this rank's members (zeros elsewhere, so the sum over ranks is exact)."""
+        local = np.zeros(self.N + 2, dtype=np.float64)  # + count of failed ranks, of ranks asked to stop
+        local[self.N + 1] = 1.0 if self.stop_signal else 0.0
+        times = {"perturb": 0.0, "rollout": 0.0, "reward": 0.0, "restore": 0.0}
+        prompts = [ex.prompt for ex in examples]
+
+        def work(j: int) -> None:
+            rep, tok = self.replicas[j], self.tokenizers[j]
+            for n in self.mine:
+                if slot_owner(n, self.comm.world_size, self.per_rank)[1] != j:
+                    continue
+                a = time.perf_counter()
+                self.engine.perturb(rep, int(seeds[n]), int(signs[n]), self.cfg.es.sigma)
+                b = time.perf_counter()
+                self.fault("rollout")
+                completions = generate(rep.model, tok, prompts, self.cfg.rollout.max_new_tokens,
+                                       self.cfg.rollout.batch_size)
+                c = time.perf_counter()
+                local[n] = float(np.mean([safe_score(self.task, comp, ex) for comp, ex in zip(completions, examples)]))
+                d = time.perf_counter()
+                if j == 0:
+                    times["perturb"] += b - a
+                    times["rollout"] += c - b
+                    times["reward"] += d - c
+            a = time.perf_counter()
+            self.engine.restore(rep)  # the update starts from the base; restore is a copy, exact
+            if j == 0:
+                times["restore"] += time.perf_counter() - a
+
+        self.error: BaseException | None = None
+        try:
+            self.fault("raise")
+            if self.pool is None:
+                work(0)
+            else:
+                list(self.pool.map(work, range(self.per_rank)))
+        except HpcEsError as e:
+            self.error = e
+        except Exception as e:  # noqa: BLE001 - reported to every rank, then the job stops
+            self.error = e
+        if self.error is not None:
+            local[self.N] = 1.0
+        return local, times
+
+    def allreduce_rewards(self, local: np.ndarray, t: int) -> np.ndarray:
+        total = self.comm.allreduce_sum(local)
+        if total[self.N] > 0:
+            msg = "" if self.error is None else f"{type(self.error).__name__}: {self.error}"
+            gathered = self.comm.allgather(msg.encode())
+            failed = [(r, m.decode()) for r, m in enumerate(gathered) if m]
+            where = "; ".join(f"rank {r}: {m}" for r, m in failed)
+            if self.comm.world_size == 1 and isinstance(self.error, HpcEsError):
+                raise self.error
+            raise DistributedError(f"iteration {t} failed on {len(failed)} rank(s) — {where}")
+        if total[self.N + 1] > 0 and not self.stop_signal:
+            self.stop_signal = int(signal.SIGTERM)  # another rank was signalled: all stop after this iteration
+        return total[: self.N]
+
+    def record(self, t: int, seeds: np.ndarray, signs: np.ndarray, rewards: np.ndarray, shaped: np.ndarray,
+               times: dict[str, float], elapsed: float) -> None:
+        row = {"iteration": t, "seeds": seeds, "signs": signs, "rewards": rewards, "shaped": shaped,
+               "sigma": self.cfg.es.sigma, "alpha": self.cfg.es.alpha,
+               "reward_mean": float(rewards.mean()), "reward_max": float(rewards.max()),
+               "reward_min": float(rewards.min()), "bytes_sent": self.comm.bytes_sent,
+               "world_size": self.comm.world_size, "slots": self.comm.world_size * self.per_rank,
+               "time_iteration": elapsed, **{f"time_{k}": v for k, v in times.items()}}
+        self.comm.bytes_sent = 0
+        self.ledger.append(row)
+        if self.comm.is_main:
+            self.ledger.save(self.log_path)
+
+    def check_divergence(self, t: int) -> None:
+        every = self.cfg.dist.check_every
+        if self.fault.wants("nudge"):
+            with torch.no_grad():
+                for rep in self.replicas:
+                    p = rep.params[0][1]
+                    p.view(-1)[0] += 1.0
+                    rep.base[rep.params[0][0]].view(-1)[0] += 1.0
+        if not every or (t + 1) % every or self.comm.world_size * self.per_rank == 1:
+            return
+        prints = [fingerprint(rep.model) for rep in self.replicas]
+        mine = prints[0] if len(set(prints)) == 1 else "replicas-differ:" + ",".join(p[:8] for p in prints)
+        gathered = [g.decode() for g in self.comm.allgather(mine.encode()[:64])]
+        if len(set(gathered)) == 1 and not gathered[0].startswith("replicas-differ"):
+            return
+        groups: dict[str, list[int]] = {}
+        for r, g in enumerate(gathered):
+            groups.setdefault(g, []).append(r)
+        desc = "; ".join(f"ranks {rs} have {g[:16]}" for g, rs in groups.items())
+        msg = f"weights diverged after iteration {t}: {desc}"
+        if self.comm.is_main:
+            self.ledger.events.append({"iteration": t, "event": "divergence", "detail": msg})
+            self.ledger.save(self.log_path)
+        raise DistributedError(msg)
+
+    # ---- durability ------------------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.replicas[0].base)
+
+    def save_checkpoint(self, done: int) -> None:
+        if not self.comm.is_main:
+            return
+        state = ckpt.CheckpointState(
+            iteration=done, base_model=os.path.abspath(self.model_path), base_fingerprint=self.base_fingerprint,
+            fingerprint=fingerprint(self.replicas[0].model), has_weights=self.cfg.checkpoint.weights)
+        ckpt.save(self.cfg.run_dir, state, self.weights() if self.cfg.checkpoint.weights else None, self.fault)
+        log.info("checkpoint saved after iteration %d", done)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for rep in self.replicas:
+                for name, p in rep.params:
+                    if name not in weights:
+                        raise ckpt.CheckpointError(f"checkpoint lacks parameter '{name}'")
+                    rep.base[name].copy_(weights[name])
+                    p.copy_(weights[name])
+
+    def replay_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Apply recorded updates without a rollout: weights depend on seeds, signs, shaped, alpha only."""
+        for row in rows:
+            self.engine.update(self.replicas, np.asarray(row["seeds"]), np.asarray(row["signs"]),
+                               np.asarray(row["shaped"]), float(row["alpha"]))
+
+    def resume(self) -> int:
+        """Continue from run_dir: checkpointed weights, then ledger rows written after the checkpoint."""
+        found = ckpt.load(self.cfg.run_dir)
+        have_log = os.path.isfile(self.log_path)
+        if found is None and not have_log:
+            return 0
+        old = Ledger.load(self.log_path) if have_log else None
+        if old is None:
+            raise ckpt.CheckpointError(
+                f"run_dir '{self.cfg.run_dir}' has a checkpoint but no log.h5; the ledger is needed to resume")
+        self.check_same_run(old)
+        state, folder = found if found is not None else (None, None)
+        done = state.iteration if state is not None else 0
+        if len(old) < done:
+            raise ckpt.CheckpointError(
+                f"log.h5 holds {len(old)} iterations but the checkpoint is at {done}; the ledger was damaged")
+        if state is not None and state.has_weights:
+            self.load_weights(ckpt.load_weights(folder))
+            rows = old.rows[done:]
+        else:
+            rows = old.rows
+        self.replay_rows(rows)
+        self.ledger.rows = list(old.rows)
+        self.ledger.events = list(old.events)
+        start = len(old)
+        if self.comm.is_main:
+            print(f"hpc_es: resuming {self.cfg.run_dir} at iteration {start} "
+                  f"(checkpoint at {done}, {len(rows)} ledger rows replayed)", file=sys.stderr, flush=True)
+        return start
+
+    def check_same_run(self, old: Ledger) -> None:
+        if old.attrs.get("base_fingerprint") != self.base_fingerprint:
+            raise ckpt.CheckpointError(
+                f"run_dir '{self.cfg.run_dir}' was trained from a base model with fingerprint "
+                f"{str(old.attrs.get('base_fingerprint'))[:16]}, but '{self.model_path}' has "
+                f"{self.base_fingerprint[:16]}; refusing to resume onto a different model")
+        was, now = _trajectory(old.config), _trajectory(json.loads(self.cfg.to_json()))
+        diff = [k for k in was if was[k] != now[k] and k != "model"]
+        if diff:
+            raise ckpt.CheckpointError(
+                f"run_dir '{self.cfg.run_dir}' holds a run with different {', '.join(diff)}; "
+                "use a new run_dir or the same settings")
+
+    def finish(self) -> TrainResult:
+        final = os.path.join(self.cfg.run_dir, "final")
+        fp = fingerprint(self.replicas[0].model)
+        if self.comm.is_main:
+            save_pretrained_atomic(self.replicas[0].model, self.tokenizers[0], final)
+            self.save_checkpoint(len(self.ledger))
+        self.comm.barrier()
+        means = self.ledger.column("reward_mean") if len(self.ledger) else np.array([np.nan])
+        return TrainResult(self.cfg.run_dir, final, len(self.ledger), fp, float(means[0]), float(means[-1]))
+
+
+def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, out: str) -> None:
+    """save_pretrained into a temp folder, then rename over ``out``."""
+    import shutil
+
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = f"{out}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Progress:
+    """Rank 0's progress line: iteration, mean/max reward, time; one line per iteration off a TTY."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.first = start
+
+    def update(self, t: int, rewards: np.ndarray, dt: float) -> None:
+        if not self.enabled:
+            return
+        done = t + 1 - self.first
+        eta = (time.perf_counter() - self.start) / done * (self.total - t - 1)
+        width = 20
+        filled = int(width * (t + 1) / max(1, self.total))
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] it {t + 1}/{self.total} "
+                f"reward mean {rewards.mean():.4f} max {rewards.max():.4f} | {dt:.2f} s/it | eta {eta:.0f} s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def train(cfg: Config, comm: Comm | None = None,
+          on_signal: Callable[[int], None] | None = None) -> TrainResult:
+    """Train with ``cfg`` on the ranks of ``comm`` (detected from the environment when None)."""
+    own = comm is None
+    comm = comm or make_comm(cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        trainer = Trainer(cfg, comm)
+        if on_signal is not None:
+            on_signal(trainer)
+        return trainer.run()
+    finally:
+        if own:
+            comm.close()
