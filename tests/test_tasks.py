@@ -508,6 +508,7 @@ def test_load_task_unknown_spec(spec):
 
 def test_load_task_missing_module(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
     with pytest.raises(TaskError, match="task module 'no_such_module_xyz' not found"):
         load_task(_cfg(task="no_such_module_xyz:task"))
 
@@ -518,7 +519,8 @@ def test_load_task_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("source,needle", [
-    ("import definitely_not_installed_pkg_xyz\n", "ModuleNotFoundError: No module named 'definitely_not_installed_pkg_xyz'"),
+    ("import definitely_not_installed_pkg_xyz\n",
+     "ModuleNotFoundError: No module named 'definitely_not_installed_pkg_xyz'"),
     ("raise ValueError('bad config\\nsecond line')\n", "ValueError: bad config"),
     ("def broken(:\n", "SyntaxError"),
 ])

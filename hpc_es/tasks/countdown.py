@@ -29,7 +29,10 @@ _ANSWER_CHARS = re.compile(r"^[0-9+\-*/() ]+$")
 # --------------------------------------------------------------------------------------------- reward
 
 def format_score(text: str) -> float:
-    """1.0 for exactly ``<think>...</think>\\n<answer>...</answer>``; else 0.1 for a think pair + 0.5 for an answer pair."""
+    """1.0 for exactly ``<think>...</think>\\n<answer>...</answer>``.
+
+    Otherwise partial credit: 0.1 for a think pair anywhere plus 0.5 for an answer pair anywhere.
+    """
     if _FULL_FORMAT.match(text):
         return 1.0
     out = 0.0
@@ -254,3 +257,7 @@ class CountdownTask:
 
     def score(self, completion: str, example: Example) -> float:
         return score(completion, example.info["numbers"], example.info["target"])
+
+    def is_correct(self, completion: str, example: Example) -> bool:
+        """The paper's accuracy: the answer part of the reward is positive."""
+        return answer_score(completion, example.info["numbers"], example.info["target"]) > 0
