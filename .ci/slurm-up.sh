@@ -14,6 +14,8 @@
 #   SLURM_UP_TIMEOUT   seconds to wait for the node to become idle (default 60)
 #   SLURM_UP_KEEP_ON_FAIL=1   leave daemons running when bring-up fails
 #   SLURM_UP_NO_INSTALL=1     never call apt-get; fail if binaries are missing
+#   SLURM_UP_CRED_EXPIRE      AuthInfo cred_expire in seconds (default 10); a
+#                             requeued job waits this long (+1 s) before restarting
 set -euo pipefail
 
 if [[ $# -ne 1 || -z "$1" ]]; then
@@ -43,15 +45,24 @@ fi
 # `srun --mpi=pmix` fails with "can not load PMIx library".
 PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server libpmix-dev)
 export PATH="$PATH:/usr/sbin:/sbin"
-need_install=0
+have_libpmix() { compgen -G "/usr/lib/*/pmix2/lib/libpmix.so" >/dev/null || compgen -G "/usr/lib*/libpmix.so" >/dev/null; }
+missing=()
 for bin in slurmctld slurmd slurmdbd sbatch sinfo sacctmgr munged munge mariadb-install-db mariadb; do
-    command -v "$bin" >/dev/null 2>&1 || need_install=1
+    command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
 done
-if ! compgen -G "/usr/lib/*/pmix2/lib/libpmix.so" >/dev/null && ! compgen -G "/usr/lib*/libpmix.so" >/dev/null; then
-    need_install=1
+have_libpmix || missing+=(libpmix.so)
+need_install=0
+if [[ ${#missing[@]} -gt 0 ]]; then
+    if [[ ${SLURM_UP_NO_INSTALL:-0} == 1 ]]; then
+        if [[ ${missing[*]} != libpmix.so ]]; then
+            die "missing: ${missing[*]} (and SLURM_UP_NO_INSTALL=1); install ${PKGS[*]}"
+        fi
+        # only libpmix.so is missing: carry on without pmix (warned below)
+    else
+        need_install=1
+    fi
 fi
 if [[ $need_install -eq 1 ]]; then
-    [[ ${SLURM_UP_NO_INSTALL:-0} == 1 ]] && die "Slurm/munge/mariadb binaries missing and SLURM_UP_NO_INSTALL=1"
     command -v apt-get >/dev/null || die "binaries missing and no apt-get to install ${PKGS[*]}"
     log "installing ${PKGS[*]} ..."
     export DEBIAN_FRONTEND=noninteractive
@@ -86,7 +97,7 @@ MPI_DEFAULT=pmix
 if [[ -z $PLUGIN_DIR ]] || ! compgen -G "$PLUGIN_DIR/mpi_pmix*.so" >/dev/null; then
     log "WARNING: Slurm mpi/pmix plugin not found (plugin dir '${PLUGIN_DIR:-?}'); using MpiDefault=none"
     MPI_DEFAULT=none
-elif ! compgen -G "/usr/lib/*/pmix2/lib/libpmix.so" >/dev/null && ! compgen -G "/usr/lib*/libpmix.so" >/dev/null; then
+elif ! have_libpmix; then
     log "WARNING: libpmix.so not found (install libpmix-dev); using MpiDefault=none"
     MPI_DEFAULT=none
 fi
@@ -175,6 +186,9 @@ if [[ $all_up -eq 1 && -f $DIR/env.sh && -f $SLURM_CONF_PATH ]]; then
 fi
 # A partial leftover (some daemons dead): stop the rest and start over.
 "$HERE/slurm-down.sh" "$DIR" >/dev/null 2>&1 || true
+for f in "$LOGS"/*.log; do
+    [[ -e $f ]] && mv -f "$f" "$f.prev"
+done
 
 # --------------------------------------------------------------------------
 # 4. configuration
@@ -191,6 +205,7 @@ SLURMD_PORT=$(free_port 6818)
 [[ $SLURMD_PORT -eq $CTLD_PORT ]] && SLURMD_PORT=$(free_port $((CTLD_PORT + 1)))
 [[ $DBD_PORT -eq $CTLD_PORT || $DBD_PORT -eq $SLURMD_PORT ]] && DBD_PORT=$(free_port $((SLURMD_PORT + 1)))
 CLUSTER=hpces
+CRED_EXPIRE=${SLURM_UP_CRED_EXPIRE:-10}
 DB_USER=slurm
 DB_PASS=slurmpw
 
@@ -203,14 +218,22 @@ SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_DIR/munge.socket
+# cred_expire also sets how long a requeued job waits before it may start
+# again (default 120 s); keep it short for tests.
+AuthInfo=socket=$MUNGE_DIR/munge.socket,cred_expire=$CRED_EXPIRE
 CredType=cred/munge
 MpiDefault=$MPI_DEFAULT
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+# Without a default, a job without --mem takes all the node's memory and jobs
+# never share the node.
+DefMemPerCPU=$((REAL_MEM / NCPU))
 SchedulerType=sched/backfill
+# Run the scheduler often (defaults: 60 s / 30 s) so that requeued and
+# newly eligible jobs start within seconds.
+SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
 JobRequeue=1
 KillWait=5

@@ -1,12 +1,14 @@
 """Checkpoints that a kill cannot damage: written under a temporary name, then swapped in by rename.
 
 A checkpoint is ``run_dir/checkpoint/``: ``state.json`` (iteration, fingerprints) and, unless
-``checkpoint.weights=false``, the base weights in ``model.safetensors``.  A ledger-only checkpoint is
-kilobytes: resume rebuilds the weights from the base model and the ledger.
+``checkpoint.weights=false``, the base weights in ``model.safetensors``, and ``log.h5``, a copy of the
+ledger as of the checkpoint (the fallback when the run's own log.h5 is damaged).  A ledger-only
+checkpoint is kilobytes: resume rebuilds the weights from the base model and the ledger.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ from hpc_es.errors import HpcEsError
 
 STATE = "state.json"
 WEIGHTS = "model.safetensors"
+LEDGER = "log.h5"  # the ledger as of the checkpoint
 
 
 class CheckpointError(HpcEsError):
@@ -32,6 +35,7 @@ class CheckpointState:
     base_fingerprint: str
     fingerprint: str  # of the weights after `iteration` iterations
     has_weights: bool
+    config: str = ""  # the run's config JSON (trajectory keys are checked on resume)
 
 
 def _dirs(run_dir: str) -> tuple[str, str, str]:
@@ -39,9 +43,27 @@ def _dirs(run_dir: str) -> tuple[str, str, str]:
             os.path.join(run_dir, f"checkpoint.tmp-{os.getpid()}"))
 
 
+def _fsync(path: str) -> None:
+    """Flush a file (or a folder's entries) to disk; best effort where the OS refuses folders."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save(run_dir: str, state: CheckpointState, weights: dict[str, torch.Tensor] | None,
-         fault: Any = None) -> None:
-    """Write a checkpoint atomically; the previous one stays valid until the final rename."""
+         fault: Any = None, ledger: Any = None) -> None:
+    """Write a checkpoint atomically; the previous one stays valid until the final rename.
+
+    Everything is written and fsynced inside the temporary folder, ``state.json`` last, so a
+    temporary folder with a state.json is complete; only then is it swapped in.
+    """
     from safetensors.torch import save_file
 
     final, old, tmp = _dirs(run_dir)
@@ -49,17 +71,37 @@ def save(run_dir: str, state: CheckpointState, weights: dict[str, torch.Tensor] 
     os.makedirs(tmp)
     if weights is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, os.path.join(tmp, WEIGHTS))
+        _fsync(os.path.join(tmp, WEIGHTS))
+    if ledger is not None:
+        ledger.save(os.path.join(tmp, LEDGER))
     if fault is not None:
         fault("checkpoint_write")
     with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as fh:
         json.dump(state.__dict__, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+    _fsync(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
         os.rename(final, old)
     os.rename(tmp, final)
+    _fsync(run_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale(run_dir: str) -> list[str]:
+    """Remove what a killed writer left behind (temporary checkpoint folders); returns what went."""
+    gone = []
+    for path in glob.glob(os.path.join(glob.escape(run_dir), "checkpoint.tmp-*")):
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(path)
+    return gone
+
+
+def ledger_copy(folder: str) -> str | None:
+    """The checkpoint's copy of the ledger, if it has one."""
+    path = os.path.join(folder, LEDGER)
+    return path if os.path.isfile(path) else None
 
 
 def load(run_dir: str) -> tuple[CheckpointState, str] | None:
@@ -72,10 +114,15 @@ def load(run_dir: str) -> tuple[CheckpointState, str] | None:
         try:
             with open(path, encoding="utf-8") as fh:
                 state = CheckpointState(**json.load(fh))
+            if not isinstance(state.iteration, int) or isinstance(state.iteration, bool) or state.iteration < 0:
+                raise ValueError(f"'iteration' is {state.iteration!r}")
+            for key in ("base_fingerprint", "fingerprint", "config"):
+                if not isinstance(getattr(state, key), str):
+                    raise ValueError(f"'{key}' is not a string")
         except (OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint '{path}' is damaged ({e}); remove it to resume from the ledger") from None
+            raise CheckpointError(f"checkpoint '{path}' is damaged ({e})") from None
         if state.has_weights and not os.path.isfile(os.path.join(folder, WEIGHTS)):
-            raise CheckpointError(f"checkpoint '{folder}' lacks {WEIGHTS}; remove it to resume from the ledger")
+            raise CheckpointError(f"checkpoint '{folder}' is damaged: it lacks {WEIGHTS}")
         return state, folder
     return None
 

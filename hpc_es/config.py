@@ -20,9 +20,9 @@ from hpc_es.errors import ConfigError
 @dataclass
 class ESConfig:
     population_size: int = 16
-    sigma: float = 1e-3
-    alpha: float = 5e-4
-    iterations: int = 500
+    sigma: float = 0.05  # defaults are the CPU demo's; configs/countdown_*.yaml hold the paper's
+    alpha: float = 0.1
+    iterations: int = 80
     antithetic: bool = False  # members 2k, 2k+1 share a seed with opposite signs
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
     noise_chunk: int = 1 << 20  # elements per generator call: bounds the fp32 scratch memory
@@ -31,15 +31,15 @@ class ESConfig:
 
 @dataclass
 class RolloutConfig:
-    max_new_tokens: int = 1024
-    prompts_per_iteration: int = 200  # each member sees the same prompts in an iteration
+    max_new_tokens: int = 16
+    prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
 
 
 @dataclass
 class DataConfig:
     path: str = ""  # the task's data file; empty = the task's built-in synthetic set
-    train_size: int = 200  # the first train_size items are the training split
+    train_size: int = 32  # the first train_size items are the training split
     test_size: int = 0  # items after the training split used by `eval`; 0 = all the rest
     synthetic_size: int = 1200  # size of a synthetic set when no path is given
 
@@ -160,6 +160,11 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -238,6 +243,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     if value is None:
         value = ""
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; users mean a number
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
     return key, value
 
 

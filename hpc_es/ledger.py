@@ -80,6 +80,14 @@ class Ledger:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        try:  # make the rename itself durable
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
 
     @classmethod
     def load(cls, path: str) -> "Ledger":
@@ -95,12 +103,16 @@ class Ledger:
                 ledger = cls(population, attrs)
                 ledger.events = events
                 cols = {k: f[k][()] for k in list(MATRIX) + list(SCALARS)}
-        except (OSError, KeyError, ValueError) as e:
-            raise LedgerError(f"ledger '{path}' is unreadable or incomplete ({e}); "
+        except FileNotFoundError:
+            raise LedgerError(f"ledger '{path}' does not exist") from None
+        except Exception as e:  # noqa: BLE001 - h5py reports damage as OSError, KeyError, ValueError, RuntimeError...
+            raise LedgerError(f"ledger '{path}' is unreadable or incomplete ({type(e).__name__}: {e}); "
                               "move it away to start afresh, or replay from a checkpoint") from None
         for key, col in cols.items():
             if len(col) != n_iter:
                 raise LedgerError(f"ledger '{path}' is inconsistent: '{key}' has {len(col)} rows, seeds {n_iter}")
+        if not np.array_equal(cols["iteration"], np.arange(n_iter)):
+            raise LedgerError(f"ledger '{path}' is inconsistent: its iterations are not 0..{n_iter - 1}")
         for t in range(n_iter):
             row = {k: (cols[k][t].copy() if k in MATRIX else cols[k][t].item()) for k in cols}
             ledger.rows.append(row)
@@ -108,4 +120,7 @@ class Ledger:
 
     @property
     def config(self) -> dict[str, Any]:
-        return json.loads(self.attrs["config"])
+        try:
+            return json.loads(self.attrs["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LedgerError(f"ledger has no readable 'config' attribute ({type(e).__name__}: {e})") from None

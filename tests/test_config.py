@@ -1,0 +1,94 @@
+"""Config: YAML + dotted overrides onto dataclasses, with errors that name the key and what is allowed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hpc_es.config import Config, all_keys, config_from_dict, load_config
+from hpc_es.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_required_keys_exist() -> None:
+    keys = set(all_keys())
+    for k in ("model", "task", "seed", "run_dir", "es.population_size", "es.sigma", "es.alpha", "es.iterations"):
+        assert k in keys
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("es:\n  sigma: 0.002\n  population_size: 8\nmodel: /m\n")
+    cfg = load_config(str(f), ["es.population_size=10", "rollout.max_new_tokens=64", "es.antithetic=true"])
+    assert (cfg.es.sigma, cfg.es.population_size, cfg.model) == (0.002, 10, "/m")
+    assert cfg.rollout.max_new_tokens == 64 and cfg.es.antithetic is True
+
+
+def test_ints_are_accepted_for_floats_and_round_trip_through_json() -> None:
+    cfg = load_config(None, ["es.sigma=1", "seed=5"])
+    assert cfg.es.sigma == 1.0 and isinstance(cfg.es.sigma, float)
+    assert config_from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("override, words", [
+    ("es.sigm=0.1", ["es.sigm", "es.sigma"]),
+    ("es.populaton_size=4", ["es.populaton_size", "es.population_size"]),
+    ("foo=1", ["unknown config key 'foo'"]),
+    ("es.sigma=abc", ["es.sigma", "number", "abc"]),
+    ("es.sigma=0", ["es.sigma", "> 0"]),
+    ("es.sigma=-1e-3", ["es.sigma", "> 0"]),
+    ("es.population_size=0", ["es.population_size", ">= 1"]),
+    ("es.population_size=2.5", ["es.population_size", "integer"]),
+    ("es.shaping=softmax", ["es.shaping", "zscore, rank"]),
+    ("dist.backend=nccl", ["dist.backend", "mpi"]),
+    ("es.antithetic=maybe", ["es.antithetic", "true or false"]),
+    ("es=3", ["section"]),
+    ("nokey", ["key=value"]),
+])
+def test_bad_overrides_name_the_key_and_what_is_allowed(override: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_antithetic_needs_an_even_population() -> None:
+    with pytest.raises(ConfigError, match="even"):
+        load_config(None, ["es.antithetic=true", "es.population_size=5"])
+
+
+@pytest.mark.parametrize("text, words", [
+    ("- a\n- b\n", ["mapping"]),
+    ("es: {sigma: [1\n", ["not valid YAML"]),
+    ("es:\n  alpah: 1\n", ["es.alpah", "es.alpha"]),
+])
+def test_bad_config_files(tmp_path: Path, text: str, words: list[str]) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/no/such/file.yaml")
+
+
+def test_every_shipped_config_loads() -> None:
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = load_config(str(f))
+        assert isinstance(cfg, Config)
+
+
+def test_exponent_without_a_dot_in_yaml_is_a_number(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("es:\n  sigma: 1e-3\n  alpha: 5e-4\n")
+    cfg = load_config(str(f))
+    assert (cfg.es.sigma, cfg.es.alpha) == (1e-3, 5e-4)

@@ -1,0 +1,87 @@
+"""The single-process trainer end to end: ledger contents, determinism, golden trace, the default job."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY, fingerprint_of, ledger_arrays, run_hpc_es
+from hpc_es.config import load_config
+from hpc_es.es import zscore
+from hpc_es.noise import member_seeds
+from hpc_es.trainer import iteration_examples
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_trace.json"
+
+
+def test_ledger_datasets_shapes_and_contents(reference_run: Path) -> None:
+    led = ledger_arrays(reference_run)
+    cfg = load_config(None, TINY + [f"run_dir={reference_run}"])
+    T, N = cfg.es.iterations, cfg.es.population_size
+    assert led["seeds"].dtype == np.int64 and led["seeds"].shape == (T, N)
+    assert led["rewards"].dtype == np.float64 and led["rewards"].shape == (T, N)
+    assert led["shaped"].shape == (T, N) and led["signs"].shape == (T, N)
+    for t in range(T):
+        assert np.array_equal(led["seeds"][t], member_seeds(cfg.seed, t, N)[0])
+        assert np.array_equal(led["shaped"][t], zscore(led["rewards"][t]))
+    assert led["iteration"].tolist() == list(range(T))
+    np.testing.assert_array_equal(led["reward_mean"], led["rewards"].mean(axis=1))
+    np.testing.assert_array_equal(led["reward_max"], led["rewards"].max(axis=1))
+    np.testing.assert_array_equal(led["reward_min"], led["rewards"].min(axis=1))
+    assert (led["sigma"] == cfg.es.sigma).all() and (led["alpha"] == cfg.es.alpha).all()
+    for k in ("time_perturb", "time_rollout", "time_reward", "time_update"):
+        assert led[k].shape == (T,) and (led[k] >= 0).all() and led[k].sum() > 0
+    assert json.loads(led["attrs"]["config"]) == json.loads(cfg.to_json())
+    assert led["attrs"]["base_fingerprint"] == fingerprint_of(led["attrs"]["base_model"])
+    assert (reference_run / "final" / "model.safetensors").is_file()
+    assert (reference_run / "final" / "tokenizer.json").is_file()
+
+
+def test_same_config_same_fingerprint_and_rewards(reference_run: Path, tmp_path: Path) -> None:
+    proc = run_hpc_es(TINY + [f"run_dir={tmp_path / 'again'}"], check=True)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["fingerprint"] == fingerprint_of(reference_run / "final") == fingerprint_of(tmp_path / "again/final")
+    assert np.array_equal(ledger_arrays(reference_run)["rewards"], ledger_arrays(tmp_path / "again")["rewards"])
+
+
+def test_training_changes_the_weights_and_fingerprint_cli_prints_one_line(reference_run: Path,
+                                                                          tiny_model_dir: str) -> None:
+    proc = run_hpc_es(["fingerprint", str(reference_run / "final")], check=True)
+    line = proc.stdout.strip()
+    assert len(line) == 64 and "\n" not in line and int(line, 16) >= 0
+    assert line == fingerprint_of(reference_run / "final") != fingerprint_of(tiny_model_dir)
+
+
+def test_golden_trace(reference_run: Path) -> None:
+    """Rewards and final fingerprint of the TINY run, checked in (regenerate: HPC_ES_UPDATE_GOLDEN=1)."""
+    led = ledger_arrays(reference_run)
+    trace = {"overrides": TINY, "rewards": led["rewards"].tolist(), "fingerprint": fingerprint_of(reference_run / "final")}
+    if os.environ.get("HPC_ES_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(trace, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert want["overrides"] == TINY, "TINY changed: regenerate the golden trace"
+    assert trace["rewards"] == want["rewards"]
+    assert trace["fingerprint"] == want["fingerprint"]
+
+
+def test_iteration_prompts_are_a_pure_function_of_seed_and_iteration() -> None:
+    items = list(range(10))
+    assert iteration_examples(items, 5, 10, 0) == items  # all of them when they fit
+    a = [iteration_examples(items, t, 4, 1) for t in range(5)]
+    assert a == [iteration_examples(items, t, 4, 1) for t in range(5)]
+    flat = sum(a[:2], []) + a[2][:2]  # the first epoch (10 items) is a permutation
+    assert sorted(flat) == items
+
+
+def test_the_default_job_learns(tmp_path: Path) -> None:
+    """`python -m hpc_es` with no settings but run_dir: the conciseness reward must clearly improve."""
+    proc = run_hpc_es([f"run_dir={tmp_path / 'demo'}", "progress=false"], check=True, timeout=600)
+    mean = ledger_arrays(tmp_path / "demo")["reward_mean"]
+    assert len(mean) == load_config(None, []).es.iterations
+    first, last = mean[:10].mean(), mean[-10:].mean()
+    assert last > first + 5.0, (first, last)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["reward_mean_last"] == pytest.approx(mean[-1])
