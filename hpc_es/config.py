@@ -274,7 +274,23 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     for text in overrides or []:
         key, value = parse_override(text)
         set_key(cfg, key, value)
-    return validate(cfg)
+    return validate(expand_paths(cfg))
+
+
+PATH_KEYS = ("model", "run_dir", "data.path", "tiny.cache_dir")
+
+
+def expand_paths(cfg: Config) -> Config:
+    """Expand ``$VAR`` and ``~`` in path keys, so shipped configs can point at site-specific folders."""
+    for key in PATH_KEYS:
+        value = get_key(cfg, key)
+        if not value:
+            continue
+        expanded = os.path.expanduser(os.path.expandvars(value))
+        if "$" in expanded:
+            raise ConfigError(f"config key '{key}' = {value!r} uses an environment variable that is not set")
+        set_key(cfg, key, expanded)
+    return cfg
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

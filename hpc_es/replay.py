@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
 from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
 from hpc_es.es import Engine, Replica
-from hpc_es.ledger import Ledger
+from hpc_es.ledger import Ledger, LedgerError
 from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
 
 
@@ -18,7 +19,20 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     """Weights after ``iteration`` completed iterations (default: all) saved to ``out``; returns the fingerprint."""
     from hpc_es.trainer import save_pretrained_atomic
 
-    ledger = Ledger.load(os.path.join(run_dir, "log.h5"))
+    if not os.path.isdir(run_dir):
+        raise HpcEsError(f"run_dir '{run_dir}' does not exist")
+    try:
+        ledger = Ledger.load(os.path.join(run_dir, "log.h5"))
+    except LedgerError as e:  # fall back to the copy of the ledger the checkpoint keeps
+        copy = os.path.join(run_dir, "checkpoint", "log.h5")
+        if not os.path.isfile(copy):
+            raise
+        try:
+            ledger = Ledger.load(copy)
+        except LedgerError:
+            raise e from None
+        print(f"hpc_es: warning: {e}; replaying from the checkpoint's copy of the ledger "
+              f"({len(ledger)} iterations)", file=sys.stderr, flush=True)
     cfg = config_from_dict(ledger.config)
     total = len(ledger)
     upto = total if iteration is None else iteration

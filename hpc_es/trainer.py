@@ -25,8 +25,8 @@ from hpc_es.comm import Comm, make_comm
 from hpc_es.config import Config, default_cache_dir
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import Engine, Replica, shape_rewards
-from hpc_es.ledger import Ledger
-from hpc_es.models import ensure_tiny_model, fingerprint, load_model, load_tokenizer, resolve_dtype
+from hpc_es.ledger import Ledger, LedgerError
+from hpc_es.models import ensure_tiny_model, fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
 from hpc_es.noise import _hash64, member_seeds
 from hpc_es.rollout import generate
 from hpc_es.tasks import Example, load_task, safe_score
@@ -109,7 +109,12 @@ def slot_owner(member: int, world: int, per_rank: int) -> tuple[int, int]:
 
 
 class Fault:
-    """Deterministic fault injection for tests: HPC_ES_FAULT=point:iteration[:rank][,...]."""
+    """Deterministic fault injection for tests: HPC_ES_FAULT=point:iteration[:rank][,...].
+
+    Points that SIGKILL the process: rollout, update, after_ledger, checkpoint_write.  ``signal`` sends
+    this process a real SIGTERM at the start of iteration T (as a scheduler would); ``raise`` and
+    ``nudge`` inject an error and a weight divergence.
+    """
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
@@ -126,6 +131,9 @@ class Fault:
         if point == "raise":
             raise RuntimeError(f"injected failure at iteration {self.iteration}")
         if point == "nudge":
+            return
+        if point == "signal":
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
             return
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -148,7 +156,8 @@ class Trainer:
     def __init__(self, cfg: Config, comm: Comm) -> None:
         self.cfg, self.comm = cfg, comm
         self.fault = Fault(comm.rank)
-        self.stop_signal = 0
+        self.stop_signal = 0  # set by the signal handler of this rank
+        self.stop_now = False  # every rank agrees (through the reward all-reduce) to stop after this iteration
         self.N = cfg.es.population_size
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -204,7 +213,9 @@ class Trainer:
             self.check_divergence(t)
             bar.update(t, rewards, time.perf_counter() - t0)
             done = t + 1
-            if self.stop_signal:
+            # Ranks stop together: a signal counts once the all-reduce has carried it to every rank.
+            stop = self.stop_now or (self.comm.world_size == 1 and self.stop_signal)
+            if stop and done < cfg.es.iterations:
                 self.save_checkpoint(done)
                 raise Stop(self.stop_signal)
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.es.iterations:
@@ -216,6 +227,7 @@ class Trainer:
     def evaluate(self, seeds: np.ndarray, signs: np.ndarray,
                  examples: list[Example]) -> tuple[np.ndarray, dict[str, float]]:
         """Rewards of this rank's members (zeros elsewhere, so the sum over ranks is exact)."""
+        self.fault("signal")
         local = np.zeros(self.N + 2, dtype=np.float64)  # + count of failed ranks, of ranks asked to stop
         local[self.N + 1] = 1.0 if self.stop_signal else 0.0
         times = {"perturb": 0.0, "rollout": 0.0, "reward": 0.0, "restore": 0.0}
@@ -269,8 +281,10 @@ class Trainer:
             if self.comm.world_size == 1 and isinstance(self.error, HpcEsError):
                 raise self.error
             raise DistributedError(f"iteration {t} failed on {len(failed)} rank(s) — {where}")
-        if total[self.N + 1] > 0 and not self.stop_signal:
-            self.stop_signal = int(signal.SIGTERM)  # another rank was signalled: all stop after this iteration
+        if total[self.N + 1] > 0:
+            self.stop_now = True  # some rank was signalled: all stop after this iteration
+            if not self.stop_signal:
+                self.stop_signal = int(signal.SIGTERM)
         return total[: self.N]
 
     def record(self, t: int, seeds: np.ndarray, signs: np.ndarray, rewards: np.ndarray, shaped: np.ndarray,
@@ -320,8 +334,10 @@ class Trainer:
             return
         state = ckpt.CheckpointState(
             iteration=done, base_model=os.path.abspath(self.model_path), base_fingerprint=self.base_fingerprint,
-            fingerprint=fingerprint(self.replicas[0].model), has_weights=self.cfg.checkpoint.weights)
-        ckpt.save(self.cfg.run_dir, state, self.weights() if self.cfg.checkpoint.weights else None, self.fault)
+            fingerprint=fingerprint(self.replicas[0].model), has_weights=self.cfg.checkpoint.weights,
+            config=self.cfg.to_json())
+        ckpt.save(self.cfg.run_dir, state, self.weights() if self.cfg.checkpoint.weights else None, self.fault,
+                  ledger=self.ledger)
         log.info("checkpoint saved after iteration %d", done)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -340,34 +356,134 @@ class Trainer:
                                np.asarray(row["shaped"]), float(row["alpha"]))
 
     def resume(self) -> int:
-        """Continue from run_dir: checkpointed weights, then ledger rows written after the checkpoint."""
-        found = ckpt.load(self.cfg.run_dir)
-        have_log = os.path.isfile(self.log_path)
-        if found is None and not have_log:
-            return 0
-        old = Ledger.load(self.log_path) if have_log else None
-        if old is None:
-            raise ckpt.CheckpointError(
-                f"run_dir '{self.cfg.run_dir}' has a checkpoint but no log.h5; the ledger is needed to resume")
-        self.check_same_run(old)
+        """Continue from run_dir: checkpointed weights, then the ledger rows written after the checkpoint.
+
+        Damage is repaired where the remaining files allow it and said on the console (a damaged log.h5:
+        the checkpoint's copy of the ledger; damaged checkpoint weights: the base model plus the ledger).
+        A run_dir that holds a run is never silently restarted from zero.
+        """
+        run_dir = self.cfg.run_dir
+        notes: list[str] = []
+        try:
+            found, ckpt_damage = ckpt.load(run_dir), None
+        except ckpt.CheckpointError as e:
+            found, ckpt_damage = None, e
         state, folder = found if found is not None else (None, None)
+        old: Ledger | None = None
+        log_damage: LedgerError | None = None
+        if os.path.exists(self.log_path):
+            try:
+                old = Ledger.load(self.log_path)
+            except LedgerError as e:
+                log_damage = e
+        if found is None and ckpt_damage is None and old is None and log_damage is None:
+            return 0
+        if state is not None:
+            self.check_checkpoint(state)
         done = state.iteration if state is not None else 0
-        if len(old) < done:
+        keep_damaged = False
+        if old is None or len(old) < done:
+            why = (f"{log_damage}" if log_damage is not None else "log.h5 is missing" if old is None else
+                   f"log.h5 holds {len(old)} iterations but the checkpoint is at {done}")
+            copy = ckpt.ledger_copy(folder) if folder is not None else None
+            if copy is None:
+                extra = (f"and the checkpoint is damaged too ({ckpt_damage})" if ckpt_damage is not None else
+                         "and there is no checkpoint to recover from" if state is None else
+                         "and the checkpoint holds no copy of the ledger")
+                raise ckpt.CheckpointError(f"cannot resume run_dir '{run_dir}': {why}, {extra}; nothing was "
+                                           "changed (use a new run_dir to start afresh)")
+            try:
+                old = Ledger.load(copy)
+            except LedgerError as e:
+                raise ckpt.CheckpointError(f"cannot resume run_dir '{run_dir}': {why}, and the checkpoint's "
+                                           f"copy of the ledger is damaged too ({e})") from None
+            if len(old) != done:
+                raise ckpt.CheckpointError(f"cannot resume run_dir '{run_dir}': {why}, and the checkpoint's copy "
+                                           f"of the ledger holds {len(old)} iterations, not {done}")
+            keep_damaged = os.path.exists(self.log_path)
+            notes.append(f"{why}; continuing from the checkpoint's copy of the ledger ({done} iterations)"
+                         + ("; the damaged file is kept as log.h5.damaged" if keep_damaged else ""))
+        if ckpt_damage is not None:
+            notes.append(f"{ckpt_damage}; rebuilding the weights from the base model and the ledger")
+        self.check_same_run(old)
+        if len(old) > self.cfg.es.iterations:
             raise ckpt.CheckpointError(
-                f"log.h5 holds {len(old)} iterations but the checkpoint is at {done}; the ledger was damaged")
+                f"run_dir '{run_dir}' holds {len(old)} completed iterations, more than es.iterations="
+                f"{self.cfg.es.iterations}; raise es.iterations to continue it, or get earlier weights with "
+                f"`python -m hpc_es replay {run_dir} --iteration T --out DIR`")
+        rows_from = 0  # the ledger rows not covered by loaded weights
+        from_weights = False
         if state is not None and state.has_weights:
-            self.load_weights(ckpt.load_weights(folder))
-            rows = old.rows[done:]
-        else:
-            rows = old.rows
-        self.replay_rows(rows)
+            try:
+                self.load_weights(ckpt.load_weights(folder))
+                got = fingerprint(self.replicas[0].model)
+                if got != state.fingerprint:
+                    raise ckpt.CheckpointError(f"checkpoint weights in '{folder}' have fingerprint {got[:16]} but "
+                                               f"state.json records {state.fingerprint[:16]}")
+                rows_from, from_weights = done, True
+            except (ckpt.CheckpointError, RuntimeError) as e:
+                notes.append(f"{e}; rebuilding the weights from the base model and the ledger")
+                self.load_weights(self.base_weights())
+        if len(old) > rows_from:
+            dev = old.attrs.get("noise_device", self.devices[0].type)
+            if dev != self.devices[0].type:
+                raise ckpt.CheckpointError(
+                    f"run_dir '{run_dir}' drew its noise on {dev} but this run is on {self.devices[0].type}; "
+                    "replaying its ledger needs the same device type (CPU and CUDA generators differ)")
+        if state is not None and rows_from == 0 and done > 0:
+            # Rebuilding from the base: the checkpoint's fingerprint checks the ledger on the way.
+            self.replay_rows(old.rows[:done])
+            got = fingerprint(self.replicas[0].model)
+            if got != state.fingerprint:
+                raise ckpt.CheckpointError(
+                    f"replaying the first {done} ledger iterations of '{run_dir}' gives weights {got[:16]}, but "
+                    f"the checkpoint recorded {state.fingerprint[:16]}: the ledger and the checkpoint disagree")
+            rows_from = done
+        self.replay_rows(old.rows[rows_from:])
         self.ledger.rows = list(old.rows)
         self.ledger.events = list(old.events)
         start = len(old)
+        self.comm.barrier()  # every rank has read the run_dir before rank 0 repairs it
         if self.comm.is_main:
-            print(f"hpc_es: resuming {self.cfg.run_dir} at iteration {start} "
-                  f"(checkpoint at {done}, {len(rows)} ledger rows replayed)", file=sys.stderr, flush=True)
+            if keep_damaged:
+                os.replace(self.log_path, self.log_path + ".damaged")
+                self.ledger.save(self.log_path)
+            ckpt.clean_stale(run_dir)
+            for note in notes:
+                print(f"hpc_es: warning: {note}", file=sys.stderr, flush=True)
+            source = f"checkpoint weights after iteration {done}" if from_weights else "the base model"
+            print(f"hpc_es: resuming {run_dir} at iteration {start} (from {source} + "
+                  f"{start - done if from_weights else start} ledger rows replayed)", file=sys.stderr, flush=True)
         return start
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The base model's parameters, read again from its folder (to undo a partial load)."""
+        return {n: p.data for n, p in named_params(load_model(self.model_path, self.dtype, "cpu"))}
+
+    def _trajectory_diff(self, cfg_json: str | dict[str, Any]) -> list[str]:
+        was = json.loads(cfg_json) if isinstance(cfg_json, str) else cfg_json
+        now = _trajectory(json.loads(self.cfg.to_json()))
+        try:
+            was = _trajectory(was)
+        except (KeyError, TypeError):
+            return ["config (unreadable)"]
+        return [k for k in was if was[k] != now[k] and k != "model"]
+
+    def check_checkpoint(self, state: ckpt.CheckpointState) -> None:
+        if state.base_fingerprint != self.base_fingerprint:
+            raise ckpt.CheckpointError(
+                f"the checkpoint in '{self.cfg.run_dir}' was made from a base model with fingerprint "
+                f"{state.base_fingerprint[:16]}, but '{self.model_path}' has {self.base_fingerprint[:16]}; "
+                "refusing to resume onto a different model")
+        if state.config:
+            try:
+                diff = self._trajectory_diff(state.config)
+            except ValueError:
+                diff = ["config (unreadable)"]
+            if diff:
+                raise ckpt.CheckpointError(
+                    f"the checkpoint in '{self.cfg.run_dir}' belongs to a run with different {', '.join(diff)}; "
+                    "use a new run_dir or the same settings")
 
     def check_same_run(self, old: Ledger) -> None:
         if old.attrs.get("base_fingerprint") != self.base_fingerprint:
@@ -375,8 +491,7 @@ class Trainer:
                 f"run_dir '{self.cfg.run_dir}' was trained from a base model with fingerprint "
                 f"{str(old.attrs.get('base_fingerprint'))[:16]}, but '{self.model_path}' has "
                 f"{self.base_fingerprint[:16]}; refusing to resume onto a different model")
-        was, now = _trajectory(old.config), _trajectory(json.loads(self.cfg.to_json()))
-        diff = [k for k in was if was[k] != now[k] and k != "model"]
+        diff = self._trajectory_diff(old.config)
         if diff:
             raise ckpt.CheckpointError(
                 f"run_dir '{self.cfg.run_dir}' holds a run with different {', '.join(diff)}; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,9 +83,29 @@ def test_missing_config_file() -> None:
 def test_every_shipped_config_loads() -> None:
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert files
-    for f in files:
-        cfg = load_config(str(f))
-        assert isinstance(cfg, Config)
+    env = {"HPC_ES_MODELS": "/models", "HPC_ES_DATA": "/data"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for f in files:
+            cfg = load_config(str(f))
+            assert "$" not in cfg.model
+            if f.name.startswith("countdown_"):
+                assert (cfg.es.population_size, cfg.es.sigma, cfg.es.alpha, cfg.es.iterations) == (30, 1e-3, 5e-4, 500)
+                assert (cfg.rollout.max_new_tokens, cfg.rollout.prompts_per_iteration) == (1024, 200)
+                assert cfg.model.startswith("/models/") and cfg.data.path == "/data/countdown.json"
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+def test_unset_environment_variable_in_a_path_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HPC_ES_NOPE", raising=False)
+    with pytest.raises(ConfigError, match="HPC_ES_NOPE"):
+        load_config(None, ["model=$HPC_ES_NOPE/qwen"])
 
 
 def test_exponent_without_a_dot_in_yaml_is_a_number(tmp_path: Path) -> None:
