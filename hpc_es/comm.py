@@ -10,11 +10,12 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from typing import Any
 
 import numpy as np
 
 from hpc_es.errors import DistributedError
+
+LENGTH_BYTES = 8  # allgather sends each payload's length first
 
 
 class Comm:
@@ -38,8 +39,10 @@ class Comm:
         return np.array(x, dtype=np.float64, copy=True)
 
     def allgather(self, payload: bytes) -> list[bytes]:
-        self.bytes_sent += len(payload)
-        return [payload]
+        """Every rank's ``payload``, in rank order.  Counted as on the wire: an 8-byte length, then the
+        payload padded to the longest one (every backend sends exactly this)."""
+        self.bytes_sent += LENGTH_BYTES + len(payload)
+        return [bytes(payload)]
 
     def barrier(self) -> None:
         pass
@@ -78,8 +81,19 @@ class MPIComm(Comm):
         return out
 
     def allgather(self, payload: bytes) -> list[bytes]:
-        self.bytes_sent += len(payload)
-        return self._comm.allgather(payload)
+        # Raw buffers, not mpi4py's pickled objects, so the byte count is exact.
+        n = np.array([len(payload)], dtype=np.int64)
+        sizes = np.empty(self.world_size, dtype=np.int64)
+        self._comm.Allgather(n, sizes)
+        width = int(sizes.max())
+        self.bytes_sent += LENGTH_BYTES + width
+        if width == 0:
+            return [b""] * self.world_size
+        send = np.zeros(width, dtype=np.uint8)
+        send[: len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+        recv = np.empty(width * self.world_size, dtype=np.uint8)
+        self._comm.Allgather(send, recv)
+        return [recv[r * width: r * width + int(sizes[r])].tobytes() for r in range(self.world_size)]
 
     def barrier(self) -> None:
         self._comm.Barrier()
@@ -123,10 +137,22 @@ class TorchComm(Comm):
         return t.numpy()
 
     def allgather(self, payload: bytes) -> list[bytes]:
-        out: list[Any] = [None] * self.world_size
-        self.bytes_sent += len(payload)
-        self._dist.all_gather_object(out, payload)
-        return out
+        # Plain tensors, not all_gather_object (pickles), so the byte count is exact.
+        import torch
+
+        n = torch.tensor([len(payload)], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        self._dist.all_gather(sizes, n)
+        width = max(int(x.item()) for x in sizes)
+        self.bytes_sent += LENGTH_BYTES + width
+        if width == 0:
+            return [b""] * self.world_size
+        send = torch.zeros(width, dtype=torch.uint8)
+        if payload:
+            send[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        recv = [torch.empty_like(send) for _ in range(self.world_size)]
+        self._dist.all_gather(recv, send)
+        return [bytes(recv[r][: int(sizes[r].item())].numpy()) for r in range(self.world_size)]
 
     def barrier(self) -> None:
         self._dist.barrier()

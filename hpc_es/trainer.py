@@ -103,9 +103,12 @@ def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: in
 
 
 def slot_owner(member: int, world: int, per_rank: int) -> tuple[int, int]:
-    """(rank, replica) that evaluates ``member``: round-robin over all world*per_rank workers."""
-    w = member % (world * per_rank)
-    return w // per_rank, w % per_rank
+    """(rank, replica) that evaluates ``member``: round-robin over ranks, then over the rank's replicas.
+
+    Every rank gets floor(N/world) or ceil(N/world) members (so none idles while N >= world), and a
+    rank's replicas differ by at most one member.
+    """
+    return member % world, (member // world) % per_rank
 
 
 class Fault:
@@ -163,11 +166,14 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.devices = local_devices(cfg, comm)
         self.per_rank = len(self.devices)
-        workers = comm.world_size * self.per_rank
-        if workers > self.N and comm.world_size > self.N and not cfg.dist.allow_idle_ranks:
-            raise DistributedError(
-                f"{comm.world_size} ranks but only {self.N} population members: every rank needs at least one "
-                "(lower the rank count, raise es.population_size, or set dist.allow_idle_ranks=true)")
+        if comm.world_size > self.N:
+            if not cfg.dist.allow_idle_ranks:
+                raise DistributedError(
+                    f"{comm.world_size} ranks but only {self.N} population members: every rank needs at least "
+                    "one (lower the rank count, raise es.population_size, or set dist.allow_idle_ranks=true)")
+            if comm.is_main:
+                log.warning("%d ranks but only %d population members: ranks %d..%d idle (dist.allow_idle_ranks)",
+                            comm.world_size, self.N, self.N, comm.world_size - 1)
         self.model_path = resolve_model_path(cfg, comm)
         self.dtype = resolve_dtype(cfg.dtype, self.devices[0].type)
         self.replicas: list[Replica] = []
@@ -178,6 +184,8 @@ class Trainer:
             self.tokenizers.append(load_tokenizer(self.model_path))
         self.base_fingerprint = fingerprint(self.replicas[0].model)
         self.engine = Engine(cfg.es.noise_chunk)
+        # Replicas are perturbed concurrently and an Engine's noise generator is not thread-safe: one each.
+        self.replica_engines = [self.engine] + [Engine(cfg.es.noise_chunk) for _ in self.devices[1:]]
         self.task = load_task(cfg)
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
@@ -234,12 +242,12 @@ class Trainer:
         prompts = [ex.prompt for ex in examples]
 
         def work(j: int) -> None:
-            rep, tok = self.replicas[j], self.tokenizers[j]
+            rep, tok, engine = self.replicas[j], self.tokenizers[j], self.replica_engines[j]
             for n in self.mine:
                 if slot_owner(n, self.comm.world_size, self.per_rank)[1] != j:
                     continue
                 a = time.perf_counter()
-                self.engine.perturb(rep, int(seeds[n]), int(signs[n]), self.cfg.es.sigma)
+                engine.perturb(rep, int(seeds[n]), int(signs[n]), self.cfg.es.sigma)
                 b = time.perf_counter()
                 self.fault("rollout")
                 completions = generate(rep.model, tok, prompts, self.cfg.rollout.max_new_tokens,
@@ -252,7 +260,7 @@ class Trainer:
                     times["rollout"] += c - b
                     times["reward"] += d - c
             a = time.perf_counter()
-            self.engine.restore(rep)  # the update starts from the base; restore is a copy, exact
+            engine.restore(rep)  # the update starts from the base; restore is a copy, exact
             if j == 0:
                 times["restore"] += time.perf_counter() - a
 
@@ -311,15 +319,23 @@ class Trainer:
         if not every or (t + 1) % every or self.comm.world_size * self.per_rank == 1:
             return
         prints = [fingerprint(rep.model) for rep in self.replicas]
-        mine = prints[0] if len(set(prints)) == 1 else "replicas-differ:" + ",".join(p[:8] for p in prints)
-        gathered = [g.decode() for g in self.comm.allgather(mine.encode()[:64])]
-        if len(set(gathered)) == 1 and not gathered[0].startswith("replicas-differ"):
+        # 16 bytes cross: a flag (1 = this rank's own replicas differ) and 15 bytes of the weights' SHA-256.
+        mine = bytes([0 if len(set(prints)) == 1 else 1]) + bytes.fromhex(prints[0])[:15]
+        gathered = self.comm.allgather(mine)
+        if len(set(gathered)) == 1 and gathered[0][0] == 0:
             return
         groups: dict[str, list[int]] = {}
         for r, g in enumerate(gathered):
-            groups.setdefault(g, []).append(r)
-        desc = "; ".join(f"ranks {rs} have {g[:16]}" for g, rs in groups.items())
-        msg = f"weights diverged after iteration {t}: {desc}"
+            groups.setdefault(g[1:].hex()[:16], []).append(r)
+        parts = []
+        off = [r for r, g in enumerate(gathered) if g[1:] != gathered[0][1:]]
+        if off:
+            parts.append(f"rank(s) {', '.join(map(str, off))} differ from rank 0 ("
+                         + "; ".join(f"ranks {rs}: {fp}" for fp, rs in groups.items()) + ")")
+        split = [r for r, g in enumerate(gathered) if g[0]]
+        if split:
+            parts.append(f"rank(s) {', '.join(map(str, split))} hold replicas that differ from each other")
+        msg = f"weights diverged after iteration {t}: {'; '.join(parts)}"
         if self.comm.is_main:
             self.ledger.events.append({"iteration": t, "event": "divergence", "detail": msg})
             self.ledger.save(self.log_path)

@@ -74,3 +74,6 @@ def ledger_arrays(run_dir: Path | str) -> dict:
 
     with h5py.File(Path(run_dir) / "log.h5", "r") as f:
         return {k: f[k][()] for k in f.keys()} | {"attrs": dict(f.attrs)}
+
+
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (a session fixture: a real Slurm cluster)
