@@ -78,14 +78,15 @@ done
 # ones that belong to this cluster (slurmstepd inherits SLURM_CONF from slurmd).
 kill_tree() {
     local p=$1 c
-    for c in $(awk -v pp="$p" '$4 == pp { print $1 }' /proc/[0-9]*/stat 2>/dev/null); do
-        kill_tree "$c"
-    done
+    # children by the PPid: line of /proc/*/status (no procps needed)
+    while read -r c; do
+        [[ -n $c ]] && kill_tree "$c"
+    done < <(awk -v pp="$p" '/^Pid:/ { pid = $2 } /^PPid:/ && $2 == pp { print pid }' /proc/[0-9]*/status 2>/dev/null)
     kill -KILL "$p" 2>/dev/null || true
 }
 for p in /proc/[0-9]*; do
     [[ $(cat "$p/comm" 2>/dev/null) == slurmstepd ]] || continue
-    if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$DIR/etc/slurm.conf"; then
+    if tr '\0' '\n' 2>/dev/null <"$p/environ" | grep -qxF "SLURM_CONF=$DIR/etc/slurm.conf"; then
         kill_tree "${p#/proc/}"
     fi
 done

@@ -60,6 +60,18 @@ FINAL_STATES = frozenset(
     }
 )
 
+#: Pending reasons that mean the job will never start on this cluster.
+HOPELESS_REASONS = frozenset(
+    {
+        "PartitionConfig",
+        "PartitionNodeLimit",
+        "PartitionTimeLimit",
+        "BadConstraints",
+        "InvalidAccount",
+        "InvalidQOS",
+    }
+)
+
 
 class SlurmError(RuntimeError):
     """A Slurm client command failed."""
@@ -162,16 +174,22 @@ class SlurmCluster:
             raise SlurmError(f"unexpected sbatch output: {proc.stdout!r}")
         return job_id
 
+    def job_info(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (empty once slurmctld forgot the job)."""
+        proc = self.run("scontrol", "-o", "show", "job", str(job_id), check=False)
+        if proc.returncode != 0:
+            return {}
+        return dict(re.findall(r"(?:^|\s)(\w+)=(\S*)", proc.stdout))
+
     def state(self, job_id: str) -> str:
         """Current state of a job, e.g. PENDING, RUNNING, COMPLETED.
 
         Asks slurmctld first (scontrol), then the accounting db (sacct) once
         the controller has forgotten the job.
         """
-        proc = self.run("scontrol", "-o", "show", "job", str(job_id), check=False)
-        match = re.search(r"\bJobState=(\S+)", proc.stdout)
-        if proc.returncode == 0 and match:
-            return match.group(1)
+        info = self.job_info(job_id)
+        if "JobState" in info:
+            return info["JobState"]
         proc = self.run(
             "sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id), check=False
         )
@@ -184,25 +202,40 @@ class SlurmCluster:
     def wait(self, job_id: str, timeout: float = 60.0, poll: float = 0.5) -> str:
         """Wait until the job is in a final state and return it.
 
-        Raises TimeoutError when ``timeout`` passes first (the job is left alone).
+        Raises TimeoutError when ``timeout`` passes first (the job is left
+        alone), and SlurmError at once for a pending job that can never start
+        on this cluster (e.g. Reason=PartitionConfig: more CPUs than the node).
         """
         return self.wait_for_state(job_id, FINAL_STATES, timeout=timeout, poll=poll)
 
     def wait_for_state(
-        self, job_id: str, states: frozenset[str] | set[str] | Sequence[str], timeout: float = 60.0, poll: float = 0.5
+        self,
+        job_id: str,
+        states: frozenset[str] | set[str] | Sequence[str],
+        timeout: float = 60.0,
+        poll: float = 0.5,
     ) -> str:
         """Wait until the job's state is one of ``states``; returns it."""
         wanted = set(states)
         deadline = time.monotonic() + timeout
         state = "UNKNOWN"
         while True:
-            state = self.state(job_id)
+            info = self.job_info(job_id)
+            state = info.get("JobState") or self.state(job_id)
             if state in wanted:
                 return state
+            reason = info.get("Reason", "")
+            if state == "PENDING" and reason in HOPELESS_REASONS:
+                raise SlurmError(
+                    f"job {job_id} can never start here (Reason={reason}):\n"
+                    + self.run("scontrol", "show", "job", str(job_id), check=False).stdout
+                    + self.run("scontrol", "show", "node", check=False).stdout
+                )
             if time.monotonic() > deadline:
                 detail = self.run("scontrol", "show", "job", str(job_id), check=False).stdout
                 raise TimeoutError(
-                    f"job {job_id} still {state} after {timeout:.0f}s (waiting for {sorted(wanted)})\n{detail}"
+                    f"job {job_id} still {state} after {timeout:.0f}s "
+                    f"(waiting for {sorted(wanted)})\n{detail}"
                 )
             time.sleep(poll)
 

@@ -4,7 +4,8 @@ They check what the ES runner relies on: a 2-task job gets an MPI world of 2
 (with ``srun --mpi=pmix`` and with ``mpirun`` inside the batch script), a
 ``--requeue`` job runs again after ``scontrol requeue`` with
 SLURM_RESTART_COUNT raised, and a signal reaches the batch shell.
-About 25 s in total on a 2-core machine.
+About 18 s on a running cluster (about 35 s when the fixture starts and stops
+one), on a 2-core machine.
 """
 
 from __future__ import annotations
