@@ -106,8 +106,7 @@ class Ledger:
         except FileNotFoundError:
             raise LedgerError(f"ledger '{path}' does not exist") from None
         except Exception as e:  # noqa: BLE001 - h5py reports damage as OSError, KeyError, ValueError, RuntimeError...
-            raise LedgerError(f"ledger '{path}' is unreadable or incomplete ({type(e).__name__}: {e}); "
-                              "move it away to start afresh, or replay from a checkpoint") from None
+            raise LedgerError(f"ledger '{path}' is unreadable or incomplete ({type(e).__name__}: {e})") from None
         for key, col in cols.items():
             if len(col) != n_iter:
                 raise LedgerError(f"ledger '{path}' is inconsistent: '{key}' has {len(col)} rows, seeds {n_iter}")

@@ -259,10 +259,8 @@ class Trainer:
                     times["perturb"] += b - a
                     times["rollout"] += c - b
                     times["reward"] += d - c
-            a = time.perf_counter()
-            engine.restore(rep)  # the update starts from the base; restore is a copy, exact
-            if j == 0:
-                times["restore"] += time.perf_counter() - a
+            # No restore pass: each perturb overwrites every working weight from the base, and
+            # Engine.update reads only the base and ends with every replica's weights equal to the new one.
 
         self.error: BaseException | None = None
         try:
@@ -277,6 +275,8 @@ class Trainer:
             self.error = e
         if self.error is not None:
             local[self.N] = 1.0
+            for rep, engine in zip(self.replicas, self.replica_engines):
+                engine.restore(rep)  # no update follows: leave the base in the working weights (a copy, exact)
         return local, times
 
     def allreduce_rewards(self, local: np.ndarray, t: int) -> np.ndarray:
