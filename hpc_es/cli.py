@@ -53,6 +53,10 @@ def cmd_train(argv: list[str]) -> int:
 
     def install(trainer: Any) -> None:
         def handler(signum: int, _frame: Any) -> None:
+            if trainer.stop_signal:  # a second signal (a launcher tearing the job down): leave now
+                print(f"hpc_es: rank {comm.rank}: second {signal.Signals(signum).name}, exiting without "
+                      "checkpoint", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
             trainer.stop_signal = signum
             if comm.is_main:
                 print(f"\nhpc_es: got {signal.Signals(signum).name}; checkpointing after this iteration",
@@ -79,6 +83,9 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def _fail_fast(comm: Any) -> None:
     """A rank that fails outside a collective must not leave the others waiting in one."""
     from hpc_es.errors import DistributedError, HpcEsError
@@ -92,7 +99,12 @@ def _fail_fast(comm: Any) -> None:
         comm.close()
         os._exit(exc.exit_code)
     kind = "" if isinstance(exc, HpcEsError) else f"{type(exc).__name__}: "
-    print(f"hpc_es: error: rank {comm.rank} failed: {kind}{exc}", file=sys.stderr, flush=True)
+    text = str(exc)
+    if any(m in text for m in _PEER_LOST):  # a symptom: the cause is printed by the rank that failed
+        print(f"hpc_es: rank {comm.rank} stopping: lost contact with another rank ({text.strip()[:120]})",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"hpc_es: error: rank {comm.rank} failed: {kind}{text}", file=sys.stderr, flush=True)
     comm.abort(exc.exit_code if isinstance(exc, HpcEsError) else 1)
 
 

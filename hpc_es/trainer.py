@@ -316,7 +316,8 @@ class Trainer:
                     p = rep.params[0][1]
                     p.view(-1)[0] += 1.0
                     rep.base[rep.params[0][0]].view(-1)[0] += 1.0
-        if not every or (t + 1) % every or self.comm.world_size * self.per_rank == 1:
+        last = t + 1 == self.cfg.es.iterations  # always compare before rank 0 saves final/
+        if not every or ((t + 1) % every and not last) or self.comm.world_size * self.per_rank == 1:
             return
         prints = [fingerprint(rep.model) for rep in self.replicas]
         # 16 bytes cross: a flag (1 = this rank's own replicas differ) and 15 bytes of the weights' SHA-256.
