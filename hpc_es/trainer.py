@@ -6,7 +6,6 @@ scalar rewards (one float per member), and applies the identical update to its o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os

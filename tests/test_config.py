@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_es.config import Config, all_keys, config_from_dict, load_config
+from hpc_es.config import all_keys, config_from_dict, load_config
 from hpc_es.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

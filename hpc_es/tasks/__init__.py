@@ -4,8 +4,7 @@
 the current directory on ``sys.path``) or ``path/to/file.py:attr`` (loaded from that file). ``attr`` is a
 Task object, or a callable (e.g. a class) taking the Config and returning one.
 
-The built-in modules are imported lazily inside :func:`load_task` so that they can import
-:func:`split_examples` from this package without an import cycle.
+The built-in modules are imported inside :func:`load_task`, so a user task pays for none of them.
 """
 
 from __future__ import annotations
@@ -20,31 +19,14 @@ import sys
 from types import ModuleType
 from typing import Any, Sequence
 
-from hpc_es.errors import DataError, HpcEsError, TaskError
-from hpc_es.tasks.base import Example, Task
+from hpc_es.errors import HpcEsError, TaskError
+from hpc_es.tasks.base import Example, SplitTask, Task, split_examples
 
-__all__ = ["Example", "Task", "BUILTIN_TASKS", "load_task", "safe_score", "split_examples", "check_task"]
+__all__ = ["Example", "Task", "SplitTask", "BUILTIN_TASKS", "load_task", "safe_score", "split_examples", "check_task"]
 
 BUILTIN_TASKS: tuple[str, ...] = ("countdown", "conciseness")
 
 _PROTOCOL_METHODS = ("train_examples", "test_examples", "score")
-
-
-def split_examples(items: Sequence[Example], train_size: int, test_size: int,
-                   source: str) -> tuple[list[Example], list[Example]]:
-    """First ``train_size`` items train, the next ``test_size`` (0 = all the rest) test.
-
-    Fails when the source cannot fill both splits, so a short file is caught before any compute is spent.
-    """
-    need_test = max(test_size, 1)
-    if len(items) < train_size + need_test:
-        want = (f"{train_size} train + {test_size} test" if test_size
-                else f"{train_size} train + at least 1 test")
-        raise DataError(f"{source} has {len(items)} items, too few for data.train_size={train_size} and "
-                        f"data.test_size={test_size} ({want} = {train_size + need_test} needed)")
-    train = list(items[:train_size])
-    test = list(items[train_size:train_size + test_size]) if test_size else list(items[train_size:])
-    return train, test
 
 
 def _first_line(e: BaseException) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from hpc_es.errors import DataError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -26,3 +28,52 @@ class Task(Protocol):
     def test_examples(self) -> Sequence[Example]: ...
 
     def score(self, completion: str, example: Example) -> float: ...
+
+
+def split_examples(items: Sequence[Example], train_size: int, test_size: int,
+                   source: str) -> tuple[list[Example], list[Example]]:
+    """First ``train_size`` items train, the next ``test_size`` (0 = all the rest) test.
+
+    Fails when the source cannot fill both splits, so a short file is caught before any compute is spent.
+    """
+    need_test = max(test_size, 1)
+    if len(items) < train_size + need_test:
+        want = (f"{train_size} train + {test_size} test" if test_size
+                else f"{train_size} train + at least 1 test")
+        raise DataError(f"{source} has {len(items)} items, too few for data.train_size={train_size} and "
+                        f"data.test_size={test_size} ({want} = {train_size + need_test} needed)")
+    train = list(items[:train_size])
+    test = list(items[train_size:train_size + test_size]) if test_size else list(items[train_size:])
+    return train, test
+
+
+class SplitTask:
+    """A task over one list of examples split by ``cfg.data``: the file at ``data.path`` when set, else the
+    task's seeded synthetic set.  Subclasses give ``name``, ``label``, ``load_json`` and ``synthetic``."""
+
+    name = "task"
+    label = "task"
+
+    def __init__(self, cfg: Any) -> None:
+        data = cfg.data
+        if data.path:
+            items = self.load_json(data.path)
+            source = f"data file '{data.path}'"
+        else:
+            items = self.synthetic(data.synthetic_size, cfg.seed)
+            source = f"the synthetic {self.label} set (data.synthetic_size={data.synthetic_size})"
+        self._train, self._test = split_examples(items, data.train_size, data.test_size, source)
+
+    @staticmethod
+    def load_json(path: str) -> list[Example]:
+        raise NotImplementedError
+
+    @staticmethod
+    def synthetic(n: int, seed: int) -> list[Example]:
+        raise NotImplementedError
+
+    def train_examples(self) -> Sequence[Example]:
+        return self._train
+
+    def test_examples(self) -> Sequence[Example]:
+        return self._test

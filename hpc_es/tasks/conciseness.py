@@ -8,11 +8,10 @@ prompts stay under 60 characters and references are 1-12 characters.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from hpc_es.errors import DataError
-from hpc_es.tasks import split_examples
-from hpc_es.tasks.base import Example
+from hpc_es.tasks.base import Example, SplitTask
 from hpc_es.tasks.countdown import read_json_list
 
 
@@ -139,26 +138,14 @@ def synthetic(n: int, seed: int) -> list[Example]:
 
 # --------------------------------------------------------------------------------------------- task
 
-class ConcisenessTask:
+class ConcisenessTask(SplitTask):
     """Conciseness from ``cfg.data``: the file at ``data.path`` if set, else the synthetic set; split like Countdown."""
 
     name = "conciseness"
 
-    def __init__(self, cfg: Any) -> None:
-        data = cfg.data
-        if data.path:
-            items = load_json(data.path)
-            source = f"data file '{data.path}'"
-        else:
-            items = synthetic(data.synthetic_size, cfg.seed)
-            source = f"the synthetic conciseness set (data.synthetic_size={data.synthetic_size})"
-        self._train, self._test = split_examples(items, data.train_size, data.test_size, source)
-
-    def train_examples(self) -> Sequence[Example]:
-        return self._train
-
-    def test_examples(self) -> Sequence[Example]:
-        return self._test
+    label = "conciseness"
+    load_json = staticmethod(load_json)
+    synthetic = staticmethod(synthetic)
 
     def score(self, completion: str, example: Example) -> float:
         return score(completion, example.info["reference"])

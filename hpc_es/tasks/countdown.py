@@ -16,9 +16,8 @@ from fractions import Fraction
 from typing import Any, Sequence
 
 from hpc_es.errors import DataError
-from hpc_es.tasks import split_examples
 from hpc_es.tasks.arith import evaluate, integers_in
-from hpc_es.tasks.base import Example
+from hpc_es.tasks.base import Example, SplitTask
 
 _FULL_FORMAT = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
@@ -230,7 +229,7 @@ def synthetic(n: int, seed: int) -> list[Example]:
 
 # --------------------------------------------------------------------------------------------- task
 
-class CountdownTask:
+class CountdownTask(SplitTask):
     """Countdown from ``cfg.data``: the file at ``data.path`` if set, else the built-in synthetic set.
 
     The first ``data.train_size`` items train, the next ``data.test_size`` (0 = all the rest) test, which
@@ -239,21 +238,9 @@ class CountdownTask:
 
     name = "countdown"
 
-    def __init__(self, cfg: Any) -> None:
-        data = cfg.data
-        if data.path:
-            items = load_json(data.path)
-            source = f"data file '{data.path}'"
-        else:
-            items = synthetic(data.synthetic_size, cfg.seed)
-            source = f"the synthetic Countdown set (data.synthetic_size={data.synthetic_size})"
-        self._train, self._test = split_examples(items, data.train_size, data.test_size, source)
-
-    def train_examples(self) -> Sequence[Example]:
-        return self._train
-
-    def test_examples(self) -> Sequence[Example]:
-        return self._test
+    label = "Countdown"
+    load_json = staticmethod(load_json)
+    synthetic = staticmethod(synthetic)
 
     def score(self, completion: str, example: Example) -> float:
         return score(completion, example.info["numbers"], example.info["target"])
