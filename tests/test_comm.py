@@ -160,9 +160,10 @@ COMM_SCRIPT = textwrap.dedent("""
     got = c.allgather(b"r" * (3 * r))      # unequal lengths, rank 0 sends nothing
     empty = c.allgather(b"")
     c.barrier()
-    print(json.dumps({"rank": r, "world": c.world_size, "name": c.name, "total": total.tolist(),
-                      "got": [g.decode() for g in got], "empty": [e.decode() for e in empty],
-                      "after_reduce": after_reduce, "bytes": c.bytes_sent}), flush=True)
+    with open(f"{sys.argv[2]}/rank{r}.json", "w") as fh:  # one file a rank: stdout lines can interleave
+        json.dump({"rank": r, "world": c.world_size, "name": c.name, "total": total.tolist(),
+                   "got": [g.decode() for g in got], "empty": [e.decode() for e in empty],
+                   "after_reduce": after_reduce, "bytes": c.bytes_sent}, fh)
     c.close()
 """)
 
@@ -171,10 +172,10 @@ def _run_comm_script(launcher: list[str], backend: str, tmp_path: Path) -> list[
     script = tmp_path / "comm_check.py"
     script.write_text(COMM_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(launcher + [str(script), backend], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(launcher + [str(script), backend, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    rows = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
     return sorted(rows, key=lambda d: d["rank"])
 
 

@@ -52,7 +52,8 @@ def ok(proc: subprocess.CompletedProcess) -> dict:
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [ln for ln in proc.stderr.splitlines() if ln.startswith("hpc_es: error:")]
+    # Open MPI's output forwarding can prefix a line with a NUL byte when ranks write at once.
+    return [ln.lstrip("\x00") for ln in proc.stderr.splitlines() if ln.lstrip("\x00").startswith("hpc_es: error:")]
 
 
 @functools.lru_cache(maxsize=None)
