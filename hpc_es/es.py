@@ -9,7 +9,10 @@ in fp32 per chunk and rounds once: base <- round(base + (alpha/N) * sum_n Z_n * 
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -79,30 +82,57 @@ class Replica:
 
 
 class Engine:
-    """Perturb, restore and update a set of replicas that must stay bit-identical."""
+    """Perturb, restore and update a set of replicas that must stay bit-identical.
 
-    def __init__(self, chunk: int) -> None:
+    Work is split into (tensor, chunk) pieces whose results depend on nothing else, so on the CPU the
+    pieces run on a small thread pool (torch.randn is single-threaded; every chunk has its own seed, so
+    drawing chunks side by side gives the same bits as one after another).  On a GPU they run in order.
+    """
+
+    def __init__(self, chunk: int, workers: int = 0) -> None:
         self.noise = NoiseSource(chunk)
         self.chunk = chunk
-        self._scratch: dict[torch.device, torch.Tensor] = {}
+        self.workers = workers  # CPU threads for noise; 0 = torch.get_num_threads() at the time of use
+        self._local = threading.local()
 
-    def _buf(self, device: torch.device, n: int, slot: int = 0) -> torch.Tensor:
+    def _buf(self, device: torch.device, n: int, slot: object = 0) -> torch.Tensor:
+        """An fp32 scratch buffer of this thread, reused across calls."""
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
         key = (device, slot)
-        b = self._scratch.get(key)
+        b = bufs.get(key)
         if b is None or b.numel() < n:
-            b = self._scratch[key] = torch.empty(max(n, 1), dtype=torch.float32, device=device)
+            b = bufs[key] = torch.empty(max(n, 1), dtype=torch.float32, device=device)
         return b[:n]
+
+    def _run(self, device: torch.device, tasks: list, fn: Callable[..., None]) -> None:
+        """fn(*task) for every task: on the CPU pool when there is one, else here, in order."""
+        workers = self.workers or torch.get_num_threads()
+        if device.type != "cpu" or workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                fn(*task)
+            return
+        tasks = sorted(tasks, key=lambda t: t[-1] - t[-2], reverse=True)  # biggest first: even finish
+        for _ in _cpu_pool(workers).map(lambda t: fn(*t), tasks):
+            pass
+
+    def _pieces(self, rep: Replica) -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, int]]:
+        return [(name, p.view(-1), rep.base[name].view(-1), i, s, e)
+                for name, p in rep.params for i, s, e in chunks(p.numel(), self.chunk)]
 
     @torch.no_grad()
     def perturb(self, rep: Replica, seed: int, sign: int, sigma: float) -> None:
         """Working weights <- round(base + sign*sigma*eps(seed)); the base is untouched."""
         scale = float(sign) * sigma
-        for name, p in rep.params:
-            flat, base = p.view(-1), rep.base[name].view(-1)
-            for i, s, e in chunks(flat.numel(), self.chunk):
-                eps = self.noise.fill(self._buf(p.device, e - s, id(rep)), seed, name, i)
-                eps.mul_(scale).add_(base[s:e].to(p.device, non_blocking=True))
-                flat[s:e].copy_(eps)
+
+        def piece(name: str, flat: torch.Tensor, base: torch.Tensor, i: int, s: int, e: int) -> None:
+            eps = self.noise.fill(self._buf(flat.device, e - s, "eps"), seed, name, i)
+            eps.mul_(scale)
+            # fp32 sum, rounded once to the weights' dtype on the store (the same bits as add_ then copy_)
+            torch.add(eps, base[s:e].to(flat.device, non_blocking=True), out=flat[s:e])
+
+        self._run(rep.device, self._pieces(rep), piece)
 
     @torch.no_grad()
     def restore(self, rep: Replica) -> None:
@@ -117,7 +147,8 @@ class Engine:
 
         Members sharing a seed (antithetic pairs) are folded into one coefficient first.  The sum runs
         over members in a fixed order, so every rank computes identical bits.  The first replica
-        computes; the others receive copies of its new base (a copy is exact).
+        computes; the others receive copies of its new base (a copy is exact).  Every replica's working
+        weights end equal to the new base, whatever they held before (a perturbation, say).
         """
         n = len(shaped)
         coef: dict[int, float] = {}
@@ -126,18 +157,57 @@ class Engine:
         terms = [(s, c) for s, c in coef.items() if c != 0.0]
         scale = alpha / n
         lead = replicas[0]
-        for name, p in lead.params:
-            base = lead.base[name].view(-1)
-            if terms and scale != 0.0:
-                for i, s, e in chunks(base.numel(), self.chunk):
-                    acc = self._buf(p.device, e - s, "acc")
-                    acc.zero_()
-                    eps = self._buf(p.device, e - s, "eps")
-                    for seed, c in terms:
-                        acc.add_(self.noise.fill(eps, seed, name, i), alpha=c)
-                    acc.mul_(scale).add_(base[s:e].to(p.device, non_blocking=True))
+        others = [(rep.base, dict(rep.params)) for rep in replicas[1:]]
+        compute = bool(terms) and scale != 0.0
+        on_cpu = lead.device.type == "cpu"  # copy each chunk out while it is in cache; on a GPU, per tensor
+
+        def piece(name: str, flat: torch.Tensor, base: torch.Tensor, i: int, s: int, e: int) -> None:
+            if compute:
+                dev = flat.device
+                acc = self._buf(dev, e - s, "acc")
+                acc.zero_()
+                eps = self._buf(dev, e - s, "eps")
+                for seed, c in terms:
+                    acc.add_(self.noise.fill(eps, seed, name, i), alpha=c)
+                acc.mul_(scale)
+                if base.device == dev:
+                    base[s:e].add_(acc)  # base + acc in fp32, rounded once to the base dtype
+                else:
+                    acc.add_(base[s:e].to(dev, non_blocking=True))
                     base[s:e].copy_(acc)
-            p.copy_(lead.base[name])
-            for rep in replicas[1:]:
-                rep.base[name].copy_(lead.base[name])
-                rep.param(name).copy_(lead.base[name])
+            if on_cpu:
+                new = base[s:e]
+                flat[s:e].copy_(new)
+                for obase, oparams in others:
+                    obase[name].view(-1)[s:e].copy_(new)
+                    oparams[name].view(-1)[s:e].copy_(new)
+
+        self._run(lead.device, self._pieces(lead), piece)
+        if not on_cpu:
+            for name, p in lead.params:
+                new = lead.base[name]
+                p.copy_(new)
+                for obase, oparams in others:
+                    obase[name].copy_(new)
+                    oparams[name].copy_(new)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _one_thread() -> None:
+    # Under OpenMP the thread count is a per-thread setting: this worker's ops run single-threaded (the
+    # pool is the parallelism) while the caller keeps its own.  Other backends share one global setting.
+    if "OpenMP" in torch.__config__.parallel_info():
+        torch.set_num_threads(1)
+
+
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """One shared pool per size: its threads are idle between calls and hold only scratch buffers."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hpc_es-noise",
+                                                        initializer=_one_thread)
+        return pool

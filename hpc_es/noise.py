@@ -8,6 +8,7 @@ seed alone, so same-shape tensors got identical noise.)
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -48,20 +49,24 @@ def chunks(numel: int, chunk: int) -> Iterator[tuple[int, int, int]]:
 
 
 class NoiseSource:
-    """Fills fp32 buffers with a chunk's noise, one torch.Generator per device, reseeded per chunk.
+    """Fills fp32 buffers with a chunk's noise, one torch.Generator per device and thread, reseeded per chunk.
 
     Noise is drawn in fp32 on the tensor's device; the stream is a function of the device type
-    (CPU and CUDA generators differ), which the ledger records.
+    (CPU and CUDA generators differ), which the ledger records.  Every chunk reseeds its generator, so a
+    generator carries nothing from one chunk to the next: threads may fill different chunks at once.
     """
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
-        self._gens: dict[torch.device, torch.Generator] = {}
+        self._local = threading.local()
 
     def _gen(self, device: torch.device) -> torch.Generator:
-        g = self._gens.get(device)
+        gens = getattr(self._local, "gens", None)
+        if gens is None:
+            gens = self._local.gens = {}
+        g = gens.get(device)
         if g is None:
-            g = self._gens[device] = torch.Generator(device=device)
+            g = gens[device] = torch.Generator(device=device)
         return g
 
     def fill(self, out: torch.Tensor, seed: int, name: str, chunk_index: int) -> torch.Tensor:

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""GPU check: tools/bench.py's table for randomly initialised Qwen2.5-1.5B and Qwen2.5-7B architectures.
+
+bf16, N=30, 16 prompts x 32 new tokens, one timed iteration of hpc_es and of the published-code baseline
+each (after a 2-member warm-up), on one GPU; meant to finish within 8 minutes on an H100/H200.  The
+architectures are written out below (no download); the tokenizer is hpc_es's tiny one, so most sampled
+ids of the 151936-entry vocabulary decode to nothing, which changes no cost that is timed.
+
+    .venv/bin/python tools/gpu_check.py                 # both models on cuda
+    .venv/bin/python tools/gpu_check.py --only 1.5B --chunk 67108864
+    .venv/bin/python tools/gpu_check.py --tiny          # the same script on CPU, tiny architecture
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (tools/bench.py: model building, both implementations, limits, the table)
+
+VOCAB = 151936
+ARCHS = {
+    # Qwen2.5-1.5B: hidden 1536, 28 layers, 12 query / 2 key-value heads, MLP 8960, tied embeddings.
+    "1.5B": bench.Arch("Qwen2.5-1.5B (random init)", hidden=1536, layers=28, heads=12, kv_heads=2,
+                       intermediate=8960, vocab=VOCAB, tie=True),
+    # Qwen2.5-7B: hidden 3584, 28 layers, 28 query / 4 key-value heads, MLP 18944, untied embeddings.
+    "7B": bench.Arch("Qwen2.5-7B (random init)", hidden=3584, layers=28, heads=28, kv_heads=4,
+                     intermediate=18944, vocab=VOCAB, tie=False),
+}
+TINY = bench.Arch("tiny Qwen2.5-shaped (CPU check of this script)", hidden=32, layers=2, heads=4, kv_heads=2,
+                  intermediate=96, vocab=VOCAB, tie=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="run on CPU with a tiny architecture (a dry run)")
+    ap.add_argument("--only", choices=sorted(ARCHS), action="append", help="run only this model (repeatable)")
+    bench.add_args(ap)
+    ap.set_defaults(dtype="bfloat16", device="cuda", n=30, prompts=16, tokens=32, iterations=1, warmup=1)
+    ap.add_argument("--warmup-n", type=int, default=2, help="members per warm-up iteration")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.device = "cpu"
+        archs = [TINY]
+    else:
+        if not torch.cuda.is_available() and args.device.startswith("cuda"):
+            print("gpu_check: torch sees no GPU (use --tiny for a CPU dry run)", file=sys.stderr)
+            return 2
+        archs = [ARCHS[k] for k in (args.only or ["1.5B", "7B"])]
+    dtype = bench.resolve(args)
+    t0 = time.perf_counter()
+    if args.device.startswith("cuda"):
+        print(f"device: {torch.cuda.get_device_name(torch.device(args.device))}, torch {torch.__version__}",
+              flush=True)
+    for arch in archs:
+        res = bench.run(arch, dtype=dtype, device=args.device, n=args.n, prompts=args.prompts, tokens=args.tokens,
+                        iterations=args.iterations, warmup=args.warmup, warmup_n=args.warmup_n,
+                        chunk=args.chunk, with_baseline=not args.no_baseline)
+        print(bench.table(res), flush=True)
+        if args.device.startswith("cuda"):
+            peak = torch.cuda.max_memory_allocated(torch.device(args.device)) / 2**30
+            print(f"   peak GPU memory {peak:.1f} GiB", flush=True)
+        del res
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(torch.device(args.device))
+    print(f"gpu_check: {time.perf_counter() - t0:.0f}s in all", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
