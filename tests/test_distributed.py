@@ -105,17 +105,19 @@ def test_two_ranks_reproduce_the_single_process_run(kind: str, reference_run: Pa
     assert_small_traffic(run_dir, n=4, world=2, slots=2)
 
 
-def test_population_not_divisible_by_ranks(reference_n3: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", LAUNCHERS)
+def test_population_not_divisible_by_ranks(kind: str, reference_n3: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc, _ = launch("mpi", 2, TINY + ["es.population_size=3", f"run_dir={run_dir}", "dist.check_every=1"])
+    proc, _ = launch(kind, 2, TINY + ["es.population_size=3", f"run_dir={run_dir}", "dist.check_every=1"])
     assert_same_run(run_dir, ok(proc), reference_n3)
     assert_small_traffic(run_dir, n=3, world=2, slots=2)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_two_replicas_per_rank_evaluated_concurrently(ranks: int, reference_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind,ranks", [("none", 1), ("mpi", 2), ("torch", 2)])
+def test_two_replicas_per_rank_evaluated_concurrently(kind: str, ranks: int, reference_run: Path,
+                                                      tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc, _ = launch("mpi" if ranks > 1 else "none", ranks,
+    proc, _ = launch(kind, ranks,
                      TINY + [f"run_dir={run_dir}", "dist.devices_per_rank=2", "dist.check_every=1"])
     assert_same_run(run_dir, ok(proc), reference_run)
     assert_small_traffic(run_dir, n=4, world=ranks, slots=2 * ranks)
