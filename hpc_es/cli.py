@@ -39,13 +39,18 @@ def _config_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[s
 
 
 def cmd_train(argv: list[str]) -> int:
-    from hpc_es.comm import make_comm
+    from hpc_es.comm import launcher_rank, make_comm
     from hpc_es.config import load_config
+    from hpc_es.errors import HpcEsError
     from hpc_es.trainer import Stop, train
 
     args, overrides = _config_args(argv, "python -m hpc_es")
-    _bad_flags(overrides)
-    cfg = load_config(args.config, overrides)
+    try:
+        _bad_flags(overrides)
+        cfg = load_config(args.config, overrides)
+    except HpcEsError as e:  # the same on every rank: the launcher's rank 0 reports it
+        e.quiet = launcher_rank() not in (None, 0)
+        raise
     comm = make_comm(cfg.dist.backend, cfg.dist.timeout_s)
     _RANK[0] = comm.rank
     logging.basicConfig(level=logging.INFO if comm.is_main else logging.ERROR,
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[cmd](argv)
     except HpcEsError as e:
         who = f"rank {_RANK[0]}: " if _RANK[0] else ""
-        print(f"hpc_es: error: {who}{e}", file=sys.stderr, flush=True)
+        if not getattr(e, "quiet", False):
+            print(f"hpc_es: error: {who}{e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
         print("hpc_es: interrupted", file=sys.stderr)

@@ -8,12 +8,13 @@ this rank sends, so the ledger can prove that no weights ever cross.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 
 import numpy as np
 
-from hpc_es.errors import DistributedError
+from hpc_es.errors import DistributedError, HpcEsError
 
 LENGTH_BYTES = 8  # allgather sends each payload's length first
 
@@ -162,6 +163,42 @@ class TorchComm(Comm):
             self._dist.destroy_process_group()
 
 
+class SetupFailed(DistributedError):
+    """Setup failed on one or more ranks and every rank knows it (see ``agree``): all exit, none aborts."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def agree(comm: Comm, error: Exception | None) -> None:
+    """Close a setup step: a collective that every rank reaches whether or not its part failed.
+
+    Each rank contributes its error (or nothing); if any rank failed, every rank raises ``SetupFailed``
+    with all the messages, so no rank is left waiting in a later collective and nobody has to abort the
+    job.  An error that every rank hit alike (a bad model dir, a run_dir that cannot be resumed) reads as
+    it would in one process; otherwise the message names the ranks.  One process: ``error`` is re-raised.
+    """
+    if comm.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    payload = b""
+    if error is not None:
+        code = error.exit_code if isinstance(error, HpcEsError) else 1
+        text = str(error) if isinstance(error, HpcEsError) else f"{type(error).__name__}: {error}"
+        payload = json.dumps([code, text]).encode()
+    failed = {r: json.loads(p) for r, p in enumerate(comm.allgather(payload)) if p}
+    if not failed:
+        return
+    texts = {text for _, text in failed.values()}
+    if len(failed) == comm.world_size and len(texts) == 1:
+        message = texts.pop()
+    else:
+        message = "; ".join(f"rank {r} failed: {text}" for r, (_, text) in sorted(failed.items()))
+    raise SetupFailed(message, failed[min(failed)][0]) from error
+
+
 def _first_slurm_host() -> str:
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or "localhost"
     import subprocess
@@ -176,6 +213,15 @@ def _first_slurm_host() -> str:
 
 
 _MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
+
+
+def launcher_rank() -> int | None:
+    """This process's rank as the launcher's environment tells it, before any communicator exists."""
+    for key in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return None
 
 
 def detect_backend() -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hpc_es import checkpoint as ckpt
-from hpc_es.comm import Comm, make_comm
+from hpc_es.comm import Comm, agree, make_comm
 from hpc_es.config import Config, default_cache_dir
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import Engine, Replica, shape_rewards
@@ -55,18 +55,20 @@ class Stop(Exception):
         self.signum = signum
 
 
-def resolve_model_path(cfg: Config, comm: Comm | None = None) -> str:
-    """``model=tiny`` -> the cached tiny model folder (built once, by rank 0 first)."""
+def resolve_model_path(cfg: Config) -> str:
+    """``model=tiny`` -> the cached tiny model folder (built on first use)."""
     if cfg.model != "tiny":
         return cfg.model
-    cache = default_cache_dir(cfg)
-    if comm is None or comm.is_main:
-        path = ensure_tiny_model(cfg.tiny, cache)
-    if comm is not None:
-        comm.barrier()
-        if not comm.is_main:
-            path = ensure_tiny_model(cfg.tiny, cache)
-    return path
+    return ensure_tiny_model(cfg.tiny, default_cache_dir(cfg))
+
+
+def _attempt(step: Callable[[], None]) -> Exception | None:
+    """Run one setup step; its error, if any, for ``agree``."""
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 (handed to agree, which re-raises it on every rank)
+        return e
+    return None
 
 
 def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:
@@ -161,10 +163,18 @@ class Trainer:
         self.stop_signal = 0  # set by the signal handler of this rank
         self.stop_now = False  # every rank agrees (through the reward all-reduce) to stop after this iteration
         self.N = cfg.es.population_size
+        self.log_path = os.path.join(cfg.run_dir, "log.h5")
+        # Two setup steps, each closed by an agreement that every rank reaches, failed or not: a rank whose
+        # setup fails never leaves the others in a collective, and an error that every rank hits alike is
+        # reported once, without an abort.
+        agree(comm, _attempt(self._setup_devices))
+        agree(comm, _attempt(self._setup_model))
+
+    def _setup_devices(self) -> None:
+        """World size against N, this rank's devices; rank 0 builds the tiny model (once, into the cache)."""
+        cfg, comm = self.cfg, self.comm
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.devices = local_devices(cfg, comm)
-        self.per_rank = len(self.devices)
         if comm.world_size > self.N:
             if not cfg.dist.allow_idle_ranks:
                 raise DistributedError(
@@ -173,7 +183,17 @@ class Trainer:
             if comm.is_main:
                 log.warning("%d ranks but only %d population members: ranks %d..%d idle (dist.allow_idle_ranks)",
                             comm.world_size, self.N, self.N, comm.world_size - 1)
-        self.model_path = resolve_model_path(cfg, comm)
+        self.devices = local_devices(cfg, comm)
+        self.per_rank = len(self.devices)
+        if comm.is_main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            self.model_path = resolve_model_path(cfg)
+
+    def _setup_model(self) -> None:
+        """Every rank: its replicas, tokenizers, the task, and what run_dir holds (``self.start``)."""
+        cfg, comm = self.cfg, self.comm
+        if not comm.is_main:
+            self.model_path = resolve_model_path(cfg)  # rank 0 has built it: now a cache hit
         self.dtype = resolve_dtype(cfg.dtype, self.devices[0].type)
         self.replicas: list[Replica] = []
         self.tokenizers = []
@@ -195,13 +215,14 @@ class Trainer:
             "config": cfg.to_json(), "base_model": os.path.abspath(self.model_path),
             "base_fingerprint": self.base_fingerprint, "noise_device": self.devices[0].type,
             "model_dtype": str(self.dtype).removeprefix("torch.")})
-        os.makedirs(cfg.run_dir, exist_ok=True) if comm.is_main else None
-        self.log_path = os.path.join(cfg.run_dir, "log.h5")
+        self.start, self._resume_report = self.read_run_dir()
 
     # ---- the algorithm ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, N = self.cfg, self.N
-        start = self.resume()
+        start = self.start
+        self.report_resume()
+        self.comm.bytes_sent = 0  # the ledger's bytes_sent counts each iteration's traffic, setup excluded
         bar = Progress(cfg.es.iterations, start, enabled=self.comm.is_main and cfg.progress)
         for t in range(start, cfg.es.iterations):
             self.fault.iteration = t
@@ -371,12 +392,13 @@ class Trainer:
             self.engine.update(self.replicas, np.asarray(row["seeds"]), np.asarray(row["signs"]),
                                np.asarray(row["shaped"]), float(row["alpha"]))
 
-    def resume(self) -> int:
-        """Continue from run_dir: checkpointed weights, then the ledger rows written after the checkpoint.
+    def read_run_dir(self) -> tuple[int, dict[str, Any] | None]:
+        """What run_dir holds: checkpointed weights, then the ledger rows written after the checkpoint.
 
-        Damage is repaired where the remaining files allow it and said on the console (a damaged log.h5:
-        the checkpoint's copy of the ledger; damaged checkpoint weights: the base model plus the ledger).
-        A run_dir that holds a run is never silently restarted from zero.
+        Returns the iteration to start at and what ``report_resume`` must repair and say (None: a fresh
+        run_dir).  Damage is worked around where the remaining files allow it (a damaged log.h5: the
+        checkpoint's copy of the ledger; damaged checkpoint weights: the base model plus the ledger).  A
+        run_dir that holds a run is never silently restarted from zero.  Reads only: every rank calls it.
         """
         run_dir = self.cfg.run_dir
         notes: list[str] = []
@@ -393,7 +415,7 @@ class Trainer:
             except LedgerError as e:
                 log_damage = e
         if found is None and ckpt_damage is None and old is None and log_damage is None:
-            return 0
+            return 0, None
         if state is not None:
             self.check_checkpoint(state)
         done = state.iteration if state is not None else 0
@@ -459,18 +481,23 @@ class Trainer:
         self.ledger.rows = list(old.rows)
         self.ledger.events = list(old.events)
         start = len(old)
-        self.comm.barrier()  # every rank has read the run_dir before rank 0 repairs it
-        if self.comm.is_main:
-            if keep_damaged:
-                os.replace(self.log_path, self.log_path + ".damaged")
-                self.ledger.save(self.log_path)
-            ckpt.clean_stale(run_dir)
-            for note in notes:
-                print(f"hpc_es: warning: {note}", file=sys.stderr, flush=True)
-            source = f"checkpoint weights after iteration {done}" if from_weights else "the base model"
-            print(f"hpc_es: resuming {run_dir} at iteration {start} (from {source} + "
-                  f"{start - done if from_weights else start} ledger rows replayed)", file=sys.stderr, flush=True)
-        return start
+        return start, {"notes": notes, "keep_damaged": keep_damaged, "done": done, "from_weights": from_weights}
+
+    def report_resume(self) -> None:
+        """Rank 0 repairs run_dir and says where the run continues (after every rank has read it)."""
+        info = self._resume_report
+        if info is None or not self.comm.is_main:
+            return
+        run_dir, done, start = self.cfg.run_dir, info["done"], self.start
+        if info["keep_damaged"]:
+            os.replace(self.log_path, self.log_path + ".damaged")
+            self.ledger.save(self.log_path)
+        ckpt.clean_stale(run_dir)
+        for note in info["notes"]:
+            print(f"hpc_es: warning: {note}", file=sys.stderr, flush=True)
+        source = f"checkpoint weights after iteration {done}" if info["from_weights"] else "the base model"
+        print(f"hpc_es: resuming {run_dir} at iteration {start} (from {source} + "
+              f"{start - done if info['from_weights'] else start} ledger rows replayed)", file=sys.stderr, flush=True)
 
     def base_weights(self) -> dict[str, torch.Tensor]:
         """The base model's parameters, read again from its folder (to undo a partial load)."""

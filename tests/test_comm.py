@@ -152,7 +152,8 @@ def test_more_ranks_than_members_is_a_clear_error_on_every_rank(rank: int, tmp_p
 COMM_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from hpc_es.comm import make_comm
+    from hpc_es.comm import SetupFailed, agree, make_comm
+    from hpc_es.errors import HpcEsError
     c = make_comm(sys.argv[1])
     r = c.rank
     total = c.allreduce_sum(np.array([r + 1.0, 0.5, float(r == 0)]))
@@ -160,10 +161,19 @@ COMM_SCRIPT = textwrap.dedent("""
     got = c.allgather(b"r" * (3 * r))      # unequal lengths, rank 0 sends nothing
     empty = c.allgather(b"")
     c.barrier()
+    sent = c.bytes_sent
+    agreed = []
+    for err in (None, HpcEsError("bad run_dir"), RuntimeError("only me") if r == 1 else None,
+                HpcEsError(f"differs on {r}")):
+        try:
+            agree(c, err)
+            agreed.append(None)
+        except SetupFailed as e:
+            agreed.append([str(e), e.exit_code, err is not None and e.__cause__ is err])
     with open(f"{sys.argv[2]}/rank{r}.json", "w") as fh:  # one file a rank: stdout lines can interleave
         json.dump({"rank": r, "world": c.world_size, "name": c.name, "total": total.tolist(),
                    "got": [g.decode() for g in got], "empty": [e.decode() for e in empty],
-                   "after_reduce": after_reduce, "bytes": c.bytes_sent}, fh)
+                   "after_reduce": after_reduce, "bytes": sent, "agreed": agreed}, fh)
     c.close()
 """)
 
@@ -196,6 +206,12 @@ def test_two_rank_collectives_and_byte_counts(launch: str, tmp_path: Path) -> No
         assert d["after_reduce"] == 3 * 8
         # each allgather: the 8-byte length, then the payload padded to the longest (3, then 0 bytes)
         assert d["bytes"] == 3 * 8 + (LENGTH_BYTES + 3) + LENGTH_BYTES
+        # setup agreement: nothing failed; all failed alike (reads as one process); one rank failed
+        # (named, with its exit status); ranks failed differently (each named, the lowest rank's status)
+        assert d["agreed"][0] is None
+        assert d["agreed"][1] == ["bad run_dir", 2, True]  # each rank keeps its own error as the cause
+        assert d["agreed"][2] == ["rank 1 failed: RuntimeError: only me", 1, d["rank"] == 1]
+        assert d["agreed"][3] == ["rank 0 failed: differs on 0; rank 1 failed: differs on 1", 2, True]
 
 
 def test_forced_mpi_backend_without_a_launcher_is_a_world_of_one(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import textwrap
 import time
@@ -131,11 +132,31 @@ def test_more_ranks_than_members_is_a_quick_clear_error(kind: str, tmp_path: Pat
     assert proc.returncode != 0
     assert wall < PROMPT_S
     lines = error_lines(proc)
-    assert lines and "3 ranks but only 2 population members" in lines[0], proc.stderr
+    assert len(lines) == 1 and "3 ranks but only 2 population members" in lines[0], proc.stderr
     assert "dist.allow_idle_ranks=true" in lines[0]
     if kind == "mpi":  # (torchrun itself prints a traceback for any failed worker)
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "log.h5").exists()
+
+
+@pytest.mark.parametrize("kind", LAUNCHERS)
+@pytest.mark.parametrize("case", ["config", "resume"])
+def test_an_error_every_rank_hits_is_reported_once_without_an_abort(kind: str, case: str, reference_run: Path,
+                                                                     tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    bad = ["es.sigma=-1"] if case == "config" else ["es.sigma=0.07", "es.iterations=5"]
+    proc, wall = launch(kind, 2, TINY + [f"run_dir={run_dir}"] + bad)
+    assert proc.returncode != 0 and wall < PROMPT_S
+    if kind == "mpi":  # mpiexec passes on the first non-zero status (torchrun exits 1 for any)
+        assert proc.returncode == 2
+    expected = ("config key 'es.sigma' = -1.0 is out of range" if case == "config" else
+                f"the checkpoint in '{run_dir}' belongs to a run with different es.sigma")
+    assert [ln.startswith(f"hpc_es: error: {expected}") for ln in error_lines(proc)] == [True], proc.stderr
+    assert "MPI_ABORT" not in proc.stderr and "rank 1" not in proc.stderr
+    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # refused before anything was written
 
 
 def test_allow_idle_ranks_idles_the_surplus_and_still_reproduces(reference_n2: Path, tmp_path: Path) -> None:
