@@ -1,0 +1,115 @@
+"""The benchmark tools: the baseline really has the published code's faults, and the scripts still run.
+
+No timing is asserted (the figures are the scripts' output, not a test's); these tests keep the tools
+working as the engine and trainer change under them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import PY, ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import baseline  # noqa: E402  (tools/baseline.py)
+
+from hpc_es.es import Engine, Replica  # noqa: E402
+
+
+class Twins(torch.nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.a = torch.nn.Parameter(torch.randn(64, 8, generator=g).to(dtype))
+        self.b = torch.nn.Parameter(torch.randn(64, 8, generator=g).to(dtype))  # same shape as a
+        self.norm = torch.nn.Parameter(torch.ones(512, dtype=dtype))  # weights at 1.0, like RMSNorm
+
+
+def _delta(before: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float() - before[n].float() for n, p in model.named_parameters()}
+
+
+def _zero_twins() -> Twins:
+    m = Twins(torch.float32)
+    with torch.no_grad():
+        m.a.zero_()
+        m.b.zero_()  # from zero, the weights after a perturbation are the noise itself
+    return m
+
+
+def test_baseline_reuses_noise_across_same_shape_tensors_and_hpc_es_does_not() -> None:
+    m = _zero_twins()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    baseline.perturb(m, seed=7, sigma=1e-2)
+    d = _delta(before, m)
+    assert torch.equal(d["a"], d["b"])  # the published fault: one seed for every tensor
+
+    m = _zero_twins()
+    rep = Replica.wrap(m, "device")
+    Engine(1 << 20).perturb(rep, seed=7, sign=1, sigma=1e-2)
+    d = _delta(before, m)
+    assert not torch.allclose(d["a"], d["b"])
+    assert d["a"].abs().min() > 0
+
+
+def test_baseline_restore_drifts_in_bf16_and_misses_weights_at_one() -> None:
+    m = Twins(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    baseline.perturb(m, seed=11, sigma=1e-3)
+    # sigma*eps is below half a bf16 step at 1.0 for most entries: the perturbation never moves them
+    assert (m.norm.detach() == 1.0).float().mean() > 0.5
+    baseline.restore(m, seed=11, sigma=1e-3)
+    drifted = sum(int((p.detach() != before[n]).sum()) for n, p in m.named_parameters())
+    assert drifted > 0  # add-then-subtract in bf16 does not come back
+
+    m = Twins(torch.bfloat16)
+    rep = Replica.wrap(m, "device")
+    eng = Engine(1 << 20)
+    eng.perturb(rep, seed=11, sign=1, sigma=1e-3)
+    eng.restore(rep)
+    for n, p in m.named_parameters():
+        assert torch.equal(p.detach().view(torch.int16), before[n].view(torch.int16)), n
+
+
+def _run(script: str, args: list[str]) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([PY, str(ROOT / "tools" / script)] + args, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _phases(table: str) -> dict[str, list[float]]:
+    rows = {}
+    for name in ("perturb", "rollout", "reward", "restore", "update", "iteration"):
+        m = re.search(rf"^\s+{name}\s+([\d.]+)\s+([\d.]+)", table, re.M)
+        assert m, f"no {name} row in\n{table}"
+        rows[name] = [float(m.group(1)), float(m.group(2))]
+    return rows
+
+
+def test_bench_prints_both_implementations_and_every_target() -> None:
+    out = _run("bench.py", ["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--n", "2",
+                            "--prompts", "2", "--tokens", "4", "--iterations", "1", "--warmup", "0"])
+    rows = _phases(out)
+    assert rows["restore"][0] == 0.0 and rows["restore"][1] > 0  # hpc_es needs no restore pass; baseline does
+    assert all(v > 0 for v in rows["rollout"] + rows["update"] + rows["perturb"])
+    for target in ("ES overhead vs baseline", "ES overhead share of iteration", "noise vs 1-stream randn limit",
+                   "rollout tokens/s vs plain", "whole iteration hpc_es/baseline"):
+        assert target in out, target
+    assert "N=2, 2 prompts, 4 new tokens" in out
+
+
+def test_gpu_check_runs_on_cpu_with_the_tiny_architecture() -> None:
+    out = _run("gpu_check.py", ["--tiny", "--n", "2", "--prompts", "2", "--tokens", "2", "--warmup", "0",
+                                "--no-baseline"])
+    assert "tiny Qwen2.5-shaped" in out and "bfloat16, cpu" in out and "N=2, 2 prompts, 2 new tokens" in out
+    assert re.search(r"gpu_check: \d+s in all", out)
+    rows = _phases(out.replace("        -", " 0.0"))
+    assert rows["rollout"][0] > 0
