@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -22,20 +21,21 @@ import baseline  # noqa: E402  (tools/baseline.py)
 from hpc_es.es import Engine, Replica  # noqa: E402
 
 
-class Twins(torch.nn.Module):
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(3)
-        self.a = torch.nn.Parameter(torch.randn(64, 8, generator=g).to(dtype))
-        self.b = torch.nn.Parameter(torch.randn(64, 8, generator=g).to(dtype))  # same shape as a
-        self.norm = torch.nn.Parameter(torch.ones(512, dtype=dtype))  # weights at 1.0, like RMSNorm
+def Twins(dtype: torch.dtype) -> torch.nn.Module:
+    """Two same-shape matrices ``a`` and ``b``, and a ``norm`` vector of ones (like RMSNorm weights)."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.nn.Module()
+    for name, value in (("a", torch.randn(64, 8, generator=g)), ("b", torch.randn(64, 8, generator=g)),
+                        ("norm", torch.ones(512))):
+        m.register_parameter(name, torch.nn.Parameter(value.to(dtype)))
+    return m
 
 
 def _delta(before: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().float() - before[n].float() for n, p in model.named_parameters()}
 
 
-def _zero_twins() -> Twins:
+def _zero_twins() -> torch.nn.Module:
     m = Twins(torch.float32)
     with torch.no_grad():
         m.a.zero_()
