@@ -58,6 +58,7 @@ class TinyModelConfig:
 class DistConfig:
     backend: str = "auto"  # auto | mpi | torch | none
     devices_per_rank: int = 0  # 0 = every device this rank is given (1 on CPU)
+    replicas_per_device: int = 1  # model copies per device, evaluated concurrently (small models, big GPUs)
     check_every: int = 10  # iterations between cross-rank weight fingerprint checks; 0 = never
     allow_idle_ranks: bool = False  # more ranks than slots: idle the extra ranks instead of failing
     timeout_s: float = 600.0  # torch.distributed collective timeout
@@ -121,6 +122,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "tiny.vocab_size": (lambda v: v >= 300, "an integer >= 300 (256 bytes plus merges and specials)"),
     "threads": (lambda v: v >= 0, "an integer >= 0"),
     "dist.devices_per_rank": (lambda v: v >= 0, "an integer >= 0"),
+    "dist.replicas_per_device": (lambda v: v >= 1, "an integer >= 1"),
     "dist.check_every": (lambda v: v >= 0, "an integer >= 0"),
     "dist.timeout_s": (lambda v: v > 0, "a number > 0"),
     "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),

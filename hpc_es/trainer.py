@@ -72,10 +72,11 @@ def _attempt(step: Callable[[], None]) -> Exception | None:
 
 
 def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:
-    """The devices this rank holds a replica on."""
+    """The device of each replica this rank holds (a device repeats with dist.replicas_per_device)."""
     kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    copies = cfg.dist.replicas_per_device
     if kind == "cpu":
-        return [torch.device("cpu")] * max(1, cfg.dist.devices_per_rank)
+        return [torch.device("cpu")] * (max(1, cfg.dist.devices_per_rank) * copies)
     if not torch.cuda.is_available():
         raise HpcEsError("device=cuda but torch sees no GPU (check CUDA_VISIBLE_DEVICES and the torch build)")
     count = torch.cuda.device_count()
@@ -84,7 +85,7 @@ def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:
     offset = comm.local_rank * per if count >= local_size * per and local_size > 1 else 0
     if offset + per > count:
         raise HpcEsError(f"rank {comm.rank} needs GPUs {offset}..{offset + per - 1} but sees only {count}")
-    return [torch.device("cuda", offset + j) for j in range(per)]
+    return [torch.device("cuda", offset + j) for j in range(per) for _ in range(copies)]
 
 
 def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: int) -> list[Example]:
@@ -211,6 +212,7 @@ class Trainer:
             raise HpcEsError(f"task '{cfg.task}' has no training examples")
         self.mine = [n for n in range(self.N) if slot_owner(n, comm.world_size, self.per_rank)[0] == comm.rank]
         self.pool = ThreadPoolExecutor(self.per_rank) if self.per_rank > 1 else None
+        self._streams: dict[int, Any] = {}  # replica index -> its CUDA stream (replicas that share a GPU)
         self.ledger = Ledger(self.N, {
             "config": cfg.to_json(), "base_model": os.path.abspath(self.model_path),
             "base_fingerprint": self.base_fingerprint, "noise_device": self.devices[0].type,
@@ -262,6 +264,17 @@ class Trainer:
         prompts = [ex.prompt for ex in examples]
 
         def work(j: int) -> None:
+            rep = self.replicas[j]
+            if rep.device.type == "cuda" and self.per_rank > 1:  # replicas sharing a GPU overlap on streams
+                stream = self._streams.setdefault(j, torch.cuda.Stream(rep.device))
+                stream.wait_stream(torch.cuda.current_stream(rep.device))  # after the last update
+                with torch.cuda.stream(stream):
+                    members(j)
+                torch.cuda.current_stream(rep.device).wait_stream(stream)  # before the next update
+            else:
+                members(j)
+
+        def members(j: int) -> None:
             rep, tok, engine = self.replicas[j], self.tokenizers[j], self.replica_engines[j]
             for n in self.mine:
                 if slot_owner(n, self.comm.world_size, self.per_rank)[1] != j:

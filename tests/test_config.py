@@ -45,6 +45,7 @@ def test_ints_are_accepted_for_floats_and_round_trip_through_json() -> None:
     ("es.population_size=2.5", ["es.population_size", "integer"]),
     ("es.shaping=softmax", ["es.shaping", "zscore, rank"]),
     ("dist.backend=nccl", ["dist.backend", "mpi"]),
+    ("dist.replicas_per_device=0", ["dist.replicas_per_device", ">= 1"]),
     ("es.antithetic=maybe", ["es.antithetic", "true or false"]),
     ("es=3", ["section"]),
     ("nokey", ["key=value"]),

@@ -114,12 +114,14 @@ def test_population_not_divisible_by_ranks(kind: str, reference_n3: Path, tmp_pa
     assert_small_traffic(run_dir, n=3, world=2, slots=2)
 
 
-@pytest.mark.parametrize("kind,ranks", [("none", 1), ("mpi", 2), ("torch", 2)])
-def test_two_replicas_per_rank_evaluated_concurrently(kind: str, ranks: int, reference_run: Path,
+@pytest.mark.parametrize("kind,ranks,setting", [("none", 1, "dist.devices_per_rank=2"),
+                                                ("mpi", 2, "dist.devices_per_rank=2"),
+                                                ("torch", 2, "dist.devices_per_rank=2"),
+                                                ("none", 1, "dist.replicas_per_device=2")])
+def test_two_replicas_per_rank_evaluated_concurrently(kind: str, ranks: int, setting: str, reference_run: Path,
                                                       tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc, _ = launch(kind, ranks,
-                     TINY + [f"run_dir={run_dir}", "dist.devices_per_rank=2", "dist.check_every=1"])
+    proc, _ = launch(kind, ranks, TINY + [f"run_dir={run_dir}", setting, "dist.check_every=1"])
     assert_same_run(run_dir, ok(proc), reference_run)
     assert_small_traffic(run_dir, n=4, world=ranks, slots=2 * ranks)
 
