@@ -168,8 +168,8 @@ COMM_SCRIPT = textwrap.dedent("""
         try:
             agree(c, err)
             agreed.append(None)
-        except SetupFailed as e:
-            agreed.append([str(e), e.exit_code, err is not None and e.__cause__ is err])
+        except (SetupFailed, HpcEsError) as e:  # (one process: the rank's own error comes back as it is)
+            agreed.append([str(e), e.exit_code, err is not None and (e is err or e.__cause__ is err)])
     with open(f"{sys.argv[2]}/rank{r}.json", "w") as fh:  # one file a rank: stdout lines can interleave
         json.dump({"rank": r, "world": c.world_size, "name": c.name, "total": total.tolist(),
                    "got": [g.decode() for g in got], "empty": [e.decode() for e in empty],
@@ -218,3 +218,4 @@ def test_forced_mpi_backend_without_a_launcher_is_a_world_of_one(tmp_path: Path)
     rows = _run_comm_script([PY], "mpi", tmp_path)
     assert len(rows) == 1 and rows[0]["world"] == 1 and rows[0]["name"] == "mpi"
     assert rows[0]["total"] == [1.0, 0.5, 1.0] and rows[0]["got"] == [""]
+    assert rows[0]["agreed"] == [None, ["bad run_dir", 2, True], None, ["differs on 0", 2, True]]
