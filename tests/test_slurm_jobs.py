@@ -92,6 +92,21 @@ def test_es_tiny_job_signalled_mid_run_requeues_and_resumes(slurm_cluster, tmp_p
     _check_finished_run(run_dir, reference)
 
 
+def test_es_tiny_job_requeued_by_scontrol_resumes(slurm_cluster, tmp_path, reference):
+    """``scontrol requeue`` (what an admin or a preemption does): Slurm sends SIGTERM to the job, the ranks
+    checkpoint, and the restarted job resumes from run_dir; nothing is lost or doubled."""
+    run_dir = tmp_path / "run"
+    job, out = _sbatch_tiny(slurm_cluster, tmp_path, run_dir, *RUN)
+    _wait_for_iterations(run_dir, 2, job, slurm_cluster)
+    slurm_cluster.requeue(job)
+    state = slurm_cluster.wait(job, timeout=180)
+    text = _read(out)
+    assert state == "COMPLETED", f"job {job} ended {state}:\n{text}"
+    assert "(restart 1)" in text and "hpc_es: resuming" in text, text
+    ledger = _check_finished_run(run_dir, reference)
+    np.testing.assert_array_equal(ledger["iteration"], np.arange(10))  # every iteration exactly once
+
+
 def test_python_submit_requeued_mid_run_resumes(slurm_cluster, tmp_path, reference):
     """hpc_es.submit on Slurm with 2 tasks; USR2 mid-run goes through submitit's checkpoint/requeue."""
     import hpc_es
