@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -23,8 +25,15 @@ def evaluate(cfg: Config, limit: int = 0) -> dict[str, Any]:
     tok = load_tokenizer(path)
     task = load_task(cfg)
     examples = list(task.test_examples())[: limit or None]
+    t0 = time.perf_counter()
+
+    def progress(done: int) -> None:  # a long evaluation (thousands of prompts x 1024 tokens) says where it is
+        if cfg.progress:
+            print(f"hpc_es: eval {done}/{len(examples)} prompts, {time.perf_counter() - t0:.0f}s", file=sys.stderr,
+                  flush=True)
+
     completions = generate(model, tok, [e.prompt for e in examples], cfg.rollout.max_new_tokens,
-                           cfg.rollout.batch_size or 64)
+                           cfg.rollout.batch_size or 64, on_batch=progress)
     scores = [safe_score(task, c, e) for c, e in zip(completions, examples)]
     out: dict[str, Any] = {"model": path, "task": cfg.task, "examples": len(examples),
                            "mean_reward": float(np.mean(scores)) if scores else float("nan")}

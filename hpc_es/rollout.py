@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -20,8 +20,11 @@ def generation_config(model: torch.nn.Module, tokenizer: Any, max_new_tokens: in
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int = 0) -> list[str]:
-    """Completions (new tokens only, special tokens dropped) for ``prompts``, in order."""
+             batch_size: int = 0, on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Completions (new tokens only, special tokens dropped) for ``prompts``, in order.
+
+    ``on_batch(done)`` is called after each generate() call with the number of prompts done so far.
+    """
     gen_cfg = generation_config(model, tokenizer, max_new_tokens)
     device = next(model.parameters()).device
     size = batch_size or len(prompts)
@@ -32,4 +35,6 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
         ids = model.generate(**enc, generation_config=gen_cfg)
         new = ids[:, enc["input_ids"].shape[1]:]
         out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        if on_batch is not None:
+            on_batch(len(out))
     return out

@@ -117,10 +117,13 @@ def test_user_task_trains_and_eval_reports(tmp_path: Path, capsys: pytest.Captur
     f.write_text(USER_TASK.replace("{body}", "return -float(len(completion))"))
     code, _ = run_main(FAST + [f"task={f}:task", f"run_dir={tmp_path / 'r'}"], capsys)
     assert code == 0 and (tmp_path / "r" / "log.h5").is_file()
-    code = main(["eval", "task=countdown", "data.synthetic_size=40", "data.test_size=8",
+    code = main(["eval", "task=countdown", "data.synthetic_size=40", "data.test_size=8", "rollout.batch_size=3",
                  "rollout.max_new_tokens=4", f"model={tmp_path / 'r' / 'final'}"])
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
     assert code == 0 and out["examples"] == 8 and 0.0 <= out["accuracy"] <= 1.0 and out["mean_reward"] >= 0
+    done = [ln.split()[2] for ln in captured.err.splitlines() if ln.startswith("hpc_es: eval ")]
+    assert done == ["3/8", "6/8", "8/8"], captured.err  # progress after every batch
 
 
 def test_error_in_a_real_process_is_one_line_and_exit_2(tmp_path: Path) -> None:
