@@ -196,6 +196,9 @@ class Trainer:
         if not comm.is_main:
             self.model_path = resolve_model_path(cfg)  # rank 0 has built it: now a cache hit
         self.dtype = resolve_dtype(cfg.dtype, self.devices[0].type)
+        if comm.is_main:  # loading a 7B model on every rank takes a while: say what is happening
+            log.info("loading %s (%s, %d replica(s) per rank on %s)", self.model_path,
+                     str(self.dtype).removeprefix("torch."), len(self.devices), self.devices[0].type)
         self.replicas: list[Replica] = []
         self.tokenizers = []
         for dev in self.devices:
@@ -224,6 +227,15 @@ class Trainer:
         cfg, N = self.cfg, self.N
         start = self.start
         self.report_resume()
+        if self.comm.is_main:
+            params = sum(p.numel() for _, p in self.replicas[0].params)
+            backend = "one process" if self.comm.name == "none" else self.comm.name
+            todo = (f"iterations {start + 1}..{cfg.es.iterations}" if start < cfg.es.iterations else
+                    f"all {cfg.es.iterations} iterations already done")
+            log.info("%s: %.1fM parameters, %d rank(s) x %d replica(s) (%s); task %s, N=%d, sigma=%g, alpha=%g; "
+                     "%s; ledger %s", os.path.basename(os.path.normpath(self.model_path)), params / 1e6,
+                     self.comm.world_size, self.per_rank, backend, cfg.task, N, cfg.es.sigma, cfg.es.alpha, todo,
+                     self.log_path)
         self.comm.bytes_sent = 0  # the ledger's bytes_sent counts each iteration's traffic, setup excluded
         bar = Progress(cfg.es.iterations, start, enabled=self.comm.is_main and cfg.progress)
         for t in range(start, cfg.es.iterations):

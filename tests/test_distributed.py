@@ -104,6 +104,10 @@ def test_two_ranks_reproduce_the_single_process_run(kind: str, reference_run: Pa
     proc, _ = launch(kind, 2, TINY + [f"run_dir={run_dir}", "dist.check_every=1"])
     assert_same_run(run_dir, ok(proc), reference_run)
     assert_small_traffic(run_dir, n=4, world=2, slots=2)
+    # rank 0 alone says what it runs
+    banner = [ln for ln in proc.stderr.splitlines() if "parameters, " in ln]
+    assert len(banner) == 1 and f"2 rank(s) x 1 replica(s) ({kind}); task conciseness, N=4, sigma=0.05, " \
+        f"alpha=0.02; iterations 1..3; ledger {run_dir}/log.h5" in banner[0], proc.stderr
 
 
 @pytest.mark.parametrize("kind", LAUNCHERS)
