@@ -18,7 +18,9 @@ Two kinds of keyword arguments, kept apart:
   ``slurm_qos="high"``, ``slurm_additional_parameters={...}``).  An unknown option is an error.
 * config settings, in ``overrides=``: a mapping of dotted keys (``{"es.sigma": 0.002}``) or a list of
   ``"key=value"`` strings, applied on top of ``config`` (a YAML path, a :class:`~hpc_es.config.Config`
-  or None for the defaults) and checked here, before anything is submitted.
+  or None for the defaults) and checked here, before anything is submitted.  Config settings may also
+  be keyword arguments named after a top-level key or a section, which take a mapping:
+  ``submit(cfg, run_dir="/scratch/me/run1", es={"sigma": 0.002}, nodes=2)``.
 
 The job runs one rank per task (``tasks_per_node``, default ``gpus_per_node`` or 1) under
 ``srun --mpi=pmix`` (``mpi="pmi2"`` for MPICH).  On a time limit or preemption submitit sends SIGUSR2;
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import difflib
 import json
 import logging
@@ -108,30 +111,51 @@ class TrainingJob:
 def resolve_config(config: str | os.PathLike[str] | Config | None,
                    overrides: Mapping[str, Any] | Sequence[str] | None = None) -> Config:
     """The checked Config the job will run: ``config`` plus ``overrides``, with an absolute run_dir."""
-    if overrides is None:
-        items: list[tuple[str, Any]] = []
-    elif isinstance(overrides, Mapping):
-        items = [(str(k), v) for k, v in overrides.items()]
-    elif isinstance(overrides, (list, tuple)):
-        items = [parse_override(str(o)) for o in overrides]
-    else:
-        raise ConfigError("overrides must be a mapping of dotted keys ({'es.sigma': 0.01}) or a list of "
-                          "'key=value' strings")
+    items = split_keywords(overrides, {})[0]
     if isinstance(config, Config):
         cfg = copy.deepcopy(config)
-        for key, value in items:
-            set_key(cfg, key, value)
+        for item in items:
+            set_key(cfg, *parse_override(item))
         cfg = validate(expand_paths(cfg))
     elif config is None or isinstance(config, (str, os.PathLike)):
-        # Overrides go through load_config so that they apply before $VAR expansion (JSON is YAML).
-        cfg = load_config(os.fspath(config) if config is not None else None,
-                          [f"{key}={json.dumps(value)}" for key, value in items])
+        # Overrides go through load_config so that they apply before $VAR expansion.
+        cfg = load_config(os.fspath(config) if config is not None else None, items)
     else:
         raise ConfigError(f"config must be a YAML path or a hpc_es.config.Config, got {type(config).__name__}")
     cfg.run_dir = os.path.abspath(cfg.run_dir)  # the job may start in another folder
     if cfg.model != "tiny":
         cfg.model = os.path.abspath(cfg.model)
     return cfg
+
+
+_CONFIG_NAMES = frozenset(f.name for f in dataclasses.fields(Config))
+
+
+def split_keywords(overrides: Mapping[str, Any] | Sequence[str] | None,
+                   options: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Keyword arguments named after config keys or sections join ``overrides`` (as ``key=value``
+    strings, after them); the rest are executor options."""
+    if overrides is None:
+        items: list[str] = []
+    elif isinstance(overrides, Mapping):
+        items = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    elif isinstance(overrides, (list, tuple)):
+        items = [str(o) for o in overrides]
+    else:
+        raise ConfigError("overrides must be a mapping of dotted keys ({'es.sigma': 0.01}) or a list of "
+                          "'key=value' strings")
+    executor: dict[str, Any] = {}
+    for name, value in options.items():
+        if name not in _CONFIG_NAMES:
+            executor[name] = value
+        elif isinstance(getattr(Config(), name), (int, float, str, bool)):
+            items.append(f"{name}={json.dumps(value)}")
+        elif isinstance(value, Mapping):
+            items.extend(f"{name}.{k}={json.dumps(v)}" for k, v in value.items())
+        else:
+            raise ConfigError(f"config section '{name}' takes a mapping of its keys, e.g. {name}={{...}}; "
+                              f"got {type(value).__name__}")
+    return items, executor
 
 
 def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,11 +240,13 @@ def submit(config: str | os.PathLike[str] | Config | None = None, *,
     ``job.results()[0]`` is a dict with ``final_dir``, ``fingerprint``, ``run_dir``, ``iterations``,
     ``world_size``).
 
-    ``options`` are executor options (:data:`EXECUTOR_OPTIONS` or submitit ``slurm_*`` parameters);
-    config settings go in ``overrides``.  Bad input raises :class:`~hpc_es.errors.ConfigError` before
-    anything is submitted.
+    ``options`` are executor options (:data:`EXECUTOR_OPTIONS` or submitit ``slurm_*`` parameters) and
+    config settings named after a top-level key or section (``run_dir="..."``, ``es={"sigma": 0.002}``);
+    more config settings go in ``overrides``.  Bad input raises :class:`~hpc_es.errors.ConfigError`
+    before anything is submitted.
     """
-    cfg = resolve_config(config, overrides)
+    items, options = split_keywords(overrides, options)
+    cfg = resolve_config(config, items)
     folder, cluster, params = executor_parameters(cfg, **options)
     executor = make_executor(folder, cluster, params)
     return executor.submit(TrainingJob(cfg.to_dict()))
@@ -233,7 +259,8 @@ def sbatch_script(config: str | os.PathLike[str] | Config | None = None, *,
 
     from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
 
-    cfg = resolve_config(config, overrides)
+    items, options = split_keywords(overrides, options)
+    cfg = resolve_config(config, items)
     folder, _cluster, params = executor_parameters(cfg, **options)
     names = SlurmExecutor._equivalence_dict()
     valid = SlurmExecutor._valid_parameters()

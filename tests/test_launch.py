@@ -86,6 +86,19 @@ def test_cli_unknown_option_is_an_error():
     assert "hpc_es: error: unknown option --gpus for submit" in proc.stderr
 
 
+def test_config_keywords_join_the_overrides_and_the_rest_are_executor_options():
+    items, options = launch.split_keywords(["es.sigma=0.5"], {"run_dir": "r", "es": {"alpha": 0.25}, "nodes": 2,
+                                                              "progress": False})
+    assert items == ["es.sigma=0.5", 'run_dir="r"', "es.alpha=0.25", "progress=false"]
+    assert options == {"nodes": 2}
+    cfg = launch.resolve_config(None, items)
+    assert (cfg.es.sigma, cfg.es.alpha, cfg.progress) == (0.5, 0.25, False) and cfg.run_dir.endswith("/r")
+    with pytest.raises(ConfigError, match="config section 'es' takes a mapping"):
+        launch.split_keywords(None, {"es": 0.5})
+    with pytest.raises(ConfigError, match="unknown config key 'es.sigmaa'"):
+        launch.sbatch_script(None, es={"sigmaa": 0.5})
+
+
 def test_config_object_is_not_modified():
     cfg = load_config(str(ROOT / "configs" / "tiny_mpi.yaml"))
     out = launch.resolve_config(cfg, ["es.sigma=0.5", "run_dir=rel/run"])
@@ -97,7 +110,18 @@ def test_config_object_is_not_modified():
 def test_local_fallback_trains_like_a_direct_run(tmp_path, reference_run, cluster):
     overrides = dict(launch.parse_override(o) for o in TINY)
     overrides["run_dir"] = str(tmp_path / "run")
-    job = launch.submit(None, overrides=overrides, cluster=cluster, time=10)
+    if cluster == "local":
+        job = launch.submit(None, overrides=overrides, cluster=cluster, time=10)
+    else:  # config settings as keyword arguments: top-level keys, and sections as mappings
+        sections: dict[str, dict] = {}
+        top = {}
+        for key, value in overrides.items():
+            if "." in key:
+                section, name = key.split(".", 1)
+                sections.setdefault(section, {})[name] = value
+            else:
+                top[key] = value
+        job = launch.submit(None, **top, **sections, cluster=cluster, time=10)
     result = launch.result(job)
     assert result["final_dir"] == str(tmp_path / "run" / "final")
     assert result["world_size"] == 1 and result["iterations"] == 3
