@@ -12,3 +12,10 @@ def submit(config: Any, **overrides: Any) -> Any:
     from hpc_es.launch import submit as _submit
 
     return _submit(config, **overrides)
+
+
+def result(job: Any) -> dict[str, Any]:
+    """Wait for a job from :func:`submit`; rank 0's result (final_dir, fingerprint, run_dir, iterations, ...)."""
+    from hpc_es.launch import result as _result
+
+    return _result(job)

@@ -6,7 +6,7 @@ From Python::
     job = hpc_es.submit("configs/countdown_qwen2.5-7b.yaml", nodes=2, gpus_per_node=8, time=24 * 60,
                         partition="gpu", overrides={"es.sigma": 0.002, "run_dir": "/scratch/me/run1"})
     print(job.job_id)
-    result = hpc_es.launch.result(job)   # {"final_dir": ..., "fingerprint": ..., "run_dir": ..., ...}
+    result = hpc_es.result(job)          # {"final_dir": ..., "fingerprint": ..., "run_dir": ..., ...}
 
 (``result(job)`` is ``job.results()[0]``, rank 0's answer: submitit's ``job.result()`` refuses a job of
 several tasks.)

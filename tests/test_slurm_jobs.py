@@ -110,18 +110,17 @@ def test_es_tiny_job_requeued_by_scontrol_resumes(slurm_cluster, tmp_path, refer
 def test_python_submit_requeued_mid_run_resumes(slurm_cluster, tmp_path, reference):
     """hpc_es.submit on Slurm with 2 tasks; USR2 mid-run goes through submitit's checkpoint/requeue."""
     import hpc_es
-    from hpc_es.launch import result
 
     run_dir = tmp_path / "run"
     with slurm_cluster.environ():
-        job = hpc_es.submit(CONFIG, overrides=[*RUN, f"run_dir={run_dir}"], cluster="slurm", tasks_per_node=2,
+        job = hpc_es.submit(CONFIG, overrides=RUN, run_dir=str(run_dir), cluster="slurm", tasks_per_node=2,
                             cpus_per_task=1, mem_gb=2, time=10)
         _wait_for_iterations(run_dir, 2, job.job_id, slurm_cluster)
         slurm_cluster.signal(job.job_id, "USR2", batch=False)
         state = slurm_cluster.wait(job.job_id, timeout=150)
         log = _read(run_dir / "submitit" / f"{job.job_id}_0_log.err")
         assert state == "COMPLETED", f"job {job.job_id} ended {state}:\n{log}"
-        res = result(job)
+        res = hpc_es.result(job)
     assert "Caught signal SIGUSR2" in log and "hpc_es: resuming" in log, log
     assert res["final_dir"] == str(run_dir / "final") and res["world_size"] == 2
     assert res["fingerprint"] == reference
