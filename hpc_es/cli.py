@@ -38,21 +38,29 @@ def _config_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[s
     return p.parse_known_args(argv)
 
 
-def cmd_train(argv: list[str]) -> int:
+def _config_and_comm(argv: list[str], prog: str) -> tuple[Any, Any]:
+    """The checked config, then the communicator of this launch (a config error is the same on every
+    rank: the launcher's rank 0 alone reports it)."""
     from hpc_es.comm import launcher_rank, make_comm
     from hpc_es.config import load_config
     from hpc_es.errors import HpcEsError
-    from hpc_es.trainer import Stop, train
 
-    args, overrides = _config_args(argv, "python -m hpc_es")
+    args, overrides = _config_args(argv, prog)
     try:
         _bad_flags(overrides)
         cfg = load_config(args.config, overrides)
-    except HpcEsError as e:  # the same on every rank: the launcher's rank 0 reports it
+    except HpcEsError as e:
         e.quiet = launcher_rank() not in (None, 0)
         raise
     comm = make_comm(cfg.dist.backend, cfg.dist.timeout_s)
     _RANK[0] = comm.rank
+    return cfg, comm
+
+
+def cmd_train(argv: list[str]) -> int:
+    from hpc_es.trainer import Stop, train
+
+    cfg, comm = _config_and_comm(argv, "python -m hpc_es")
     logging.basicConfig(level=logging.INFO if comm.is_main else logging.ERROR,
                         format="hpc_es: %(message)s", stream=sys.stderr)
 
@@ -75,6 +83,7 @@ def cmd_train(argv: list[str]) -> int:
         if comm.is_main:
             print(f"hpc_es: checkpointed after {signal.Signals(s.signum).name}; exit {EXIT_REQUEUE} "
                   "(requeue to resume)", file=sys.stderr, flush=True)
+        comm.barrier()  # every rank stops in the same iteration; none tears down under another
         comm.close()
         return EXIT_REQUEUE
     except BaseException:
@@ -122,13 +131,18 @@ def _bad_flags(rest: list[str]) -> None:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from hpc_es.config import load_config
     from hpc_es.evaluate import evaluate
 
-    args, overrides = _config_args(argv, "python -m hpc_es eval")
-    _bad_flags(overrides)
-    cfg = load_config(args.config, overrides)
-    print(json.dumps(evaluate(cfg)), flush=True)
+    cfg, comm = _config_and_comm(argv, "python -m hpc_es eval")
+    try:
+        out = evaluate(cfg, comm=comm)
+    except BaseException:
+        _fail_fast(comm)
+        raise
+    if comm.is_main:
+        print(json.dumps(out), flush=True)
+    comm.barrier()  # nobody tears the process group down under a rank that is still in it
+    comm.close()
     return 0
 
 

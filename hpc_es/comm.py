@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import sys
+from typing import Callable
 
 import numpy as np
 
@@ -169,6 +170,15 @@ class SetupFailed(DistributedError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def attempt(step: Callable[[], None]) -> Exception | None:
+    """Run one setup step; its error, if any, for ``agree``."""
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 (handed to agree, which re-raises it on every rank)
+        return e
+    return None
 
 
 def agree(comm: Comm, error: Exception | None) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hpc_es import checkpoint as ckpt
-from hpc_es.comm import Comm, agree, make_comm
+from hpc_es.comm import Comm, agree, attempt, make_comm
 from hpc_es.config import Config, default_cache_dir
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import Engine, Replica, shape_rewards
@@ -60,15 +60,6 @@ def resolve_model_path(cfg: Config) -> str:
     if cfg.model != "tiny":
         return cfg.model
     return ensure_tiny_model(cfg.tiny, default_cache_dir(cfg))
-
-
-def _attempt(step: Callable[[], None]) -> Exception | None:
-    """Run one setup step; its error, if any, for ``agree``."""
-    try:
-        step()
-    except Exception as e:  # noqa: BLE001 (handed to agree, which re-raises it on every rank)
-        return e
-    return None
 
 
 def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:
@@ -168,8 +159,8 @@ class Trainer:
         # Two setup steps, each closed by an agreement that every rank reaches, failed or not: a rank whose
         # setup fails never leaves the others in a collective, and an error that every rank hits alike is
         # reported once, without an abort.
-        agree(comm, _attempt(self._setup_devices))
-        agree(comm, _attempt(self._setup_model))
+        agree(comm, attempt(self._setup_devices))
+        agree(comm, attempt(self._setup_model))
 
     def _setup_devices(self) -> None:
         """World size against N, this rank's devices; rank 0 builds the tiny model (once, into the cache)."""

@@ -242,3 +242,23 @@ def test_a_killed_rank_ends_the_job(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert wall < PROMPT_S, f"took {wall:.0f} s"
     assert not (tmp_path / "run" / "final").exists()
+
+
+# ---- eval ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", LAUNCHERS)
+def test_eval_split_over_two_ranks_gives_the_single_process_result(kind: str, reference_run: Path) -> None:
+    # 7 test items in batches of 2: rank 0 takes batches 0 and 2, rank 1 batches 1 and 3 (a short one)
+    args = ["eval", "task=countdown", "data.synthetic_size=40", "data.train_size=33", "rollout.batch_size=2",
+            "rollout.max_new_tokens=6", f"model={reference_run / 'final'}"]
+    one = run_hpc_es(args, check=True)
+    proc, _ = launch(kind, 2, args)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout  # rank 0 alone reports
+    got, ref = json.loads(lines[0]), json.loads(one.stdout.strip().splitlines()[-1])
+    assert got.pop("world_size") == 2 and "world_size" not in ref
+    assert got == ref and ref["examples"] == 7
+    progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpc_es: eval ")]
+    assert progress[-1].startswith("hpc_es: eval 4/4 prompts (rank 0's share of 7)"), proc.stderr
+
