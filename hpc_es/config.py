@@ -71,6 +71,12 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # iterations between test-split evaluations during training (and the last); 0 = never
+    limit: int = 0  # test items per evaluation; 0 = the whole test split
+
+
+@dataclass
 class Config:
     model: str = "tiny"  # a local HF model directory, or "tiny" for the built-in test model
     task: str = "conciseness"  # countdown | conciseness | module:attr | path/file.py:attr
@@ -86,6 +92,7 @@ class Config:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,6 +133,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "dist.check_every": (lambda v: v >= 0, "an integer >= 0"),
     "dist.timeout_s": (lambda v: v > 0, "a number > 0"),
     "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
+    "eval.every": (lambda v: v >= 0, "an integer >= 0"),
+    "eval.limit": (lambda v: v >= 0, "an integer >= 0"),
     "seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
 }
 

@@ -1,28 +1,56 @@
-"""Mean reward and accuracy of a model folder on a task's test split (greedy, completions only).
+"""Mean reward and accuracy on a task's test split (greedy, completions only): `python -m hpc_es eval`,
+and the trainer's periodic evaluation (``eval.every``).
 
-Under mpirun/torchrun the batches of test items are dealt round-robin over the ranks (each on its own
-device) and the per-item scores are summed into one vector, so every item is scored once, the result
-does not depend on the number of ranks, and rank 0 reports.
+Under mpirun/torchrun whole batches of test items are dealt round-robin to the ranks (each on its own
+device) and the per-item scores are summed into one vector: every item is scored once, the batches and
+so the result are the same for any number of ranks, and rank 0 reports.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from hpc_es.comm import Comm, agree, attempt
 from hpc_es.config import Config
 from hpc_es.models import load_model, load_tokenizer, resolve_dtype
+from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.rollout import generate
-from hpc_es.tasks import load_task, safe_score
+from hpc_es.tasks import Example, Task, load_task, safe_score
+
+
+def my_items(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The items of the batches ``rank, rank + world, ...`` (batches of ``batch_size`` consecutive items)."""
+    return [i for b in range(rank, -(-n // batch_size), world)
+            for i in range(b * batch_size, min((b + 1) * batch_size, n))]
+
+
+def score_items(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], max_new_tokens: int,
+                batch_size: int, comm: Comm, on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """``mean_reward`` (and ``accuracy`` for tasks with ``is_correct``) over ``examples``, this rank
+    generating its share; a collective: every rank calls it.  ``on_batch(done, mine)`` reports progress."""
+    n = len(examples)
+    mine = my_items(n, batch_size, comm.rank, comm.world_size)
+    completions = generate(model, tokenizer, [examples[i].prompt for i in mine], max_new_tokens, batch_size,
+                           on_batch=None if on_batch is None else lambda done: on_batch(done, len(mine)))
+    correct = getattr(task, "is_correct", None)
+    local = np.zeros(2 * n)  # [scores | correct]: each item has one owner, so the sum is exact
+    for i, text in zip(mine, completions):
+        local[i] = safe_score(task, text, examples[i])
+        if callable(correct):
+            local[n + i] = float(bool(correct(text, examples[i])))
+    total = comm.allreduce_sum(local)
+    out = {"mean_reward": float(np.mean(total[:n])) if n else float("nan")}
+    if callable(correct):
+        out["accuracy"] = float(np.mean(total[n:])) if n else float("nan")
+    return out
 
 
 def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str, Any]:
-    from hpc_es.trainer import local_devices, resolve_model_path
-
+    """Load ``cfg.model`` on every rank and score it on the test split (rank 0's dict is the answer)."""
     comm = comm or Comm()
     state: dict[str, Any] = {}
 
@@ -37,35 +65,18 @@ def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str,
 
     agree(comm, attempt(build) if comm.is_main else None)
     agree(comm, attempt(load))
-    task = state["task"]
-    examples = list(task.test_examples())[: limit or None]
-    # Whole batches are dealt to the ranks, so every batch (and so every completion) is the same
-    # whatever the number of ranks.
-    size = cfg.rollout.batch_size or 64
-    mine = [i for b in range(comm.rank, -(-len(examples) // size), comm.world_size)
-            for i in range(b * size, min((b + 1) * size, len(examples)))]
+    examples = list(state["task"].test_examples())[: limit or None]
     t0 = time.perf_counter()
 
-    def progress(done: int) -> None:  # a long evaluation (thousands of prompts x 1024 tokens) says where it is
+    def progress(done: int, mine: int) -> None:  # thousands of prompts x 1024 tokens take a while
         if cfg.progress and comm.is_main:
             share = "" if comm.world_size == 1 else f" (rank 0's share of {len(examples)})"
-            print(f"hpc_es: eval {done}/{len(mine)} prompts{share}, {time.perf_counter() - t0:.0f}s",
+            print(f"hpc_es: eval {done}/{mine} prompts{share}, {time.perf_counter() - t0:.0f}s",
                   file=sys.stderr, flush=True)
 
-    completions = generate(state["model"], state["tok"], [examples[i].prompt for i in mine],
-                           cfg.rollout.max_new_tokens, size, on_batch=progress)
-    correct = getattr(task, "is_correct", None)
-    local = np.zeros(2 * len(examples))  # [scores | correct]: each item has one owner, so the sum is exact
-    for i, text in zip(mine, completions):
-        local[i] = safe_score(task, text, examples[i])
-        if callable(correct):
-            local[len(examples) + i] = float(bool(correct(text, examples[i])))
-    total = comm.allreduce_sum(local)
-    scores = total[: len(examples)]
-    out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples),
-                           "mean_reward": float(np.mean(scores)) if len(examples) else float("nan")}
-    if callable(correct):
-        out["accuracy"] = float(np.mean(total[len(examples):])) if len(examples) else float("nan")
+    scores = score_items(state["model"], state["tok"], state["task"], examples, cfg.rollout.max_new_tokens,
+                         cfg.rollout.batch_size or 64, comm, progress)
+    out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples), **scores}
     if comm.world_size > 1:
         out["world_size"] = comm.world_size
     return out

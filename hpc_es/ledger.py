@@ -23,6 +23,8 @@ SCALARS = {
     "time_perturb": np.float64, "time_rollout": np.float64, "time_reward": np.float64,
     "time_restore": np.float64, "time_update": np.float64, "time_iteration": np.float64,
     "bytes_sent": np.int64, "world_size": np.int64, "slots": np.int64,
+    # test split (eval.every): NaN in the iterations that were not evaluated
+    "eval_reward": np.float64, "eval_accuracy": np.float64, "time_eval": np.float64,
 }
 VERSION = 1
 

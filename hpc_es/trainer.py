@@ -21,11 +21,13 @@ import torch
 
 from hpc_es import checkpoint as ckpt
 from hpc_es.comm import Comm, agree, attempt, make_comm
-from hpc_es.config import Config, default_cache_dir
+from hpc_es.evaluate import score_items
+from hpc_es.placement import local_devices, resolve_model_path
+from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import Engine, Replica, shape_rewards
 from hpc_es.ledger import Ledger, LedgerError
-from hpc_es.models import ensure_tiny_model, fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
+from hpc_es.models import fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
 from hpc_es.noise import _hash64, member_seeds
 from hpc_es.rollout import generate
 from hpc_es.tasks import Example, load_task, safe_score
@@ -53,30 +55,6 @@ class Stop(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-def resolve_model_path(cfg: Config) -> str:
-    """``model=tiny`` -> the cached tiny model folder (built on first use)."""
-    if cfg.model != "tiny":
-        return cfg.model
-    return ensure_tiny_model(cfg.tiny, default_cache_dir(cfg))
-
-
-def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:
-    """The device of each replica this rank holds (a device repeats with dist.replicas_per_device)."""
-    kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    copies = cfg.dist.replicas_per_device
-    if kind == "cpu":
-        return [torch.device("cpu")] * (max(1, cfg.dist.devices_per_rank) * copies)
-    if not torch.cuda.is_available():
-        raise HpcEsError("device=cuda but torch sees no GPU (check CUDA_VISIBLE_DEVICES and the torch build)")
-    count = torch.cuda.device_count()
-    local_size = getattr(comm, "local_size", 1)
-    per = cfg.dist.devices_per_rank or (count // local_size if local_size > 1 and count >= local_size else count)
-    offset = comm.local_rank * per if count >= local_size * per and local_size > 1 else 0
-    if offset + per > count:
-        raise HpcEsError(f"rank {comm.rank} needs GPUs {offset}..{offset + per - 1} but sees only {count}")
-    return [torch.device("cuda", offset + j) for j in range(per) for _ in range(copies)]
 
 
 def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: int) -> list[Example]:
@@ -204,6 +182,10 @@ class Trainer:
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
             raise HpcEsError(f"task '{cfg.task}' has no training examples")
+        self.test_set = list(self.task.test_examples())[: cfg.eval.limit or None] if cfg.eval.every else []
+        if cfg.eval.every and not self.test_set:
+            raise HpcEsError(f"eval.every={cfg.eval.every} but task '{cfg.task}' has no test examples "
+                             "(see data.train_size, data.test_size)")
         self.mine = [n for n in range(self.N) if slot_owner(n, comm.world_size, self.per_rank)[0] == comm.rank]
         self.pool = ThreadPoolExecutor(self.per_rank) if self.per_rank > 1 else None
         self._streams: dict[int, Any] = {}  # replica index -> its CUDA stream (replicas that share a GPU)
@@ -241,7 +223,8 @@ class Trainer:
             self.fault("update")
             self.engine.update(self.replicas, seeds, signs, shaped, cfg.es.alpha)
             times["update"] = time.perf_counter() - t1
-            self.record(t, seeds, signs, rewards, shaped, times, time.perf_counter() - t0)
+            tested = self.test(t, times)                               # every eval.every iterations
+            self.record(t, seeds, signs, rewards, shaped, times, time.perf_counter() - t0, tested)
             self.fault("after_ledger")
             self.check_divergence(t)
             bar.update(t, rewards, time.perf_counter() - t0)
@@ -331,9 +314,26 @@ class Trainer:
                 self.stop_signal = int(signal.SIGTERM)
         return total[: self.N]
 
+    def test(self, t: int, times: dict[str, float]) -> dict[str, float]:
+        """The updated weights on the test split, when iteration t is due (eval.every, and the last)."""
+        every, last = self.cfg.eval.every, t + 1 == self.cfg.es.iterations
+        if not every or ((t + 1) % every and not last):
+            times["eval"] = 0.0
+            return {"eval_reward": float("nan"), "eval_accuracy": float("nan")}
+        a = time.perf_counter()
+        size = self.cfg.rollout.batch_size or 64
+        got = score_items(self.replicas[0].model, self.tokenizers[0], self.task, self.test_set,
+                          self.cfg.rollout.max_new_tokens, size, self.comm)
+        times["eval"] = time.perf_counter() - a
+        if self.comm.is_main:
+            acc = f", accuracy {got['accuracy']:.4f}" if "accuracy" in got else ""
+            log.info("test split after iteration %d: mean reward %.4f%s (%d items, %.1f s)", t + 1,
+                     got["mean_reward"], acc, len(self.test_set), times["eval"])
+        return {"eval_reward": got["mean_reward"], "eval_accuracy": got.get("accuracy", float("nan"))}
+
     def record(self, t: int, seeds: np.ndarray, signs: np.ndarray, rewards: np.ndarray, shaped: np.ndarray,
-               times: dict[str, float], elapsed: float) -> None:
-        row = {"iteration": t, "seeds": seeds, "signs": signs, "rewards": rewards, "shaped": shaped,
+               times: dict[str, float], elapsed: float, tested: dict[str, float]) -> None:
+        row = {"iteration": t, "seeds": seeds, "signs": signs, "rewards": rewards, "shaped": shaped, **tested,
                "sigma": self.cfg.es.sigma, "alpha": self.cfg.es.alpha,
                "reward_mean": float(rewards.mean()), "reward_max": float(rewards.max()),
                "reward_min": float(rewards.min()), "bytes_sent": self.comm.bytes_sent,

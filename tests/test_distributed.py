@@ -262,3 +262,24 @@ def test_eval_split_over_two_ranks_gives_the_single_process_result(kind: str, re
     progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpc_es: eval ")]
     assert progress[-1].startswith("hpc_es: eval 4/4 prompts (rank 0's share of 7)"), proc.stderr
 
+
+EVAL_EVERY = ["data.test_size=5", "rollout.batch_size=2", "eval.every=2"]
+
+
+@pytest.fixture(scope="module")
+def reference_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference_eval") / "run"
+    run_hpc_es(TINY + EVAL_EVERY + [f"run_dir={run_dir}"], check=True)
+    return run_dir
+
+
+@pytest.mark.parametrize("kind", LAUNCHERS)
+def test_periodic_test_evaluation_is_the_same_on_two_ranks(kind: str, reference_eval: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc, _ = launch(kind, 2, TINY + EVAL_EVERY + [f"run_dir={run_dir}"])
+    assert_same_run(run_dir, ok(proc), reference_eval)
+    got, ref = ledger_arrays(run_dir), ledger_arrays(reference_eval)
+    np.testing.assert_array_equal(got["eval_reward"], ref["eval_reward"])
+    assert np.isfinite(got["eval_reward"]).sum() == 2
+    assert proc.stderr.count("test split after iteration") == 2  # rank 0 alone reports
+

@@ -35,6 +35,9 @@ def test_ledger_datasets_shapes_and_contents(reference_run: Path) -> None:
     assert (led["sigma"] == cfg.es.sigma).all() and (led["alpha"] == cfg.es.alpha).all()
     for k in ("time_perturb", "time_rollout", "time_reward", "time_update"):
         assert led[k].shape == (T,) and (led[k] >= 0).all() and led[k].sum() > 0
+    # no eval.every: the test-split columns exist and say "not evaluated"
+    assert np.isnan(led["eval_reward"]).all() and np.isnan(led["eval_accuracy"]).all()
+    assert (led["time_eval"] == 0).all()
     assert json.loads(led["attrs"]["config"]) == json.loads(cfg.to_json())
     assert led["attrs"]["base_fingerprint"] == fingerprint_of(led["attrs"]["base_model"])
     assert (reference_run / "final" / "model.safetensors").is_file()
@@ -54,6 +57,40 @@ def test_training_changes_the_weights_and_fingerprint_cli_prints_one_line(refere
     line = proc.stdout.strip()
     assert len(line) == 64 and "\n" not in line and int(line, 16) >= 0
     assert line == fingerprint_of(reference_run / "final") != fingerprint_of(tiny_model_dir)
+
+
+def test_periodic_test_evaluation_matches_eval_of_the_replayed_weights(reference_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    split = ["data.test_size=5", "rollout.batch_size=2"]
+    run_hpc_es(TINY + split + ["eval.every=2", f"run_dir={run_dir}"], check=True)
+    led, ref = ledger_arrays(run_dir), ledger_arrays(reference_run)
+    # evaluating changes no weight, reward or seed
+    assert fingerprint_of(run_dir / "final") == fingerprint_of(reference_run / "final")
+    for key in ("seeds", "rewards", "shaped"):
+        np.testing.assert_array_equal(led[key], ref[key])
+    tested = ~np.isnan(led["eval_reward"])
+    assert tested.tolist() == [False, True, True]  # after iteration 2 (every 2) and after the last (3)
+    assert (led["time_eval"][tested] > 0).all() and (led["time_eval"][~tested] == 0).all()
+    assert np.isnan(led["eval_accuracy"]).all()  # conciseness has no notion of a correct answer
+    for t in np.flatnonzero(tested):
+        out = tmp_path / f"after{t + 1}"
+        run_hpc_es(["replay", str(run_dir), "--iteration", str(t + 1), "--out", str(out)], check=True)
+        proc = run_hpc_es(["eval"] + TINY + split + [f"model={out}"], check=True)
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert report["examples"] == 5 and report["mean_reward"] == led["eval_reward"][t]
+
+
+def test_eval_every_without_a_test_split_is_a_clear_error(tmp_path: Path) -> None:
+    task = tmp_path / "train_only.py"
+    task.write_text("from hpc_es.tasks import Example\n\n\nclass TrainOnly:\n    name = 'train_only'\n\n"
+                    "    def train_examples(self):\n        return [Example('a', {})]\n\n"
+                    "    def test_examples(self):\n        return []\n\n"
+                    "    def score(self, completion, example):\n        return 0.0\n\n\ntask = TrainOnly()\n")
+    proc = run_hpc_es(TINY + ["eval.every=1", f"task={task}:task", f"run_dir={tmp_path / 'run'}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"hpc_es: error: eval.every=1 but task '{task}:task' has no "
+                                                    "test examples (see data.train_size, data.test_size)")
+    assert not (tmp_path / "run" / "log.h5").exists()
 
 
 def test_golden_trace(reference_run: Path) -> None:

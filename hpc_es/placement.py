@@ -1,0 +1,34 @@
+"""Where a run's pieces live: the model folder (``model=tiny`` -> the cache) and each replica's device."""
+
+from __future__ import annotations
+
+import torch
+
+from hpc_es.comm import Comm
+from hpc_es.config import Config, default_cache_dir
+from hpc_es.errors import HpcEsError
+from hpc_es.models import ensure_tiny_model
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """``model=tiny`` -> the cached tiny model folder (built on first use)."""
+    if cfg.model != "tiny":
+        return cfg.model
+    return ensure_tiny_model(cfg.tiny, default_cache_dir(cfg))
+
+
+def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:
+    """The device of each replica this rank holds (a device repeats with dist.replicas_per_device)."""
+    kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    copies = cfg.dist.replicas_per_device
+    if kind == "cpu":
+        return [torch.device("cpu")] * (max(1, cfg.dist.devices_per_rank) * copies)
+    if not torch.cuda.is_available():
+        raise HpcEsError("device=cuda but torch sees no GPU (check CUDA_VISIBLE_DEVICES and the torch build)")
+    count = torch.cuda.device_count()
+    local_size = getattr(comm, "local_size", 1)
+    per = cfg.dist.devices_per_rank or (count // local_size if local_size > 1 and count >= local_size else count)
+    offset = comm.local_rank * per if count >= local_size * per and local_size > 1 else 0
+    if offset + per > count:
+        raise HpcEsError(f"rank {comm.rank} needs GPUs {offset}..{offset + per - 1} but sees only {count}")
+    return [torch.device("cuda", offset + j) for j in range(per) for _ in range(copies)]
