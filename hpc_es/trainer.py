@@ -200,15 +200,7 @@ class Trainer:
         cfg, N = self.cfg, self.N
         start = self.start
         self.report_resume()
-        if self.comm.is_main:
-            params = sum(p.numel() for _, p in self.replicas[0].params)
-            backend = "one process" if self.comm.name == "none" else self.comm.name
-            todo = (f"iterations {start + 1}..{cfg.es.iterations}" if start < cfg.es.iterations else
-                    f"all {cfg.es.iterations} iterations already done")
-            log.info("%s: %.1fM parameters, %d rank(s) x %d replica(s) (%s); task %s, N=%d, sigma=%g, alpha=%g; "
-                     "%s; ledger %s", os.path.basename(os.path.normpath(self.model_path)), params / 1e6,
-                     self.comm.world_size, self.per_rank, backend, cfg.task, N, cfg.es.sigma, cfg.es.alpha, todo,
-                     self.log_path)
+        self.announce()
         self.comm.bytes_sent = 0  # the ledger's bytes_sent counts each iteration's traffic, setup excluded
         bar = Progress(cfg.es.iterations, start, enabled=self.comm.is_main and cfg.progress)
         for t in range(start, cfg.es.iterations):
@@ -498,6 +490,20 @@ class Trainer:
         self.ledger.events = list(old.events)
         start = len(old)
         return start, {"notes": notes, "keep_damaged": keep_damaged, "done": done, "from_weights": from_weights}
+
+    def announce(self) -> None:
+        """Rank 0 says what runs, before the first iteration (a big model takes a while to get there)."""
+        if not self.comm.is_main:
+            return
+        cfg, start = self.cfg, self.start
+        params = sum(p.numel() for _, p in self.replicas[0].params)
+        backend = "one process" if self.comm.name == "none" else self.comm.name
+        todo = (f"iterations {start + 1}..{cfg.es.iterations}" if start < cfg.es.iterations else
+                f"all {cfg.es.iterations} iterations already done")
+        log.info("%s: %.1fM parameters, %d rank(s) x %d replica(s) (%s); task %s, N=%d, sigma=%g, alpha=%g; "
+                 "%s; ledger %s", os.path.basename(os.path.normpath(self.model_path)), params / 1e6,
+                 self.comm.world_size, self.per_rank, backend, cfg.task, self.N, cfg.es.sigma, cfg.es.alpha, todo,
+                 self.log_path)
 
     def report_resume(self) -> None:
         """Rank 0 repairs run_dir and says where the run continues (after every rank has read it)."""
