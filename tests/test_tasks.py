@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -48,8 +49,9 @@ REWARD_CASES = [
     ("r</think>\n<answer>44 +\t19 + 35</answer>", N3, 98, 0.1),  # tab is not allowed
     ("r</think>\n<answer>7 / 2 * 1</answer>", [7, 2, 1], 3, 0.1),  # inexact division: 3.5
     ("r</think>\n<answer>3 / (5 - 5)</answer>", [5, 5, 3], 3, 0.1),  # division by zero
-    ("r</think>\n<answer>3 ** 2 * 1</answer>", [3, 2, 1], 9, 0.1),  # power rejected (the paper's eval gave 9)
-    ("r</think>\n<answer>7 // 2 * 1</answer>", [7, 2, 1], 3, 0.1),  # floor division rejected
+    ("r</think>\n<answer>3 ** 2 * 1</answer>", [3, 2, 1], 9, 1.1),  # power, as the paper's eval read it
+    ("r</think>\n<answer>7 // 2 * 1</answer>", [7, 2, 1], 3, 1.1),  # floor division, likewise
+    ("r</think>\n<answer>3 * * 2 * 1</answer>", [3, 2, 1], 9, 0.1),  # "* *" is no operator (Python: syntax error)
     ("r</think>\n<answer>44 + 19 + 35 = 98</answer>", N3, 98, 0.1),  # '='
     ("r</think>\n<answer>abs(44) + 19 + 35</answer>", N3, 98, 0.1),  # letters
     ("r</think>\n<answer>44.0 + 19 + 35</answer>", N3, 98, 0.1),  # decimal point
@@ -128,7 +130,8 @@ def test_countdown_task_score_uses_info():
 @pytest.mark.parametrize("expr,value", [
     ("1 + 2 * 3", 7.0), ("(1 + 2) * 3", 9.0), ("7 / 2", 3.5), ("8 - 3 - 2", 3.0), ("12 / 3 / 2", 2.0),
     ("-3", -3.0), ("2 * -3", -6.0), ("--3", 3.0), ("2 - -3", 5.0), ("00", 0.0), ("((5))", 5.0),
-    (" 1+1 ", 2.0),
+    (" 1+1 ", 2.0), ("2 ** 3", 8.0), ("2**3", 8.0), ("7 // 2", 3.0), ("2 ** -1", 0.5), ("-2 ** 2", -4.0),
+    ("2 ** 3 ** 2", 512.0), ("(7 / 2) // 1", 3.0), ("(99 ** 99) / (99 ** 98)", 99.0), ("-7 // 2", -4.0),
 ])
 def test_evaluate_values(expr, value):
     assert evaluate(expr) == value
@@ -136,12 +139,47 @@ def test_evaluate_values(expr, value):
 
 
 @pytest.mark.parametrize("expr", [
-    "", "   ", "1 / 0", "1 / (2 - 2)", "2 ** 3", "7 // 2", "1 2", "(1", "1)", "()", "a", "1.5", "07",
+    "", "   ", "1 / 0", "1 / (2 - 2)", "2 * * 3", "7 / / 2", "7 // 0", "0 ** -1", "9 ** 9 ** 9",
+    "(0 - 8) ** (1 / 3)", "2 ** 2 ** 2 ** 2 ** 2", "2 ***3", "1 2", "(1", "1)", "()", "a", "1.5", "07",
     "1 +", "* 2", "2 = 2", "__import__('os')", "(" * 3000 + "1" + ")" * 3000, "9" * 400 + " * " + "9" * 400,
 ])
 def test_evaluate_rejects(expr):
     with pytest.raises(ValueError):
         evaluate(expr)
+
+
+def _random_expr(rng: random.Random, depth: int = 0) -> str:
+    if depth > 3 or rng.random() < 0.3:
+        return str(rng.randint(0, 99))
+    kind = rng.random()
+    if kind < 0.15:
+        return "-" + _random_expr(rng, depth + 1)
+    if kind < 0.3:
+        return "(" + _random_expr(rng, depth + 1) + ")"
+    if kind < 0.4:  # small exponents: Python itself must finish
+        return _random_expr(rng, depth + 1) + " ** " + rng.choice(["0", "1", "2", "3", "-1", "(1 / 2)"])
+    op = rng.choice(["+", "-", "*", "/", "//"])
+    return _random_expr(rng, depth + 1) + f" {op} " + _random_expr(rng, depth + 1)
+
+
+def test_evaluate_agrees_with_python_on_random_expressions():
+    """What the paper's reward computed with eval, the safe evaluator computes too (or both fail)."""
+    rng = random.Random(7)
+    agreed = failed = 0
+    for _ in range(3000):
+        expr = _random_expr(rng)
+        try:
+            want = eval(expr, {"__builtins__": {}})  # noqa: S307 (test-generated arithmetic only)
+            if isinstance(want, complex) or not math.isfinite(float(want)):
+                raise ArithmeticError
+        except ArithmeticError:
+            with pytest.raises(ValueError):
+                evaluate(expr)
+            failed += 1
+            continue
+        assert evaluate(expr) == float(want), expr
+        agreed += 1
+    assert agreed > 2000 and failed > 10  # both branches were exercised
 
 
 def test_integers_in():

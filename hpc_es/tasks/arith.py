@@ -2,14 +2,18 @@
 
 Model output is untrusted, so it is never handed to ``eval``: a small recursive-descent parser accepts
 only integers, ``+ - * /``, parentheses and spaces, and computes with Python's own int and float
-operations in the same order Python would, so results match what the paper's ``eval`` produced for
-every expression both accept. Power (``**``) and floor division (``//``) are rejected.
+operations in the same order Python would, so results match what the paper's ``eval`` produced.  That
+includes the operators Python reads in those characters: power ``**`` and floor division ``//`` (written
+without a space inside).  A power whose result would exceed ``MAX_POWER_BITS`` bits is refused, where
+Python would run out of time or memory.
 
-Grammar (unary signs bind tighter than ``*`` and ``/``, as in Python)::
+Grammar (as in Python: ``**`` binds tighter than a unary sign on its left and is right-associative)::
 
     expr   := term   (("+" | "-") term)*
-    term   := factor (("*" | "/") factor)*
-    factor := ("+" | "-") factor | NUMBER | "(" expr ")"
+    term   := factor (("*" | "/" | "//") factor)*
+    factor := ("+" | "-") factor | power
+    power  := atom ["**" factor]
+    atom   := NUMBER | "(" expr ")"
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Union
 Number = Union[int, float]
 
 _ALLOWED = frozenset("0123456789+-*/() ")
+MAX_POWER_BITS = 100_000  # 99 ** 99 ** 1 is 656 bits; 99 ** (99 ** 99) would never finish
 _INT_RE = re.compile(r"\d+")
 
 
@@ -46,6 +51,9 @@ def _tokenize(expr: str) -> list[str]:
                 raise ValueError(f"leading zero in integer literal {lit!r}")
             tokens.append(lit)
             i = j
+        elif ch in "*/" and expr[i:i + 2] in ("**", "//"):  # Python's two-character operators
+            tokens.append(expr[i:i + 2])
+            i += 2
         elif ch in "+-*/()":
             tokens.append(ch)
             i += 1
@@ -79,23 +87,43 @@ class _Parser:
 
     def term(self) -> Number:
         value = self.factor()
-        while self.peek() in ("*", "/"):
+        while self.peek() in ("*", "/", "//"):
             op = self.take()
             rhs = self.factor()
             if op == "*":
                 value = value * rhs
+            elif rhs == 0:
+                raise ValueError("division by zero")
             else:
-                if rhs == 0:
-                    raise ValueError("division by zero")
-                value = value / rhs
+                value = value / rhs if op == "/" else value // rhs
         return value
 
     def factor(self) -> Number:
-        tok = self.take()
-        if tok == "+":
+        if self.peek() == "+":
+            self.take()
             return +self.factor()
-        if tok == "-":
+        if self.peek() == "-":
+            self.take()
             return -self.factor()
+        return self.power()
+
+    def power(self) -> Number:
+        base = self.atom()
+        if self.peek() != "**":
+            return base
+        self.take()
+        exponent = self.factor()  # right-associative, and 2 ** -1 is allowed
+        if base == 0 and exponent < 0:
+            raise ValueError("zero to a negative power")
+        if abs(base) > 1 and exponent > 0 and exponent * math.log2(abs(base)) > MAX_POWER_BITS:
+            raise ValueError(f"power result beyond {MAX_POWER_BITS} bits")
+        value = base ** exponent
+        if isinstance(value, complex):  # a negative base to a fractional power
+            raise ValueError("complex result")
+        return value
+
+    def atom(self) -> Number:
+        tok = self.take()
         if tok == "(":
             value = self.expr()
             if self.take() != ")":
@@ -107,7 +135,7 @@ class _Parser:
 
 
 def evaluate(expr: str) -> float:
-    """Value of an arithmetic expression over integers with + - * / and parentheses.
+    """Value of an arithmetic expression over integers with + - * / (and ** //) and parentheses.
 
     Raises ValueError for anything else: other characters, syntax errors, division by zero, overflow.
     """
