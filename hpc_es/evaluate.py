@@ -22,6 +22,11 @@ from hpc_es.rollout import generate
 from hpc_es.tasks import Example, Task, load_task, safe_score
 
 
+def eval_batch_size(cfg: Config) -> int:
+    """Prompts per generate() call on the test split: rollout.batch_size, or 64 (a test split is large)."""
+    return cfg.rollout.batch_size or 64
+
+
 def my_items(n: int, batch_size: int, rank: int, world: int) -> list[int]:
     """The items of the batches ``rank, rank + world, ...`` (batches of ``batch_size`` consecutive items)."""
     return [i for b in range(rank, -(-n // batch_size), world)
@@ -75,7 +80,7 @@ def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str,
                   file=sys.stderr, flush=True)
 
     scores = score_items(state["model"], state["tok"], state["task"], examples, cfg.rollout.max_new_tokens,
-                         cfg.rollout.batch_size or 64, comm, progress)
+                         eval_batch_size(cfg), comm, progress)
     out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples), **scores}
     if comm.world_size > 1:
         out["world_size"] = comm.world_size

@@ -21,7 +21,7 @@ import torch
 
 from hpc_es import checkpoint as ckpt
 from hpc_es.comm import Comm, agree, attempt, make_comm
-from hpc_es.evaluate import score_items
+from hpc_es.evaluate import eval_batch_size, score_items
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
@@ -175,9 +175,7 @@ class Trainer:
             self.replicas.append(Replica.wrap(model, cfg.es.base_on))
             self.tokenizers.append(load_tokenizer(self.model_path))
         self.base_fingerprint = fingerprint(self.replicas[0].model)
-        self.engine = Engine(cfg.es.noise_chunk)
-        # Replicas are perturbed concurrently and an Engine's noise generator is not thread-safe: one each.
-        self.replica_engines = [self.engine] + [Engine(cfg.es.noise_chunk) for _ in self.devices[1:]]
+        self.engine = Engine(cfg.es.noise_chunk)  # thread-safe: replicas perturbed side by side share it
         self.task = load_task(cfg)
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
@@ -253,12 +251,12 @@ class Trainer:
                 members(j)
 
         def members(j: int) -> None:
-            rep, tok, engine = self.replicas[j], self.tokenizers[j], self.replica_engines[j]
+            rep, tok = self.replicas[j], self.tokenizers[j]
             for n in self.mine:
                 if slot_owner(n, self.comm.world_size, self.per_rank)[1] != j:
                     continue
                 a = time.perf_counter()
-                engine.perturb(rep, int(seeds[n]), int(signs[n]), self.cfg.es.sigma)
+                self.engine.perturb(rep, int(seeds[n]), int(signs[n]), self.cfg.es.sigma)
                 b = time.perf_counter()
                 self.fault("rollout")
                 completions = generate(rep.model, tok, prompts, self.cfg.rollout.max_new_tokens,
@@ -286,8 +284,8 @@ class Trainer:
             self.error = e
         if self.error is not None:
             local[self.N] = 1.0
-            for rep, engine in zip(self.replicas, self.replica_engines):
-                engine.restore(rep)  # no update follows: leave the base in the working weights (a copy, exact)
+            for rep in self.replicas:
+                self.engine.restore(rep)  # no update follows: leave the base in the working weights (a copy, exact)
         return local, times
 
     def allreduce_rewards(self, local: np.ndarray, t: int) -> np.ndarray:
@@ -313,9 +311,8 @@ class Trainer:
             times["eval"] = 0.0
             return {"eval_reward": float("nan"), "eval_accuracy": float("nan")}
         a = time.perf_counter()
-        size = self.cfg.rollout.batch_size or 64
         got = score_items(self.replicas[0].model, self.tokenizers[0], self.task, self.test_set,
-                          self.cfg.rollout.max_new_tokens, size, self.comm)
+                          self.cfg.rollout.max_new_tokens, eval_batch_size(self.cfg), self.comm)
         times["eval"] = time.perf_counter() - a
         if self.comm.is_main:
             acc = f", accuracy {got['accuracy']:.4f}" if "accuracy" in got else ""

@@ -165,7 +165,6 @@ class HpcEsRun:
         tr.replicas = [Replica.wrap(model, cfg.es.base_on)]
         tr.tokenizers = [tokenizer()]
         tr.engine = Engine(cfg.es.noise_chunk)
-        tr.replica_engines = [tr.engine]
         tr.task = load_task(cfg)
         tr.train_set = list(tr.task.train_examples())
         tr.mine = list(range(tr.N))
@@ -175,7 +174,7 @@ class HpcEsRun:
         self.synthetic_updates = 0
         self.terms = 0
         if device.startswith("cuda"):  # the trainer's timers would see asynchronous launches only
-            eng = tr.engine  # (one replica: replica_engines[0] is this engine)
+            eng = tr.engine
             for name in ("perturb", "restore", "update"):
                 setattr(eng, name, self._synced(getattr(eng, name)))
 
