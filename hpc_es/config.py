@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -15,6 +16,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from hpc_es.errors import ConfigError
+from hpc_es.fsio import read_text_file
 
 
 @dataclass
@@ -34,6 +36,7 @@ class RolloutConfig:
     max_new_tokens: int = 16
     prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
+    reward_timeout_s: float = 60.0  # one reward call taking longer stops the run (a reward that never returns); 0 = no limit
 
 
 @dataclass
@@ -68,6 +71,8 @@ class DistConfig:
 class CheckpointConfig:
     every: int = 50  # iterations between checkpoints; 0 = only on signal and at the end
     weights: bool = True  # false: ledger-only checkpoints (kilobytes), resume replays the ledger
+    stop_grace_s: float = 60.0  # after SIGTERM/SIGUSR2, how long the iteration in flight may take before the run
+    # leaves without it (exit 75; resume replays from the ledger), so a stuck iteration cannot eat the grace period
 
 
 @dataclass
@@ -110,31 +115,44 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "mpi", "torch", "none"),
 }
 
-# key -> (predicate, what is allowed)
+def _int_range(lo: int, hi: int, note: str = "") -> tuple[Any, str]:
+    """An integer key bounded on both sides: a typo such as 1e30 is refused instead of eating memory."""
+    return (lambda v: lo <= v <= hi), f"an integer in [{lo}, {hi:,}]{note}"
+
+
+def _float_range(lo: float, hi: float, lo_open: bool = False, note: str = "") -> tuple[Any, str]:
+    above = (lambda v: v > lo) if lo_open else (lambda v: v >= lo)
+    return (lambda v: above(v) and v <= hi), f"a number {'>' if lo_open else '>='} {lo:g} and <= {hi:g}{note}"
+
+
+# key -> (predicate, what is allowed).  Every size key has an upper bound and every float key must be
+# finite (checked for all float keys in ``validate``), so no value can run a job out of memory or into NaN.
 _RANGES: dict[str, tuple[Any, str]] = {
-    "es.population_size": (lambda v: v >= 1, "an integer >= 1"),
-    "es.sigma": (lambda v: v > 0, "a number > 0"),
-    "es.alpha": (lambda v: v >= 0, "a number >= 0"),
-    "es.iterations": (lambda v: v >= 0, "an integer >= 0"),
-    "es.noise_chunk": (lambda v: v >= 1024, "an integer >= 1024"),
-    "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
-    "rollout.prompts_per_iteration": (lambda v: v >= 1, "an integer >= 1"),
-    "rollout.batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = all prompts in one batch)"),
-    "data.train_size": (lambda v: v >= 1, "an integer >= 1"),
-    "data.test_size": (lambda v: v >= 0, "an integer >= 0 (0 = all the rest)"),
-    "data.synthetic_size": (lambda v: v >= 2, "an integer >= 2"),
-    "tiny.hidden_size": (lambda v: v >= 8, "an integer >= 8"),
-    "tiny.layers": (lambda v: v >= 1, "an integer >= 1"),
-    "tiny.heads": (lambda v: v >= 1, "an integer >= 1"),
-    "tiny.vocab_size": (lambda v: v >= 300, "an integer >= 300 (256 bytes plus merges and specials)"),
-    "threads": (lambda v: v >= 0, "an integer >= 0"),
-    "dist.devices_per_rank": (lambda v: v >= 0, "an integer >= 0"),
-    "dist.replicas_per_device": (lambda v: v >= 1, "an integer >= 1"),
-    "dist.check_every": (lambda v: v >= 0, "an integer >= 0"),
-    "dist.timeout_s": (lambda v: v > 0, "a number > 0"),
-    "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
-    "eval.every": (lambda v: v >= 0, "an integer >= 0"),
-    "eval.limit": (lambda v: v >= 0, "an integer >= 0"),
+    "es.population_size": _int_range(2, 100_000, " (z-scores of a single reward are all 0)"),
+    "es.sigma": _float_range(0, 1e3, lo_open=True),
+    "es.alpha": _float_range(0, 1e6),
+    "es.iterations": _int_range(0, 100_000_000),
+    "es.noise_chunk": _int_range(1024, 1 << 30),
+    "rollout.max_new_tokens": _int_range(1, 1 << 17),
+    "rollout.prompts_per_iteration": _int_range(1, 1_000_000),
+    "rollout.batch_size": _int_range(0, 1_000_000, " (0 = all prompts in one batch)"),
+    "rollout.reward_timeout_s": _float_range(0, 7 * 86400, note=" (0 = no limit)"),
+    "data.train_size": _int_range(1, 100_000_000),
+    "data.test_size": _int_range(0, 100_000_000, " (0 = all the rest)"),
+    "data.synthetic_size": _int_range(2, 10_000_000),
+    "tiny.hidden_size": _int_range(8, 8192),
+    "tiny.layers": _int_range(1, 256),
+    "tiny.heads": _int_range(1, 256),
+    "tiny.vocab_size": _int_range(300, 1 << 20, " (256 bytes plus merges and specials)"),
+    "threads": _int_range(0, 4096),
+    "dist.devices_per_rank": _int_range(0, 1024),
+    "dist.replicas_per_device": _int_range(1, 1024),
+    "dist.check_every": _int_range(0, 100_000_000),
+    "dist.timeout_s": _float_range(0, 7 * 86400, lo_open=True),
+    "checkpoint.every": _int_range(0, 100_000_000),
+    "checkpoint.stop_grace_s": _float_range(0, 86400, lo_open=True),
+    "eval.every": _int_range(0, 100_000_000),
+    "eval.limit": _int_range(0, 100_000_000),
     "seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
 }
 
@@ -221,6 +239,10 @@ def validate(cfg: Config) -> Config:
         v = get_key(cfg, key)
         if v not in choices:
             raise ConfigError(f"config key '{key}' = {v!r} is not allowed; choose one of {', '.join(choices)}")
+    for key in all_keys():
+        v = get_key(cfg, key)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' = {v!r} is not allowed; it must be a finite number")
     for key, (ok, allowed) in _RANGES.items():
         v = get_key(cfg, key)
         if not ok(v):
@@ -268,12 +290,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     cfg = base if base is not None else Config()
     if path:
         try:
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file '{path}' does not exist") from None
-        except OSError as e:
-            raise ConfigError(f"config file '{path}' cannot be read: {e.strerror}") from None
+            data = yaml.safe_load(read_text_file(path, "config file", MAX_CONFIG_BYTES, ConfigError))
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
         if data is None:
@@ -286,6 +303,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
         key, value = parse_override(text)
         set_key(cfg, key, value)
     return validate(expand_paths(cfg))
+
+
+MAX_CONFIG_BYTES = 16 << 20  # a config is kilobytes; this refuses /dev/zero or a model file given by mistake
 
 
 PATH_KEYS = ("model", "run_dir", "data.path", "tiny.cache_dir")

@@ -17,10 +17,13 @@ from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
 def replay(run_dir: str, out: str, iteration: int | None = None, model: str | None = None,
            device: str = "cpu") -> str:
     """Weights after ``iteration`` completed iterations (default: all) saved to ``out``; returns the fingerprint."""
-    from hpc_es.trainer import save_pretrained_atomic
+    from hpc_es.fsio import check_model_out, save_model_folder  # issue 16: --out checked before any work
 
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):  # issue 16
+        raise HpcEsError(f"run_dir '{run_dir}' is a file, not a run folder")
     if not os.path.isdir(run_dir):
         raise HpcEsError(f"run_dir '{run_dir}' does not exist")
+    check_model_out(out)  # issue 16: never replace a folder that is not an earlier hpc_es model
     try:
         ledger = Ledger.load(os.path.join(run_dir, "log.h5"))
     except LedgerError as e:  # fall back to the copy of the ledger the checkpoint keeps
@@ -53,5 +56,5 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     for row in ledger.rows[:upto]:
         engine.update([rep], np.asarray(row["seeds"]), np.asarray(row["signs"]),
                       np.asarray(row["shaped"]), float(row["alpha"]))
-    save_pretrained_atomic(net, load_tokenizer(base), out)
+    save_model_folder(net, load_tokenizer(base), out)  # issue 16: marked, no temp folder left on failure
     return fingerprint(net)

@@ -572,18 +572,9 @@ class Trainer:
 
 def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, out: str) -> None:
     """save_pretrained into a temp folder, then rename over ``out``."""
-    import shutil
+    from hpc_es.fsio import save_model_folder  # issue 16: marker file, temp folder removed on failure
 
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = f"{out}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(out):
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    save_model_folder(model, tokenizer, out)
 
 
 class Progress:

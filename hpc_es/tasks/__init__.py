@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from hpc_es.errors import HpcEsError, TaskError
 from hpc_es.tasks.base import Example, SplitTask, Task, split_examples
+from hpc_es.watchdog import RewardTimeout, watchdog
 
 __all__ = ["Example", "Task", "SplitTask", "BUILTIN_TASKS", "load_task", "safe_score", "split_examples", "check_task"]
 
@@ -146,15 +147,31 @@ def load_task(cfg: Any) -> Task:
     return check_task(task, spec)
 
 
-def safe_score(task: Task, completion: str, example: Example) -> float:
+DEFAULT_REWARD_TIMEOUT_S = 60.0  # rollout.reward_timeout_s's default, for callers without a config
+
+
+def safe_score(task: Task, completion: str, example: Example,
+               timeout_s: float = DEFAULT_REWARD_TIMEOUT_S) -> float:
     """``task.score`` as a finite float, or a TaskError that says which task, what went wrong and on which prompt.
 
-    A reward bug would otherwise surface as a NaN update or a traceback from deep inside a rollout.
+    A reward bug would otherwise surface as a NaN update, a traceback from deep inside a rollout, a silent
+    exit (``sys.exit`` in the reward) or a run that hangs forever (a reward that never returns: stopped
+    after ``timeout_s``, see hpc_es/watchdog.py; 0 = no limit).
     """
     where = f"on prompt {example.prompt[:60]!r}"
     name = getattr(task, "name", type(task).__name__)
+
+    def overran() -> str:
+        return (f"task '{name}' reward did not return within {timeout_s:g} s {where} "
+                "(rollout.reward_timeout_s)")
+
     try:
-        value = task.score(completion, example)
+        with watchdog().guard(timeout_s, overran):
+            value = task.score(completion, example)
+    except RewardTimeout:
+        raise TaskError(overran()) from None
+    except SystemExit as e:
+        raise TaskError(f"task '{name}' reward called sys.exit({e.code!r}) {where}") from None
     except Exception as e:
         raise TaskError(f"task '{name}' reward raised {_first_line(e)} {where}") from e
     if not isinstance(value, numbers.Real):

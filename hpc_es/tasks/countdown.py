@@ -16,6 +16,7 @@ from fractions import Fraction
 from typing import Any, Sequence
 
 from hpc_es.errors import DataError
+from hpc_es.fsio import MAX_DATA_BYTES, read_text_file
 from hpc_es.tasks.arith import evaluate, integers_in
 from hpc_es.tasks.base import Example, SplitTask
 
@@ -151,19 +152,13 @@ def _item_to_example(item: Any, index: int, path: str) -> Example:
 
 def read_json_list(path: str) -> list[Any]:
     """A data file's top-level JSON list, or a DataError saying why not (shared by the built-in tasks)."""
+    text = read_text_file(path, "data file", MAX_DATA_BYTES, DataError)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise DataError(f"data file '{path}' does not exist") from None
-    except IsADirectoryError:
-        raise DataError(f"data file '{path}' is a directory") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file '{path}' is not UTF-8 text: {e.reason} at byte {e.start}") from None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"data file '{path}' is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except OSError as e:
-        raise DataError(f"data file '{path}' cannot be read: {e.strerror}") from None
+    except RecursionError:
+        raise DataError(f"data file '{path}' nests its JSON too deeply") from None
     if not isinstance(data, list):
         raise DataError(f"data file '{path}' must hold a JSON list of objects, got a {type(data).__name__}")
     if not data:

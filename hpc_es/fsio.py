@@ -1,0 +1,129 @@
+"""File-system edges a user or a cluster can get wrong: oversized or odd input files, output folders that
+already hold something, and OS errors (a full disk, a read-only mount) turned into one line each.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+
+from hpc_es.errors import HpcEsError
+
+MAX_DATA_BYTES = 1 << 30  # a data file is read whole into memory: refuse /dev/zero or a mistaken multi-GB file
+MODEL_MARKER = ".hpc_es-model"  # written into every model folder hpc_es saves, so it may be replaced later
+
+
+class FileSystemError(HpcEsError):
+    """A path cannot be written or read for a reason outside hpc_es (permissions, a full disk, a file in
+    the way).  Nothing already saved is touched by the failing write: the message says so."""
+
+
+def read_text_file(path: str, what: str, max_bytes: int, error: type[HpcEsError] = HpcEsError) -> str:
+    """A regular UTF-8 file's text, or one ``error`` line naming ``path`` and the cause.
+
+    The size is checked before reading, so a device (``/dev/zero``), a FIFO or a huge file is refused at
+    once instead of filling memory.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist") from None
+    except OSError as e:
+        raise error(f"{what} '{path}' cannot be read: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} '{path}' is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} '{path}' is not a regular file")
+    if st.st_size > max_bytes:
+        raise error(f"{what} '{path}' is {st.st_size:,} bytes, more than the {max_bytes:,} allowed")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except OSError as e:
+        raise error(f"{what} '{path}' cannot be read: {e.strerror}") from None
+    if len(raw) > max_bytes:
+        raise error(f"{what} '{path}' is more than the {max_bytes:,} bytes allowed")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} '{path}' is not UTF-8 text: {e.reason} at byte {e.start}") from None
+
+
+def describe_os_error(e: OSError, path: str | None = None) -> str:
+    """``'<path>': <cause>`` for an OSError, with the advice a full disk needs."""
+    where = path or e.filename or "?"
+    cause = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"'{where}': {cause}; nothing was lost; free space and rerun to resume"
+    return f"'{where}': {cause}"
+
+
+def check_writable_dir(path: str, what: str = "run_dir") -> None:
+    """Create ``path`` if needed and prove it writable (a probe file), before anything slow happens."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileSystemError(f"{what} '{path}' is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".hpc_es-probe-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise FileSystemError(f"{what} {describe_os_error(e, path)}") from None
+
+
+def check_model_out(out: str) -> None:
+    """Refuse an output folder that holds anything but an earlier hpc_es model (before any work is done).
+
+    Saving a model replaces the folder by rename, so a folder given by mistake (a run_dir, a home
+    directory) would be deleted: only a missing or empty folder, or one that carries ``MODEL_MARKER``,
+    may be replaced.
+    """
+    if not os.path.lexists(out):
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise FileSystemError(f"output folder '{out}': its parent folder '{parent}' does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise FileSystemError(f"output folder '{out}': its parent folder '{parent}' is not writable")
+        return
+    if not os.path.isdir(out) or os.path.islink(out):
+        raise FileSystemError(f"output folder '{out}' exists and is not a folder; give a new or empty folder")
+    try:
+        entries = os.listdir(out)
+    except OSError as e:
+        raise FileSystemError(f"output folder {describe_os_error(e, out)}") from None
+    if entries and MODEL_MARKER not in entries:
+        raise FileSystemError(
+            f"output folder '{out}' is not empty and is not a model saved by hpc_es; refusing to replace it "
+            "(give a new or empty folder)")
+    if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK | os.X_OK):
+        raise FileSystemError(f"output folder '{out}': its parent folder is not writable")
+
+
+def save_model_folder(model: object, tokenizer: object, out: str) -> None:
+    """``save_pretrained`` into a temporary sibling folder, then rename over ``out`` (marked as ours).
+
+    A failing write (full disk, read-only mount) removes the temporary folder and leaves ``out`` as it
+    was; the error is one line.
+    """
+    tmp = f"{out}.tmp-{os.getpid()}"
+    old = f"{out}.old-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)  # type: ignore[attr-defined]
+        tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+        with open(os.path.join(tmp, MODEL_MARKER), "w", encoding="utf-8") as fh:
+            fh.write("saved by hpc_es; this folder may be replaced by a later save\n")
+        if os.path.isdir(out):
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(out):
+            os.rename(old, out)
+        raise FileSystemError(f"cannot save the model to {describe_os_error(e, out)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""One run per run_dir: rank 0 holds an flock on ``run_dir/.lock`` for the life of the process.
+
+The kernel drops an flock when its holder dies (kill -9, node loss, OOM), so a lock left by a dead run
+never blocks a resume and needs no clean-up; a second live run on the same run_dir is refused at once,
+with the holder's host, pid, Slurm job id and start time (written into the lock file) in the message.
+
+File systems where flock is not supported (e.g. Lustre mounted without ``-o flock``) give a warning and
+the run proceeds unlocked; ``HPC_ES_RUN_LOCK=off`` skips the lock altogether (for file systems whose
+flock is known to be unreliable across nodes; then make sure only one run uses a run_dir).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+from hpc_es.errors import HpcEsError
+
+LOCK_FILE = ".lock"
+ENV_SWITCH = "HPC_ES_RUN_LOCK"  # "off" disables the lock
+
+
+class RunDirBusy(HpcEsError):
+    """Another live run holds run_dir."""
+
+
+class RunLock:
+    """The held lock; ``release`` (or process exit) frees it."""
+
+    def __init__(self, path: str, fd: int | None) -> None:
+        self.path, self.fd = path, fd
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock; the file stays (holder of record)
+            self.fd = None
+
+
+def holder_record() -> dict[str, object]:
+    rec: dict[str, object] = {"host": socket.gethostname(), "pid": os.getpid(),
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        rec["slurm_job_id"] = job
+    return rec
+
+
+def describe_holder(text: str) -> str:
+    try:
+        rec = json.loads(text)
+        parts = [f"host {rec['host']}", f"pid {rec['pid']}"]
+        if rec.get("slurm_job_id"):
+            parts.append(f"Slurm job {rec['slurm_job_id']}")
+        parts.append(f"started {rec['started']}")
+        return ", ".join(parts)
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def acquire(run_dir: str) -> RunLock:
+    """Lock ``run_dir`` (which must exist) for this process, or raise RunDirBusy naming the holder."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    if os.environ.get(ENV_SWITCH, "").lower() in ("off", "0", "false", "no"):
+        return RunLock(path, None)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        from hpc_es.fsio import FileSystemError, describe_os_error
+
+        raise FileSystemError(f"cannot create the run_dir lock {describe_os_error(e, path)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            try:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            finally:
+                os.close(fd)
+            raise RunDirBusy(f"run_dir '{run_dir}' is in use by another run ({describe_holder(holder)}); "
+                             "wait for it to end or use another run_dir") from None
+        os.close(fd)
+        print(f"hpc_es: warning: cannot lock run_dir '{run_dir}' ({e.strerror}: this file system has no "
+              f"flock); running unlocked, so make sure no other run uses it (set {ENV_SWITCH}=off to "
+              "silence this)", file=sys.stderr, flush=True)
+        return RunLock(path, None)
+    record = (json.dumps(holder_record()) + "\n").encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record, 0)
+    return RunLock(path, fd)
