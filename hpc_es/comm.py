@@ -11,7 +11,8 @@ import datetime
 import json
 import os
 import sys
-from typing import Callable
+import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -57,10 +58,40 @@ class Comm:
         pass
 
 
-class MPIComm(Comm):
-    name = "mpi"
+class CollectiveTimeout(DistributedError):
+    """Some rank(s) did not reach a collective within dist.timeout_s.  ``reporter`` is the lowest rank
+    that was waiting: it alone prints the message (the hung rank cannot, and may be rank 0)."""
 
-    def __init__(self) -> None:
+    def __init__(self, message: str, reporter: int) -> None:
+        super().__init__(message)
+        self.reporter = reporter
+
+
+POLL_MAX_S = 0.002  # longest sleep between polls of a pending collective (waiting ranks stay near 0 % CPU)
+ROLL_CALL_AFTER_S = 0.1  # a collective pending this long takes part in (MPI) or records (torch) the roll call
+ROLL_CALL_GRACE_S = 2.0  # after a timeout: how long to wait for the other waiting ranks to answer
+
+
+def _missing_message(what: str, seq: int, timeout_s: float, missing: list[int], waiting: list[int]) -> str:
+    if not missing:
+        return (f"{what} #{seq} did not complete within dist.timeout_s={timeout_s:g} s although every rank "
+                "reached it (a network or MPI failure)")
+    return (f"rank(s) {', '.join(map(str, missing))} did not reach {what} #{seq} within dist.timeout_s="
+            f"{timeout_s:g} s (hung or stuck in their own work; rank(s) {', '.join(map(str, waiting))} waited)")
+
+
+class MPIComm(Comm):
+    """MPI with a bound: every collective is non-blocking and polled against ``dist.timeout_s``.
+
+    On expiry the waiting ranks hold a roll call over point-to-point messages on a private communicator
+    (a rank that is itself waiting in the collective answers; a hung one cannot), so the error names the
+    rank(s) that never arrived.
+    """
+
+    name = "mpi"
+    _ASK, _ANSWER = 1, 2
+
+    def __init__(self, timeout_s: float = 600.0) -> None:
         super().__init__()
         try:
             from mpi4py import MPI
@@ -74,19 +105,72 @@ class MPIComm(Comm):
         self.local_rank = local.Get_rank()
         self.local_size = local.Get_size()
         local.Free()
+        self._roll = self._comm.Dup()  # roll-call messages never mix with the collectives
+        self.timeout_s = timeout_s
+        self._seq = 0  # collectives started by this rank
+        self._pending_sends: list[Any] = []
+
+    def _wait(self, request: Any, what: str) -> None:
+        """Poll ``request`` until done, sleeping between polls; answer roll calls; raise on the deadline."""
+        self._seq += 1
+        if request.Test():
+            return
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        pause = 20e-6
+        next_roll = start + ROLL_CALL_AFTER_S
+        while not request.Test():
+            now = time.monotonic()
+            if now >= next_roll:
+                self._answer_roll_calls()
+                next_roll = now + ROLL_CALL_AFTER_S
+            if now >= deadline:
+                self._timed_out(what)
+            time.sleep(pause)
+            pause = min(pause * 2, POLL_MAX_S)
+
+    def _answer_roll_calls(self) -> None:
+        MPI = self._MPI
+        status = MPI.Status()
+        while self._roll.Iprobe(source=MPI.ANY_SOURCE, tag=self._ASK, status=status):
+            asked = np.empty(1, dtype=np.int64)
+            self._roll.Recv(asked, source=status.Get_source(), tag=self._ASK)
+            answer = np.array([self._seq], dtype=np.int64)
+            send = self._roll.Isend(answer, dest=status.Get_source(), tag=self._ANSWER)
+            self._pending_sends.append((answer, send))
+
+    def _timed_out(self, what: str) -> None:
+        MPI = self._MPI
+        ask = np.array([self._seq], dtype=np.int64)
+        others = [r for r in range(self.world_size) if r != self.rank]
+        for r in others:
+            self._pending_sends.append((ask, self._roll.Isend(ask, dest=r, tag=self._ASK)))
+        heard: dict[int, int] = {}
+        end = time.monotonic() + min(ROLL_CALL_GRACE_S, self.timeout_s)
+        status = MPI.Status()
+        while len(heard) < len(others) and time.monotonic() < end:
+            self._answer_roll_calls()
+            while self._roll.Iprobe(source=MPI.ANY_SOURCE, tag=self._ANSWER, status=status):
+                got = np.empty(1, dtype=np.int64)
+                self._roll.Recv(got, source=status.Get_source(), tag=self._ANSWER)
+                heard[status.Get_source()] = int(got[0])
+            time.sleep(0.01)
+        waiting = sorted([self.rank] + [r for r, seq in heard.items() if seq == self._seq])
+        missing = [r for r in others if r not in waiting]
+        raise CollectiveTimeout(_missing_message(what, self._seq, self.timeout_s, missing, waiting), waiting[0])
 
     def allreduce_sum(self, x: np.ndarray) -> np.ndarray:
         send = np.ascontiguousarray(x, dtype=np.float64)
         out = np.empty_like(send)
         self.bytes_sent += send.nbytes
-        self._comm.Allreduce(send, out, op=self._MPI.SUM)
+        self._wait(self._comm.Iallreduce(send, out, op=self._MPI.SUM), "all-reduce")
         return out
 
     def allgather(self, payload: bytes) -> list[bytes]:
         # Raw buffers, not mpi4py's pickled objects, so the byte count is exact.
         n = np.array([len(payload)], dtype=np.int64)
         sizes = np.empty(self.world_size, dtype=np.int64)
-        self._comm.Allgather(n, sizes)
+        self._wait(self._comm.Iallgather(n, sizes), "all-gather")
         width = int(sizes.max())
         self.bytes_sent += LENGTH_BYTES + width
         if width == 0:
@@ -94,11 +178,11 @@ class MPIComm(Comm):
         send = np.zeros(width, dtype=np.uint8)
         send[: len(payload)] = np.frombuffer(payload, dtype=np.uint8)
         recv = np.empty(width * self.world_size, dtype=np.uint8)
-        self._comm.Allgather(send, recv)
+        self._wait(self._comm.Iallgather(send, recv), "all-gather")
         return [recv[r * width: r * width + int(sizes[r])].tobytes() for r in range(self.world_size)]
 
     def barrier(self) -> None:
-        self._comm.Barrier()
+        self._wait(self._comm.Ibarrier(), "barrier")
 
     def abort(self, code: int = 1) -> None:
         sys.stderr.flush()
@@ -107,6 +191,11 @@ class MPIComm(Comm):
 
 
 class TorchComm(Comm):
+    """torch.distributed (gloo) with the same bound as MPI: collectives run asynchronously and are polled
+    against ``dist.timeout_s``.  A rank that has waited a moment records the collective it waits in under
+    ``hpc_es/at/<rank>`` in the launch's key-value store, so on a timeout the error names the rank(s) that
+    never arrived rather than the one that gave up waiting."""
+
     name = "torch"
 
     def __init__(self, timeout_s: float = 600.0) -> None:
@@ -124,18 +213,72 @@ class TorchComm(Comm):
             if key not in env:
                 raise DistributedError(f"dist.backend=torch needs {key} (launch with torchrun or srun)")
         self._dist = dist
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self.timeout_s = timeout_s
+        # gloo's own limit sits past ours, so the roll call below (not a bare gloo timeout) reports a hang.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s + 2 * ROLL_CALL_GRACE_S + 30))
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = int(env.get("LOCAL_RANK", "0"))
         self.local_size = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
+        self._seq = 0
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            self._store: Any = _get_default_store()
+        except (ImportError, RuntimeError, ValueError):  # no store to hold a roll call: the bound still holds
+            self._store = None
+
+    def _wait(self, work: Any, what: str) -> None:
+        self._seq += 1
+        start = time.monotonic()
+        pause = 20e-6
+        recorded = False
+        while not work.is_completed():
+            now = time.monotonic()
+            if not recorded and now - start >= ROLL_CALL_AFTER_S:
+                self._record()
+                recorded = True
+            if now - start >= self.timeout_s:
+                self._timed_out(what)
+            time.sleep(pause)
+            pause = min(pause * 2, POLL_MAX_S)
+        work.wait()  # raises what the collective hit (a lost peer, ...)
+
+    def _record(self) -> None:
+        if self._store is not None and self.world_size > 1:
+            try:
+                self._store.set(f"hpc_es/at/{self.rank}", str(self._seq))
+            except (RuntimeError, OSError):
+                pass
+
+    def _timed_out(self, what: str) -> None:
+        waiting, missing = [self.rank], []
+        if self._store is not None:
+            self._record()
+            keys = {r: f"hpc_es/at/{r}" for r in range(self.world_size) if r != self.rank}
+            end = time.monotonic() + min(ROLL_CALL_GRACE_S, self.timeout_s)
+            while True:
+                try:
+                    arrived = [r for r, k in keys.items() if self._store.check([k])
+                               and int(self._store.get(k)) == self._seq]
+                except (RuntimeError, OSError, ValueError):
+                    arrived = []
+                if len(arrived) == len(keys) or time.monotonic() >= end:
+                    break
+                time.sleep(0.05)
+            waiting = sorted([self.rank] + arrived)
+            missing = [r for r in keys if r not in arrived]
+            message = _missing_message(what, self._seq, self.timeout_s, missing, waiting)
+        else:
+            message = f"{what} #{self._seq} did not complete within dist.timeout_s={self.timeout_s:g} s"
+        raise CollectiveTimeout(message, waiting[0])
 
     def allreduce_sum(self, x: np.ndarray) -> np.ndarray:
         import torch
 
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).copy())
         self.bytes_sent += t.numel() * 8
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM)
+        self._wait(self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM, async_op=True), "all-reduce")
         return t.numpy()
 
     def allgather(self, payload: bytes) -> list[bytes]:
@@ -144,7 +287,7 @@ class TorchComm(Comm):
 
         n = torch.tensor([len(payload)], dtype=torch.int64)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        self._dist.all_gather(sizes, n)
+        self._wait(self._dist.all_gather(sizes, n, async_op=True), "all-gather")
         width = max(int(x.item()) for x in sizes)
         self.bytes_sent += LENGTH_BYTES + width
         if width == 0:
@@ -153,11 +296,11 @@ class TorchComm(Comm):
         if payload:
             send[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         recv = [torch.empty_like(send) for _ in range(self.world_size)]
-        self._dist.all_gather(recv, send)
+        self._wait(self._dist.all_gather(recv, send, async_op=True), "all-gather")
         return [bytes(recv[r][: int(sizes[r].item())].numpy()) for r in range(self.world_size)]
 
     def barrier(self) -> None:
-        self._dist.barrier()
+        self._wait(self._dist.barrier(async_op=True), "barrier")
 
     def close(self) -> None:
         if self._dist.is_initialized():
@@ -247,7 +390,7 @@ def detect_backend() -> str:
 def make_comm(backend: str = "auto", timeout_s: float = 600.0) -> Comm:
     chosen = detect_backend() if backend == "auto" else backend
     if chosen == "mpi":
-        return MPIComm()
+        return MPIComm(timeout_s)
     if chosen == "torch":
         return TorchComm(timeout_s)
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and backend == "auto" and "SLURM_PROCID" in os.environ:
