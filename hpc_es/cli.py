@@ -91,10 +91,15 @@ def cmd_train(argv: list[str]) -> int:
         raise
     if comm.is_main:
         print(json.dumps({"run_dir": result.run_dir, "final": result.final_dir, "iterations": result.iterations,
-                          "fingerprint": result.fingerprint, "reward_mean_first": result.reward_mean_first,
-                          "reward_mean_last": result.reward_mean_last}), flush=True)
+                          "fingerprint": result.fingerprint, "reward_mean_first": _finite(result.reward_mean_first),
+                          "reward_mean_last": _finite(result.reward_mean_last)}), flush=True)
     comm.close()
     return 0
+
+
+def _finite(x: float) -> float | None:
+    """NaN (no iteration ran) as JSON null: strict parsers reject NaN.  (issue 16)"""
+    return x if x == x and abs(x) != float("inf") else None
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
@@ -108,7 +113,8 @@ def _fail_fast(comm: Any) -> None:
         return
     exc = sys.exc_info()[1]
     if isinstance(exc, DistributedError):  # every rank saw it: rank 0 reports, all exit
-        if comm.is_main:
+        # issue 16: a collective timeout is reported by the lowest waiting rank (the hung one may be rank 0)
+        if comm.rank == getattr(exc, "reporter", 0):
             print(f"hpc_es: error: {exc}", file=sys.stderr, flush=True)
         comm.close()
         os._exit(exc.exit_code)
@@ -189,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
+    if argv and not argv[0].startswith("-") and "=" not in argv[0] and argv[0] not in COMMANDS:  # issue 16
+        hint = f"; for a config file use --config {argv[0]}" if argv[0].endswith((".yaml", ".yml")) else ""
+        print(f"hpc_es: error: unknown command '{argv[0]}'; the commands are {', '.join(COMMANDS)} (train is the "
+              f"default; settings are given as key=value){hint}", file=sys.stderr, flush=True)
+        return 2
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     try:
         _quiet_libraries()

@@ -19,7 +19,7 @@ from hpc_es.config import Config
 from hpc_es.models import load_model, load_tokenizer, resolve_dtype
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.rollout import generate
-from hpc_es.tasks import Example, Task, load_task, safe_score
+from hpc_es.tasks import DEFAULT_REWARD_TIMEOUT_S, Example, Task, load_task, safe_score
 
 
 def eval_batch_size(cfg: Config) -> int:
@@ -34,7 +34,8 @@ def my_items(n: int, batch_size: int, rank: int, world: int) -> list[int]:
 
 
 def score_items(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], max_new_tokens: int,
-                batch_size: int, comm: Comm, on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+                batch_size: int, comm: Comm, on_batch: Callable[[int, int], None] | None = None,
+                reward_timeout_s: float = DEFAULT_REWARD_TIMEOUT_S) -> dict[str, float]:
     """``mean_reward`` (and ``accuracy`` for tasks with ``is_correct``) over ``examples``, this rank
     generating its share; a collective: every rank calls it.  ``on_batch(done, mine)`` reports progress."""
     n = len(examples)
@@ -44,7 +45,7 @@ def score_items(model: Any, tokenizer: Any, task: Task, examples: Sequence[Examp
     correct = getattr(task, "is_correct", None)
     local = np.zeros(2 * n)  # [scores | correct]: each item has one owner, so the sum is exact
     for i, text in zip(mine, completions):
-        local[i] = safe_score(task, text, examples[i])
+        local[i] = safe_score(task, text, examples[i], reward_timeout_s)
         if callable(correct):
             local[n + i] = float(bool(correct(text, examples[i])))
     total = comm.allreduce_sum(local)
@@ -80,7 +81,7 @@ def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str,
                   file=sys.stderr, flush=True)
 
     scores = score_items(state["model"], state["tok"], state["task"], examples, cfg.rollout.max_new_tokens,
-                         eval_batch_size(cfg), comm, progress)
+                         eval_batch_size(cfg), comm, progress, cfg.rollout.reward_timeout_s)
     out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples), **scores}
     if comm.world_size > 1:
         out["world_size"] = comm.world_size

@@ -262,7 +262,9 @@ class Trainer:
                 completions = generate(rep.model, tok, prompts, self.cfg.rollout.max_new_tokens,
                                        self.cfg.rollout.batch_size)
                 c = time.perf_counter()
-                local[n] = float(np.mean([safe_score(self.task, comp, ex) for comp, ex in zip(completions, examples)]))
+                limit = self.cfg.rollout.reward_timeout_s  # issue 16
+                local[n] = float(np.mean([safe_score(self.task, comp, ex, limit)
+                                          for comp, ex in zip(completions, examples)]))
                 d = time.perf_counter()
                 if j == 0:
                     times["perturb"] += b - a
@@ -312,7 +314,8 @@ class Trainer:
             return {"eval_reward": float("nan"), "eval_accuracy": float("nan")}
         a = time.perf_counter()
         got = score_items(self.replicas[0].model, self.tokenizers[0], self.task, self.test_set,
-                          self.cfg.rollout.max_new_tokens, eval_batch_size(self.cfg), self.comm)
+                          self.cfg.rollout.max_new_tokens, eval_batch_size(self.cfg), self.comm,
+                          reward_timeout_s=self.cfg.rollout.reward_timeout_s)  # issue 16
         times["eval"] = time.perf_counter() - a
         if self.comm.is_main:
             acc = f", accuracy {got['accuracy']:.4f}" if "accuracy" in got else ""

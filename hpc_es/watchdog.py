@@ -77,12 +77,20 @@ class Watchdog:
         try:
             yield
         finally:
-            with self._lock:
-                self._guards.pop(tid, None)
-                if g.fired_at:  # the call ended on its own just as it was interrupted: drop what is pending
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
-                if tid == self._main_id:
-                    self._main_expired = False
+            # Interrupts are only ever sent under the lock while the guard is listed, so once it is removed
+            # (and anything pending dropped) none can follow; one that lands here, before the lock is taken,
+            # came after the call had already ended and is dropped.
+            while True:
+                try:
+                    with self._lock:
+                        self._guards.pop(tid, None)
+                        if g.fired_at:
+                            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
+                        if tid == self._main_id:
+                            self._main_expired = False
+                    break
+                except RewardTimeout:
+                    continue
 
     # ---- the stop after a signal -------------------------------------------------------------------
     def arm_stop(self, grace_s: float, message: str) -> None:
@@ -100,8 +108,6 @@ class Watchdog:
 
     # ---- the watchdog thread -----------------------------------------------------------------------
     def _start(self) -> None:
-        if self._thread is not None:
-            return
         if threading.current_thread() is threading.main_thread() and not self._alarm_installed:
             # Lets the watchdog wake the main thread out of a blocking call (time.sleep, select, ...).
             try:
@@ -109,6 +115,8 @@ class Watchdog:
                 self._alarm_installed = True
             except ValueError:
                 pass
+        if self._thread is not None:
+            return
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="hpc_es-watchdog", daemon=True)
@@ -141,10 +149,11 @@ class Watchdog:
                             EXIT_TASK)
 
     def _interrupt(self, thread_id: int) -> None:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(RewardTimeout))
-        if thread_id == self._main_id and self._alarm_installed:
+        if thread_id == self._main_id and self._alarm_installed:  # a signal also wakes a blocking call
             self._main_expired = True
             signal.pthread_kill(thread_id, signal.SIGALRM)
+        else:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(RewardTimeout))
 
     def _leave(self, message: str, code: int) -> None:
         try:

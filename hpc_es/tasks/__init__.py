@@ -23,7 +23,8 @@ from hpc_es.errors import HpcEsError, TaskError
 from hpc_es.tasks.base import Example, SplitTask, Task, split_examples
 from hpc_es.watchdog import RewardTimeout, watchdog
 
-__all__ = ["Example", "Task", "SplitTask", "BUILTIN_TASKS", "load_task", "safe_score", "split_examples", "check_task"]
+__all__ = ["Example", "Task", "SplitTask", "BUILTIN_TASKS", "DEFAULT_REWARD_TIMEOUT_S", "load_task", "safe_score",
+           "split_examples", "check_task"]
 
 BUILTIN_TASKS: tuple[str, ...] = ("countdown", "conciseness")
 
