@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from hpc_es.errors import HpcEsError
+from hpc_es.fsio import FileSystemError, as_os_error, describe_os_error
 
 STATE = "state.json"
 WEIGHTS = "model.safetensors"
@@ -64,9 +65,23 @@ def save(run_dir: str, state: CheckpointState, weights: dict[str, torch.Tensor] 
     Everything is written and fsynced inside the temporary folder, ``state.json`` last, so a
     temporary folder with a state.json is complete; only then is it swapped in.
     """
+    final, old, tmp = _dirs(run_dir)
+    try:
+        _write(final, old, tmp, run_dir, state, weights, fault, ledger)
+    except Exception as e:
+        # A full disk or a read-only mount: the previous checkpoint is intact (the swap is the last step);
+        # take the partial folder away and say so in one line.
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = as_os_error(e)
+        if isinstance(e, FileSystemError) or cause is None:
+            raise
+        raise FileSystemError(f"cannot write the checkpoint {describe_os_error(cause, tmp)}") from None
+
+
+def _write(final: str, old: str, tmp: str, run_dir: str, state: CheckpointState,
+           weights: dict[str, torch.Tensor] | None, fault: Any, ledger: Any) -> None:
     from safetensors.torch import save_file
 
-    final, old, tmp = _dirs(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if weights is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import stat
 
@@ -58,6 +59,18 @@ def describe_os_error(e: OSError, path: str | None = None) -> str:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"'{where}': {cause}; nothing was lost; free space and rerun to resume"
     return f"'{where}': {cause}"
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: itself, or one rebuilt from a library's text ("... (os error 28)", as
+    safetensors reports a full disk).  None when ``e`` is not a file-system failure."""
+    if isinstance(e, OSError):
+        return e
+    found = re.search(r"os error (\d+)", str(e))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
 
 
 def check_writable_dir(path: str, what: str = "run_dir") -> None:
@@ -119,11 +132,14 @@ def save_model_folder(model: object, tokenizer: object, out: str) -> None:
         if os.path.isdir(out):
             os.rename(out, old)
         os.rename(tmp, out)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.isdir(old) and not os.path.exists(out):
             os.rename(old, out)
-        raise FileSystemError(f"cannot save the model to {describe_os_error(e, out)}") from None
+        cause = as_os_error(e)
+        if cause is None:
+            raise
+        raise FileSystemError(f"cannot save the model to {describe_os_error(cause, out)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)

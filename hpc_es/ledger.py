@@ -8,6 +8,7 @@ the ledger (seeds, signs, shaped, sigma, alpha) is itself a checkpoint.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from hpc_es.errors import HpcEsError
+from hpc_es.fsio import FileSystemError, describe_os_error
 
 MATRIX = {"seeds": np.int64, "signs": np.int8, "rewards": np.float64, "shaped": np.float64}
 SCALARS = {
@@ -62,11 +64,16 @@ class Ledger:
         return np.array([r[key] for r in self.rows], dtype=dtype)
 
     def save(self, path: str) -> None:
-        """Write the whole ledger to ``path`` atomically (temp file, fsync, rename)."""
+        """Write the whole ledger to ``path`` atomically (temp file, fsync, rename).
+
+        The HDF5 image is built in memory and written with plain file I/O, so a full disk or a read-only
+        mount is one OSError (reported as a FileSystemError; the previous ledger stays in place and the
+        temporary file is removed) rather than HDF5 errors from inside its cache flushes.
+        """
         import h5py
 
-        tmp = f"{path}.tmp"
-        with h5py.File(tmp, "w") as f:
+        image = io.BytesIO()
+        with h5py.File(image, "w") as f:
             f.attrs["version"] = VERSION
             for k, v in self.attrs.items():
                 f.attrs[k] = v
@@ -78,10 +85,19 @@ class Ledger:
             for key in SCALARS:
                 data = self.column(key)
                 f.create_dataset(key, data=data, maxshape=(None,), chunks=(max(1, min(1024, len(data) or 1)),))
-            f.flush()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        tmp = f"{path}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(image.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise FileSystemError(f"cannot write the ledger {describe_os_error(e, path)}") from None
         try:  # make the rename itself durable
             fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
             try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hpc_es.comm import Comm
 from hpc_es.config import Config, default_cache_dir
 from hpc_es.errors import HpcEsError
+from hpc_es.fsio import FileSystemError, describe_os_error
 from hpc_es.models import ensure_tiny_model
 
 
@@ -14,7 +17,13 @@ def resolve_model_path(cfg: Config) -> str:
     """``model=tiny`` -> the cached tiny model folder (built on first use)."""
     if cfg.model != "tiny":
         return cfg.model
-    return ensure_tiny_model(cfg.tiny, default_cache_dir(cfg))
+    cache = default_cache_dir(cfg)
+    if os.path.exists(cache) and not os.path.isdir(cache):
+        raise FileSystemError(f"tiny.cache_dir '{cache}' is a file, not a folder")
+    try:
+        return ensure_tiny_model(cfg.tiny, cache)
+    except OSError as e:  # a cache that is a file, read-only or full: one line, not a traceback
+        raise FileSystemError(f"tiny.cache_dir {describe_os_error(e, cache)}") from None
 
 
 def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:

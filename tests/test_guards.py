@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -317,3 +318,70 @@ def test_replay_out_twice_replaces_its_own_output(reference_run: Path, tmp_path:
     assert json.loads(capsys.readouterr().out)["fingerprint"] == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["replayed"]
     assert isinstance(HpcEsError, type)
+
+
+# ---- case 10: a full disk during a checkpoint or ledger write ----------------------------------
+
+def full_disk_for_checkpoints(real: object, armed: list[bool]) -> object:
+    """safetensors' writer failing as on a full disk (its wording) for checkpoint weights while armed."""
+    calls = [0]
+
+    def write(tensors: object, filename: str, *args: object, **kwargs: object) -> object:
+        if "checkpoint.tmp-" in str(filename) and armed[0]:
+            calls[0] += 1
+            if calls[0] >= 2:
+                raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *args, **kwargs)  # type: ignore[operator]
+    return write
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes_exactly(
+        tmp_path: Path, reference_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import safetensors.torch
+
+    from conftest import fingerprint_of
+
+    run_dir = tmp_path / "r"
+    armed = [True]
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_for_checkpoints(safetensors.torch.save_file, armed))
+    assert main(TINY + ["checkpoint.every=1", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("hpc_es: error:")] == [
+        f"hpc_es: error: cannot write the checkpoint '{run_dir}/checkpoint.tmp-{os.getpid()}': No space left on "
+        "device; nothing was lost; free space and rerun to resume"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint", "log.h5"]
+    armed[0] = False
+    assert main(TINY + [f"run_dir={run_dir}"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fingerprint"] == \
+        fingerprint_of(reference_run / "final")
+
+
+def test_a_full_disk_during_a_ledger_write_is_one_line_and_the_rerun_resumes_exactly(
+        tmp_path: Path, reference_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import builtins
+
+    from conftest import fingerprint_of
+    from hpc_es import ledger
+
+    run_dir = tmp_path / "r"
+    real_open = builtins.open
+
+    def opener(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        done = run_dir / "log.h5"
+        if str(path).endswith("log.h5.tmp") and done.exists() and len(ledger.Ledger.load(str(done))) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(ledger, "open", opener, raising=False)
+    assert main(TINY + [f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Slist" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("hpc_es: error:")] == [
+        f"hpc_es: error: cannot write the ledger '{run_dir}/log.h5': No space left on device; nothing was "
+        "lost; free space and rerun to resume"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["log.h5"]
+    monkeypatch.undo()
+    assert main(TINY + [f"run_dir={run_dir}"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fingerprint"] == \
+        fingerprint_of(reference_run / "final")
