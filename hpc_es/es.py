@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from hpc_es.errors import DistributedError
 from hpc_es.models import named_params
 from hpc_es.noise import NoiseSource, chunks
 
@@ -211,3 +212,30 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
             pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hpc_es-noise",
                                                         initializer=_one_thread)
         return pool
+
+
+class WeightsNotFinite(DistributedError):
+    """An update made a weight inf or NaN.  Every rank holds the same weights and so hits it alike: it
+    is reported once (as a DistributedError is), with the exit code of a user error (the step size)."""
+
+    exit_code = 2
+
+
+@torch.no_grad()
+def check_finite(rep: Replica, t: int, alpha: float, sigma: float) -> None:
+    """Raise WeightsNotFinite when any of ``rep``'s master weights is inf or NaN after iteration ``t``.
+
+    One fp32-accumulated sum per tensor (no copy of the weights), one host sync per device: an inf or
+    NaN anywhere makes its tensor's sum non-finite.  (A finite sum can overflow only for weights near
+    the fp32 limit, which are broken anyway.)  Called after each update, before anything is saved.
+    """
+    sums: dict[torch.device, list[torch.Tensor]] = {}
+    for _, p in rep.params:
+        sums.setdefault(p.device, []).append(torch.sum(p, dtype=torch.float32))
+    if all(bool(torch.isfinite(torch.stack(s)).all()) for s in sums.values()):
+        return
+    bad = next(name for name, p in rep.params if not bool(torch.isfinite(p).all()))
+    raise WeightsNotFinite(
+        f"iteration {t} made the weights non-finite (first in '{bad}'; es.alpha={alpha:g}, es.sigma={sigma:g}); "
+        f"stopped before saving them (log.h5 holds the {t} iterations before it); lower es.alpha or es.sigma in a "
+        "new run_dir (earlier weights: `python -m hpc_es replay RUN_DIR --iteration T --out DIR`)")

@@ -26,8 +26,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 HARD_EXIT_AFTER_S = 5.0  # after the asynchronous exception, how long a stuck call gets before the process ends
 EXIT_TASK = 2  # a reward that never returns is the task's bug: a user error, not a requeue
@@ -40,7 +40,7 @@ class RewardTimeout(BaseException):
 
 
 class _Guard:
-    __slots__ = ("thread_id", "deadline", "describe", "fired_at")
+    __slots__ = ("deadline", "describe", "fired_at", "thread_id")
 
     def __init__(self, thread_id: int, deadline: float, describe: Callable[[], str]) -> None:
         self.thread_id, self.deadline, self.describe = thread_id, deadline, describe

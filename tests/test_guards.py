@@ -128,7 +128,7 @@ class Reward:
                 try:
                     while True:
                         pass
-                except Exception:  # noqa: BLE001 - what a careless reward does
+                except Exception:  # noqa: BLE001, S110 - what a careless reward does
                     pass
         if self.body == "exit0":
             raise SystemExit(0)
@@ -348,8 +348,8 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes_exact
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert [ln for ln in err.splitlines() if ln.startswith("hpc_es: error:")] == [
-        f"hpc_es: error: cannot write the checkpoint '{run_dir}/checkpoint.tmp-{os.getpid()}': No space left on "
-        "device; nothing was lost; free space and rerun to resume"]
+        (f"hpc_es: error: cannot write the checkpoint '{run_dir}/checkpoint.tmp-{os.getpid()}': No space left on "
+         "device; nothing was lost; free space and rerun to resume")]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint", "log.h5"]
     armed[0] = False
     assert main(TINY + [f"run_dir={run_dir}"]) == 0
@@ -378,8 +378,8 @@ def test_a_full_disk_during_a_ledger_write_is_one_line_and_the_rerun_resumes_exa
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Slist" not in err
     assert [ln for ln in err.splitlines() if ln.startswith("hpc_es: error:")] == [
-        f"hpc_es: error: cannot write the ledger '{run_dir}/log.h5': No space left on device; nothing was "
-        "lost; free space and rerun to resume"]
+        (f"hpc_es: error: cannot write the ledger '{run_dir}/log.h5': No space left on device; nothing was "
+         "lost; free space and rerun to resume")]
     assert sorted(p.name for p in run_dir.iterdir()) == ["log.h5"]
     monkeypatch.undo()
     assert main(TINY + [f"run_dir={run_dir}"]) == 0

@@ -34,7 +34,7 @@ def try_lock(run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Com
     code = ("import sys\nfrom hpc_es.runlock import acquire\nfrom hpc_es.errors import HpcEsError\n"
             "try:\n    acquire(sys.argv[1])\nexcept HpcEsError as e:\n    print(e)\n    sys.exit(2)\nprint('ok')")
     return subprocess.run([PY, "-c", code, str(run_dir)], env=dict(ENV, **(env or {})), capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, check=False)
 
 
 def start_holder(run_dir: Path) -> subprocess.Popen:
