@@ -41,7 +41,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from hpc_es.config import Config, all_keys, expand_paths, load_config, parse_override, set_key, validate
-from hpc_es.errors import ConfigError
+from hpc_es.errors import ConfigError, HpcEsError
 
 #: Executor options of :func:`submit` and their defaults.
 EXECUTOR_OPTIONS: dict[str, Any] = {
@@ -249,7 +249,19 @@ def submit(config: str | os.PathLike[str] | Config | None = None, *,
     cfg = resolve_config(config, items)
     folder, cluster, params = executor_parameters(cfg, **options)
     executor = make_executor(folder, cluster, params)
-    return executor.submit(TrainingJob(cfg.to_dict()))
+    from submitit.core.utils import FailedJobError  # issue 16: a failing sbatch is one line, exit 2
+
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; it is in the message
+            return executor.submit(TrainingJob(cfg.to_dict()))
+    except (FailedJobError, OSError) as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        why = lines[-1] if lines else type(e).__name__
+        raise HpcEsError(f"submitting to {executor.cluster} failed: {why} (is the Slurm controller reachable? try "
+                         "`sinfo`; or run on this machine with --cluster local)") from None
 
 
 def sbatch_script(config: str | os.PathLike[str] | Config | None = None, *,

@@ -114,3 +114,19 @@ def test_a_hung_rank_is_named_within_the_timeout(kind: str, hung: int, tmp_path:
         assert got["reporter"] == waiting[0]
         assert 2.0 <= got["wall"] < 15
         assert got["cpu"] < 0.5 * got["wall"], got  # waiting ranks sleep between polls, they do not spin
+
+
+def test_submit_when_the_slurm_controller_does_not_answer_is_one_line(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "srun"):  # Slurm's client tools are installed, its controller is down
+        (bin_dir / tool).write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact "
+                                    "slurm controller (connect failure)' >&2\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    env = dict(ENV, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run([PY, "-m", "hpc_es", "submit", "es.iterations=1", f"run_dir={tmp_path / 'run'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == ("hpc_es: error: submitting to slurm failed: sbatch: error: Batch job submission failed: "
+                           "Unable to contact slurm controller (connect failure) (is the Slurm controller reachable? "
+                           "try `sinfo`; or run on this machine with --cluster local)\n")
