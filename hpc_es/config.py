@@ -117,7 +117,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 def _int_range(lo: int, hi: int, note: str = "") -> tuple[Any, str]:
     """An integer key bounded on both sides: a typo such as 1e30 is refused instead of eating memory."""
-    return (lambda v: lo <= v <= hi), f"an integer in [{lo}, {hi:,}]{note}"
+    return (lambda v: lo <= v <= hi), f"an integer >= {lo} and <= {hi:,}{note}"
 
 
 def _float_range(lo: float, hi: float, lo_open: bool = False, note: str = "") -> tuple[Any, str]:

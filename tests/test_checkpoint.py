@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hpc_es import checkpoint as ckpt
+from hpc_es.fsio import FileSystemError
 from hpc_es.ledger import Ledger
 
 from test_ledger import make
@@ -70,8 +71,9 @@ def test_failure_during_weights_write_keeps_previous(tmp_path: Path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", dies)
-    with pytest.raises(OSError):
+    with pytest.raises(FileSystemError, match="cannot write the checkpoint .*: disk full"):  # one line, exit 2
         ckpt.save(str(tmp_path), state(2), weights(2.0))
+    assert not list(tmp_path.glob("checkpoint.tmp-*"))
     monkeypatch.undo()
     st, folder = ckpt.load(str(tmp_path))
     assert st.iteration == 1 and torch.equal(ckpt.load_weights(folder)["a.weight"], weights(1.0)["a.weight"])
@@ -104,8 +106,9 @@ def test_kill_between_the_renames_falls_back_to_old(tmp_path: Path, monkeypatch:
         real(src, dst)
 
     monkeypatch.setattr(os, "rename", second_fails)
-    with pytest.raises(OSError):
+    with pytest.raises(FileSystemError, match="cannot write the checkpoint .*: killed"):
         ckpt.save(str(tmp_path), state(2), weights(2.0))
+    assert not list(tmp_path.glob("checkpoint.tmp-*"))
     monkeypatch.undo()
     assert not (tmp_path / "checkpoint").exists() and (tmp_path / "checkpoint.old").is_dir()
     st, folder = ckpt.load(str(tmp_path))

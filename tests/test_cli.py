@@ -67,7 +67,7 @@ def test_malformed_data_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 
 @pytest.mark.parametrize("override, words", [
     ("es.sigma=0", ["es.sigma", "> 0"]),
-    ("es.population_size=0", ["es.population_size", ">= 1"]),
+    ("es.population_size=0", ["es.population_size", ">= 2"]),
     ("es.sigmaa=1", ["es.sigmaa", "es.sigma"]),
     ("es.iterations=many", ["es.iterations", "integer"]),
 ])

@@ -41,7 +41,7 @@ def test_ints_are_accepted_for_floats_and_round_trip_through_json() -> None:
     ("es.sigma=abc", ["es.sigma", "number", "abc"]),
     ("es.sigma=0", ["es.sigma", "> 0"]),
     ("es.sigma=-1e-3", ["es.sigma", "> 0"]),
-    ("es.population_size=0", ["es.population_size", ">= 1"]),
+    ("es.population_size=0", ["es.population_size", ">= 2"]),
     ("es.population_size=2.5", ["es.population_size", "integer"]),
     ("es.shaping=softmax", ["es.shaping", "zscore, rank"]),
     ("dist.backend=nccl", ["dist.backend", "mpi"]),
