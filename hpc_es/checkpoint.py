@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from hpc_es.errors import HpcEsError
-from hpc_es.fsio import FileSystemError, as_os_error, describe_os_error
+from hpc_es.fsio import MODEL_MARKER, FileSystemError, as_os_error, describe_os_error
+from hpc_es.schedule import Every
 
 STATE = "state.json"
 WEIGHTS = "model.safetensors"
 LEDGER = "log.h5"  # the ledger as of the checkpoint
+
+log = logging.getLogger("hpc_es")
 
 
 class CheckpointError(HpcEsError):
@@ -63,14 +67,14 @@ def save(run_dir: str, state: CheckpointState, weights: dict[str, torch.Tensor] 
     """Write a checkpoint atomically; the previous one stays valid until the final rename.
 
     Everything is written and fsynced inside the temporary folder, ``state.json`` last, so a
-    temporary folder with a state.json is complete; only then is it swapped in.
+    temporary folder with a state.json is complete; only then is it swapped in.  A failing write (a full
+    disk, a read-only mount) removes the temporary folder and is one FileSystemError line; the previous
+    checkpoint and the ledger are untouched, so a rerun resumes exactly.
     """
-    final, old, tmp = _dirs(run_dir)
+    final, _old, tmp = _dirs(run_dir)
     try:
-        _write(final, old, tmp, run_dir, state, weights, fault, ledger)
+        _write(final, tmp, state, weights, fault, ledger)
     except Exception as e:
-        # A full disk or a read-only mount: the previous checkpoint is intact (the swap is the last step);
-        # take the partial folder away and say so in one line.
         shutil.rmtree(tmp, ignore_errors=True)
         cause = as_os_error(e)
         if isinstance(e, FileSystemError) or cause is None:
@@ -78,8 +82,8 @@ def save(run_dir: str, state: CheckpointState, weights: dict[str, torch.Tensor] 
         raise FileSystemError(f"cannot write the checkpoint {describe_os_error(cause, tmp)}") from None
 
 
-def _write(final: str, old: str, tmp: str, run_dir: str, state: CheckpointState,
-           weights: dict[str, torch.Tensor] | None, fault: Any, ledger: Any) -> None:
+def _write(final: str, tmp: str, state: CheckpointState, weights: dict[str, torch.Tensor] | None,
+           fault: Any, ledger: Any) -> None:
     from safetensors.torch import save_file
 
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,13 +99,48 @@ def _write(final: str, old: str, tmp: str, run_dir: str, state: CheckpointState,
         json.dump(state.__dict__, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Swap the complete folder ``tmp`` in as ``final``, durably, so that a kill leaves one of them whole.
+
+    The old ``final`` is renamed to ``final.old`` first and removed last; a kill between the two renames
+    leaves ``final.old`` (which ``load`` falls back to) and ``tmp``, never a torn ``final``.
+    """
+    old = f"{final}.old"
     _fsync(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync(run_dir)
+    _fsync(os.path.dirname(os.path.abspath(final)))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_folder(model: Any, tokenizer: Any, out: str) -> None:
+    """``save_pretrained`` of model and tokenizer into a temporary folder, swapped in as ``out``.
+
+    The folder is marked (``fsio.MODEL_MARKER``) as a model hpc_es saved, so a later save may replace it
+    (``fsio.check_model_out``).  A failing write removes the temporary folder, leaves ``out`` as it was
+    and is one FileSystemError line.
+    """
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, MODEL_MARKER), "w", encoding="utf-8") as fh:
+            fh.write("saved by hpc_es; a later save may replace this folder\n")
+        replace_dir(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(f"{out}.old") and not os.path.exists(out):  # failed between the two renames
+            os.rename(f"{out}.old", out)
+        cause = as_os_error(e) if isinstance(e, Exception) else None
+        if cause is None:
+            raise
+        raise FileSystemError(f"cannot save the model to {describe_os_error(cause, out)}") from None
 
 
 def clean_stale(run_dir: str) -> list[str]:
@@ -149,3 +188,29 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
         return load_file(os.path.join(folder, WEIGHTS))
     except Exception as e:
         raise CheckpointError(f"checkpoint weights in '{folder}' are unreadable ({e})") from None
+
+
+class Checkpointer:
+    """Rank 0's checkpoints of one run: when they are due (``checkpoint.every`` and the last iteration)
+    and what goes in them.  Other ranks hold identical weights and write nothing."""
+
+    def __init__(self, run_dir: str, every: int, total: int, with_weights: bool, base_model: str,
+                 base_fingerprint: str, config_json: str, is_main: bool, fault: Any = None) -> None:
+        self.run_dir, self.schedule, self.with_weights = run_dir, Every(every, total), with_weights
+        self.base_model, self.base_fingerprint, self.config_json = base_model, base_fingerprint, config_json
+        self.is_main, self.fault = is_main, fault
+        self.saved_at = -1  # iterations covered by the last checkpoint this process wrote
+
+    def due(self, done: int) -> bool:
+        return self.schedule.due(done)
+
+    def save(self, done: int, weights: Callable[[], dict[str, torch.Tensor]], fingerprint: str,
+             ledger: Any) -> None:
+        """A checkpoint after ``done`` iterations: θ (unless ledger-only), the ledger's copy, state.json."""
+        if not self.is_main:
+            return
+        state = CheckpointState(iteration=done, base_model=self.base_model, base_fingerprint=self.base_fingerprint,
+                                fingerprint=fingerprint, has_weights=self.with_weights, config=self.config_json)
+        save(self.run_dir, state, weights() if self.with_weights else None, self.fault, ledger=ledger)
+        self.saved_at = done
+        log.info("checkpoint saved after iteration %d", done)

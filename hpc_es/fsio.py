@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import stat
 
 from hpc_es.errors import HpcEsError
@@ -113,33 +112,3 @@ def check_model_out(out: str) -> None:
             "(give a new or empty folder)")
     if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK | os.X_OK):
         raise FileSystemError(f"output folder '{out}': its parent folder is not writable")
-
-
-def save_model_folder(model: object, tokenizer: object, out: str) -> None:
-    """``save_pretrained`` into a temporary sibling folder, then rename over ``out`` (marked as ours).
-
-    A failing write (full disk, read-only mount) removes the temporary folder and leaves ``out`` as it
-    was; the error is one line.
-    """
-    tmp = f"{out}.tmp-{os.getpid()}"
-    old = f"{out}.old-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)  # type: ignore[attr-defined]
-        tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-        with open(os.path.join(tmp, MODEL_MARKER), "w", encoding="utf-8") as fh:
-            fh.write("saved by hpc_es; this folder may be replaced by a later save\n")
-        if os.path.isdir(out):
-            os.rename(out, old)
-        os.rename(tmp, out)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.isdir(old) and not os.path.exists(out):
-            os.rename(old, out)
-        cause = as_os_error(e)
-        if cause is None:
-            raise
-        raise FileSystemError(f"cannot save the model to {describe_os_error(cause, out)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)

@@ -21,7 +21,8 @@ from hpc_es import fsio, watchdog as wd
 from hpc_es.cli import main
 from hpc_es.config import Config, all_keys, get_key, load_config
 from hpc_es.errors import ConfigError, DataError, HpcEsError, TaskError
-from hpc_es.fsio import MODEL_MARKER, FileSystemError, check_model_out, save_model_folder
+from hpc_es.checkpoint import save_model_folder
+from hpc_es.fsio import MODEL_MARKER, FileSystemError, check_model_out
 from hpc_es.tasks import Example, safe_score
 
 
