@@ -83,7 +83,7 @@ class TestSplit:
             return self.skipped()
         a = time.perf_counter()
         got = score_items(model, tokenizer, self.task, self.examples, self.cfg.rollout.max_new_tokens,
-                          eval_batch_size(self.cfg), self.comm)
+                          eval_batch_size(self.cfg), self.comm, reward_timeout_s=self.cfg.rollout.reward_timeout_s)
         seconds = time.perf_counter() - a
         if self.comm.is_main:
             acc = f", accuracy {got['accuracy']:.4f}" if "accuracy" in got else ""

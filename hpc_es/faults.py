@@ -3,7 +3,9 @@
 ``HPC_ES_FAULT=point:iteration[:rank][,...]`` arms a point at an iteration (on one rank, or on every rank).
 Points that SIGKILL the process: ``rollout``, ``update``, ``after_ledger``, ``checkpoint_write``.
 ``signal`` sends this process a real SIGTERM at the start of the iteration (as a scheduler would);
-``raise`` injects an error into member scoring and ``nudge`` a weight divergence (see ``wants``).
+``raise`` injects an error into member scoring and ``nudge`` a weight divergence (see ``wants``); ``hang``
+makes the rank sleep for good before generating, so the other ranks wait for it (a bounded wait: dist.timeout_s).
+``signal:-1`` sends the SIGTERM during set-up, before the model loads.
 Nothing is armed unless the variable is set.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 
 class Fault:
@@ -33,6 +36,9 @@ class Fault:
             raise RuntimeError(f"injected failure at iteration {self.iteration}")
         if point == "nudge":
             return
+        if point == "hang":
+            while True:
+                time.sleep(3600)
         if point == "signal":
             os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
             return

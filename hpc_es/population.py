@@ -81,9 +81,11 @@ class Population:
                 self.engine.perturb(rep, int(seeds[n]), int(signs[n]), self.cfg.es.sigma)
                 b = time.perf_counter()
                 self.fault("rollout")
+                self.fault("hang")
                 completions = self.complete(j, prompts)
                 c = time.perf_counter()
-                out.rewards[n] = float(np.mean([safe_score(self.task, text, ex)
+                limit = self.cfg.rollout.reward_timeout_s
+                out.rewards[n] = float(np.mean([safe_score(self.task, text, ex, limit)
                                                 for text, ex in zip(completions, examples)]))
                 d = time.perf_counter()
                 if j == 0:

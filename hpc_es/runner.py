@@ -19,6 +19,7 @@ from hpc_es.comm import Comm
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.trainer import Stop, Trainer, train
+from hpc_es.watchdog import watchdog
 
 EXIT_REQUEUE = 75  # checkpointed on a signal: the launcher should requeue (EX_TEMPFAIL)
 
@@ -49,24 +50,40 @@ def setup_logging(comm: Comm) -> None:
     log.setLevel(logging.INFO if comm.is_main else logging.ERROR)
 
 
-def signal_handlers(comm: Comm) -> Callable[[Trainer], None]:
-    """SIGTERM/SIGUSR1/SIGUSR2: finish the iteration, checkpoint, exit 75; a second signal: leave now."""
+def signal_handlers(comm: Comm, grace_s: float) -> Callable[[Trainer], None]:
+    """SIGTERM/SIGUSR1/SIGUSR2: finish the iteration, checkpoint, exit 75; a second signal: leave now.
 
-    def install(trainer: Trainer) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            if trainer.stop_signal:  # a second signal (a launcher tearing the job down): leave now
-                print(f"hpc_es: rank {comm.rank}: second {signal.Signals(signum).name}, exiting without "
-                      "checkpoint", file=sys.stderr, flush=True)
-                os._exit(128 + signum)
-            trainer.stop_signal = signum
+    The handlers go in at once, before the model loads: a signal during set-up (a job preempted while a
+    7B model loads) exits 75 with nothing to save, so the scheduler requeues it.  Once training runs, the
+    iteration in flight gets ``grace_s`` (checkpoint.stop_grace_s) to end; if it is stuck, the watchdog
+    leaves with 75 without it (every completed iteration is in the ledger).  Returns the hook that hands
+    the handlers the trainer once it exists.
+    """
+    held: list[Trainer] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if not held:
             if comm.is_main:
-                print(f"\nhpc_es: got {signal.Signals(signum).name}; checkpointing after this iteration",
-                      file=sys.stderr, flush=True)
+                print(f"hpc_es: got {name} while setting up; nothing to save yet; exit {EXIT_REQUEUE} (requeue "
+                      "to resume)", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(EXIT_REQUEUE)
+        trainer = held[0]
+        if trainer.stop_signal:  # a second signal (a launcher tearing the job down): leave now
+            print(f"hpc_es: rank {comm.rank}: second {name}, exiting without checkpoint", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        trainer.stop_signal = signum
+        watchdog().arm_stop(grace_s, f"hpc_es: rank {comm.rank}: the iteration in flight did not end within "
+                                     f"checkpoint.stop_grace_s={grace_s:g} s of {name}; leaving without it; exit "
+                                     f"{EXIT_REQUEUE} (the resumed run repeats it)")
+        if comm.is_main:
+            print(f"\nhpc_es: got {name}; checkpointing after this iteration", file=sys.stderr, flush=True)
 
-        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
-    return install
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1):
+        signal.signal(sig, handler)
+    return held.append
 
 
 def run_training(cfg: Config, comm: Comm, *, own_process: bool) -> dict[str, Any]:
@@ -78,7 +95,7 @@ def run_training(cfg: Config, comm: Comm, *, own_process: bool) -> dict[str, Any
     """
     setup_logging(comm)
     try:
-        result = train(cfg, comm, on_signal=signal_handlers(comm) if own_process else None)
+        result = train(cfg, comm, on_signal=signal_handlers(comm, cfg.checkpoint.stop_grace_s) if own_process else None)
     except Stop as s:
         if comm.is_main:
             print(f"hpc_es: checkpointed after {signal.Signals(s.signum).name}; exit {EXIT_REQUEUE} "
@@ -103,8 +120,13 @@ def leave_together(comm: Comm, exc: BaseException, *, exit_process: bool) -> Non
     """A rank that fails outside a collective must not leave the others waiting in one."""
     if comm.world_size <= 1:
         return
-    if isinstance(exc, DistributedError):  # every rank saw it: rank 0 reports, all leave, none aborts
+    if isinstance(exc, KeyboardInterrupt) and exit_process:  # Ctrl-C reaches every rank: leave as one process does
         if comm.is_main:
+            print("hpc_es: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+    if isinstance(exc, DistributedError):  # every rank saw it: rank 0 reports, all leave, none aborts
+        # (a collective timeout is reported by the lowest rank that waited: the hung one may be rank 0)
+        if comm.rank == getattr(exc, "reporter", 0):
             print(f"hpc_es: error: {exc}", file=sys.stderr, flush=True)
         exc.quiet = True  # said once already
         comm.close()

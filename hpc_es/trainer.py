@@ -18,15 +18,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from hpc_es import resume
+from hpc_es import resume, runlock
 from hpc_es.checkpoint import Checkpointer, save_model_folder
 from hpc_es.checks import DivergenceCheck
 from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
-from hpc_es.es import shape_rewards
+from hpc_es.es import check_finite, shape_rewards
 from hpc_es.evaluate import TestSplit
 from hpc_es.faults import Fault
+from hpc_es.fsio import check_writable_dir
 from hpc_es.ledger import Ledger
 from hpc_es.models import load_model, named_params, resolve_dtype
 from hpc_es.noise import _hash64, member_seeds
@@ -34,6 +35,7 @@ from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.population import Population, Scores
 from hpc_es.progress import Progress, announce
 from hpc_es.tasks import Example, load_task
+from hpc_es.watchdog import watchdog
 
 log = logging.getLogger("hpc_es")
 
@@ -80,14 +82,26 @@ class Trainer:
         self.stop_now = False  # every rank agrees (through the reward exchange) to stop after this iteration
         self.N = cfg.es.population_size
         self.log_path = os.path.join(cfg.run_dir, "log.h5")
+        self.lock: runlock.RunLock | None = None  # rank 0's hold on run_dir (issue 16)
         # Two set-up steps, each closed by an agreement that every rank reaches, failed or not: a rank whose
         # set-up fails never leaves the others in a collective, and an error that every rank hits alike is
         # reported once, without an abort.
-        agree(comm, attempt(self._setup_devices))
-        agree(comm, attempt(self._setup_model))
+        try:
+            agree(comm, attempt(self._setup_devices))
+            agree(comm, attempt(self._setup_model))
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of run_dir (the process's exit does too; this is for runs in a longer-lived process)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _setup_devices(self) -> None:
-        """World size against N, this rank's devices; rank 0 builds the tiny model (once, into the cache)."""
+        """World size against N, the task and its data, this rank's devices; rank 0 takes run_dir (a
+        writable folder, locked against a second run) and builds the tiny model (once, into the cache).
+        Everything that can be wrong with the input is found here, before minutes of model loading."""
         cfg, comm = self.cfg, self.comm
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -99,9 +113,15 @@ class Trainer:
             if comm.is_main:
                 log.warning("%d ranks but only %d population members: ranks %d..%d idle (dist.allow_idle_ranks)",
                             comm.world_size, self.N, self.N, comm.world_size - 1)
+        self.task = load_task(cfg)  # data and task errors before the model loads (issue 16)
+        self.train_set = list(self.task.train_examples())
+        if not self.train_set:
+            raise HpcEsError(f"task '{cfg.task}' has no training examples")
+        self.test_split = TestSplit(cfg, self.task, comm)
         self.devices = local_devices(cfg, comm)
         if comm.is_main:
-            os.makedirs(cfg.run_dir, exist_ok=True)
+            check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
+            self.lock = runlock.acquire(cfg.run_dir)  # one run per run_dir; other ranks learn through agree()
             self.model_path = resolve_model_path(cfg)
 
     def _setup_model(self) -> None:
@@ -113,14 +133,10 @@ class Trainer:
         if comm.is_main:  # loading a 7B model on every rank takes a while: say what is happening
             log.info("loading %s (%s, %d replica(s) per rank on %s)", self.model_path,
                      str(self.dtype).removeprefix("torch."), len(self.devices), self.devices[0].type)
-        task = load_task(cfg)
-        self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, task, comm.rank,
+        self.fault("signal")  # signal:-1 arrives while the model loads
+        self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, self.task, comm.rank,
                                           comm.world_size, self.fault)
         self.base_fingerprint = self.population.fingerprint()
-        self.train_set = list(task.train_examples())
-        if not self.train_set:
-            raise HpcEsError(f"task '{cfg.task}' has no training examples")
-        self.test_split = TestSplit(cfg, task, comm)
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
                                           comm.world_size * len(self.devices))
         base_model = os.path.abspath(self.model_path)
@@ -153,6 +169,7 @@ class Trainer:
             t1 = time.perf_counter()
             self.fault("update")
             self.population.update(seeds, signs, shaped, cfg.es.alpha)             # θ += α/N Σ Z_n ε_n
+            check_finite(self.population.replicas[0], t, cfg.es.alpha, cfg.es.sigma)  # before anything is saved
             scores.times["update"] = time.perf_counter() - t1
             self.after_iteration(t, seeds, signs, rewards, shaped, scores.times, t0)
         self.bar.close()
@@ -197,6 +214,8 @@ class Trainer:
         self.check_weights(t)
         self.bar.update(t, rewards, time.perf_counter() - t0)
         stop = self.stop_now or (self.comm.world_size == 1 and self.stop_signal)
+        if stop:
+            watchdog().disarm_stop()  # the iteration ended within checkpoint.stop_grace_s: checkpoint and leave
         if (stop or self.checkpointer.due(done)) and done < self.cfg.es.iterations:
             self.save_checkpoint(done)
         if stop and done < self.cfg.es.iterations:
@@ -252,12 +271,15 @@ def train(cfg: Config, comm: Comm | None = None,
     """
     own = comm is None
     comm = comm or make_comm(cfg.dist.backend, cfg.dist.timeout_s)
+    trainer = None
     try:
         trainer = Trainer(cfg, comm)
         if on_signal is not None:
             on_signal(trainer)
         return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.release()
         if own:
             comm.close()
 

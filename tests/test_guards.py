@@ -351,7 +351,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes_exact
     assert [ln for ln in err.splitlines() if ln.startswith("hpc_es: error:")] == [
         (f"hpc_es: error: cannot write the checkpoint '{run_dir}/checkpoint.tmp-{os.getpid()}': No space left on "
          "device; nothing was lost; free space and rerun to resume")]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint", "log.h5"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint", "log.h5"]
     armed[0] = False
     assert main(TINY + [f"run_dir={run_dir}"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fingerprint"] == \
@@ -381,7 +381,7 @@ def test_a_full_disk_during_a_ledger_write_is_one_line_and_the_rerun_resumes_exa
     assert [ln for ln in err.splitlines() if ln.startswith("hpc_es: error:")] == [
         (f"hpc_es: error: cannot write the ledger '{run_dir}/log.h5': No space left on device; nothing was "
          "lost; free space and rerun to resume")]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["log.h5"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "log.h5"]
     monkeypatch.undo()
     assert main(TINY + [f"run_dir={run_dir}"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fingerprint"] == \
