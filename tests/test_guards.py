@@ -386,3 +386,65 @@ def test_a_full_disk_during_a_ledger_write_is_one_line_and_the_rerun_resumes_exa
     assert main(TINY + [f"run_dir={run_dir}"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fingerprint"] == \
         fingerprint_of(reference_run / "final")
+
+
+# ---- whole runs: rewards that hang or exit, weights that overflow ------------------------------
+
+STUCK_TASK = '''
+import sys
+from hpc_es.tasks import Example
+
+class T:
+    name = "user"
+    def train_examples(self):
+        return [Example("Q: hi\\nA:", {}) for _ in range(4)]
+    def test_examples(self):
+        return self.train_examples()
+    def score(self, completion, example):
+        {body}
+
+task = T()
+'''
+
+
+@pytest.mark.parametrize("body, message", [
+    ("while True: pass", "task 'user' reward did not return within 0.5 s on prompt 'Q: hi\\nA:' "
+                         "(rollout.reward_timeout_s)"),
+    ("sys.exit(0)", "task 'user' reward called sys.exit(0) on prompt 'Q: hi\\nA:'"),
+])
+def test_a_reward_that_hangs_or_exits_stops_the_run_with_one_line(body: str, message: str, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    f = tmp_path / "stuck_task.py"
+    f.write_text(STUCK_TASK.replace("{body}", body))
+    t0 = time.monotonic()
+    code = main(TINY + [f"task={f}:task", "rollout.reward_timeout_s=0.5", f"run_dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - t0 < 60
+    assert [ln for ln in err.splitlines() if ln.startswith("hpc_es: error:")] == [f"hpc_es: error: {message}"]
+    assert not (tmp_path / "r" / "log.h5").exists()
+
+
+def test_weights_that_overflow_stop_the_run_before_anything_is_saved(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "r"
+    assert main(TINY + ["dtype=float16", "es.alpha=1000000", "checkpoint.every=1", f"run_dir={run_dir}"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("hpc_es: error:")]
+    assert len(err) == 1 and err[0].startswith("hpc_es: error: iteration 0 made the weights non-finite (first in '")
+    assert "es.alpha=1e+06" in err[0] and "log.h5 holds the 0 iterations before it" in err[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # no ledger row, no checkpoint, no final/
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("run_dir={file}", "run_dir '{file}' is a file, not a folder"),
+    ("run_dir={file}/sub", "run_dir '{file}/sub': Not a directory"),
+    ("tiny.cache_dir={file}", "tiny.cache_dir '{file}' is a file, not a folder"),
+    ("data.path=/dev/zero", "data file '/dev/zero' is not a regular file"),
+])
+def test_unusable_paths_are_one_line_before_the_model_loads(setting: str, message: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    f = tmp_path / "a_file"
+    f.write_text("")
+    args = [setting.format(file=f)] + ([] if setting.startswith("run_dir") else [f"run_dir={tmp_path / 'r'}"])
+    assert main(TINY + args) == 2
+    err = capsys.readouterr().err
+    assert err == f"hpc_es: error: {message.format(file=f)}\n"  # no "loading ..." line: nothing was loaded
