@@ -27,6 +27,9 @@ class ESConfig:
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
     noise_chunk: int = 1 << 20  # elements per generator call: bounds the fp32 scratch memory
     base_on: str = "device"  # device: one extra copy on the GPU | host: base kept in CPU memory
+    noise: str = "full"  # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
+    rank: int = 1  # es.noise=lowrank: rank r of each member's perturbation A Bᵀ/√r
+    lowrank_scope: str = "frozen"  # es.noise=lowrank: frozen (Linear weights only) | full (+ embeddings, 1-D)
 
 
 @dataclass
@@ -34,6 +37,7 @@ class RolloutConfig:
     max_new_tokens: int = 16
     prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
+    members_per_pass: int = 0  # es.noise=lowrank: members per batched generation; 0 = all of a replica's members
 
 
 @dataclass
@@ -104,6 +108,8 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "es.shaping": ("zscore", "rank"),
     "es.base_on": ("device", "host"),
+    "es.noise": ("full", "lowrank"),
+    "es.lowrank_scope": ("frozen", "full"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "tiny.arch": ("qwen2", "llama"),
@@ -117,6 +123,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "es.alpha": (lambda v: v >= 0, "a number >= 0"),
     "es.iterations": (lambda v: v >= 0, "an integer >= 0"),
     "es.noise_chunk": (lambda v: v >= 1024, "an integer >= 1024"),
+    "es.rank": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.members_per_pass": (lambda v: v >= 0, "an integer >= 0 (0 = all of a replica's members)"),
     "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.prompts_per_iteration": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = all prompts in one batch)"),

@@ -26,6 +26,7 @@ from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import Engine, Replica, shape_rewards
+from hpc_es import lowrank  # issue 14
 from hpc_es.ledger import Ledger, LedgerError
 from hpc_es.models import fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
 from hpc_es.noise import _hash64, member_seeds
@@ -36,7 +37,8 @@ log = logging.getLogger("hpc_es")
 
 # Config keys that define the trajectory: a resumed run must agree on all of them.
 TRAJECTORY_KEYS = ("model", "task", "seed", "dtype", "es.population_size", "es.sigma", "es.alpha",
-                   "es.antithetic", "es.shaping", "es.noise_chunk", "rollout", "data", "tiny")
+                   "es.antithetic", "es.shaping", "es.noise_chunk", "rollout", "data", "tiny",
+                   "es.noise", "es.rank", "es.lowrank_scope")  # issue 14: the low-rank mode's keys
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Fault:
 
 
 def _trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    cfg_dict = _with_defaults(Config().to_dict(), cfg_dict)  # issue 14: a run from before a key existed
     out = {}
     for key in TRAJECTORY_KEYS:
         v: Any = cfg_dict
@@ -124,6 +127,14 @@ def _trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
             v = v[part]
         out[key] = v
     return out
+
+
+def _with_defaults(default: Any, given: Any) -> Any:
+    """issue 14: ``given`` with the keys it lacks taken from ``default`` (a ledger written before a config
+    key was added holds the run that key's default describes)."""
+    if not isinstance(default, dict) or not isinstance(given, dict):
+        return given
+    return {**default, **{k: _with_defaults(default.get(k), v) for k, v in given.items()}}
 
 
 class Trainer:
@@ -170,12 +181,16 @@ class Trainer:
                      str(self.dtype).removeprefix("torch."), len(self.devices), self.devices[0].type)
         self.replicas: list[Replica] = []
         self.tokenizers = []
+        lowrank_mode = cfg.es.noise == "lowrank"  # issue 14: no master copy, hooks instead of weight writes
         for dev in self.devices:
             model = load_model(self.model_path, self.dtype, str(dev))
-            self.replicas.append(Replica.wrap(model, cfg.es.base_on))
+            self.replicas.append(lowrank.wrap(model) if lowrank_mode else Replica.wrap(model, cfg.es.base_on))
             self.tokenizers.append(load_tokenizer(self.model_path))
         self.base_fingerprint = fingerprint(self.replicas[0].model)
         self.engine = Engine(cfg.es.noise_chunk)  # thread-safe: replicas perturbed side by side share it
+        if lowrank_mode:  # issue 14
+            self.engine = lowrank.make_engine(cfg)
+            self.lowrank = [self.engine.attach(rep) for rep in self.replicas]
         self.task = load_task(cfg)
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
@@ -190,7 +205,7 @@ class Trainer:
         self.ledger = Ledger(self.N, {
             "config": cfg.to_json(), "base_model": os.path.abspath(self.model_path),
             "base_fingerprint": self.base_fingerprint, "noise_device": self.devices[0].type,
-            "model_dtype": str(self.dtype).removeprefix("torch.")})
+            "model_dtype": str(self.dtype).removeprefix("torch."), **lowrank.ledger_attrs(cfg)})  # issue 14
         self.start, self._resume_report = self.read_run_dir()
 
     # ---- the algorithm ---------------------------------------------------------------------------
@@ -252,6 +267,11 @@ class Trainer:
 
         def members(j: int) -> None:
             rep, tok = self.replicas[j], self.tokenizers[j]
+            if self.cfg.es.noise == "lowrank":  # issue 14: this replica's members in batched passes
+                mine = [n for n in self.mine if slot_owner(n, self.comm.world_size, self.per_rank)[1] == j]
+                lowrank.score_members(self.lowrank[j], tok, mine, seeds, signs, examples, self.task, self.cfg,
+                                      local, times if j == 0 else None, self.fault)
+                return
             for n in self.mine:
                 if slot_owner(n, self.comm.world_size, self.per_rank)[1] != j:
                     continue
