@@ -27,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,11 +85,14 @@ def plan(model: torch.nn.Module, scope: str) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def wrap(model: torch.nn.Module) -> Replica:
+def wrap(model: torch.nn.Module, master_dtype: torch.dtype | None = None) -> Replica:
     """A Replica whose master weights ARE the model's parameters (no copy): a low-rank rollout never
-    writes the weights, so there is nothing to restore."""
+    writes the weights, so there is nothing to restore.  With a ``master_dtype`` wider than the model's
+    (fp32 master for a bf16 model) the master is a copy in that dtype, and every update rounds it into
+    the model once."""
     params = [(n, p.data) for n, p in named_params(model)]
-    return Replica(model=model, device=params[0][1].device, params=params, base=dict(params))
+    base = {n: (p if master_dtype in (None, p.dtype) else p.detach().to(master_dtype)) for n, p in params}
+    return Replica(model=model, device=params[0][1].device, params=params, base=base)
 
 
 @dataclass

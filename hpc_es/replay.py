@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 
+from hpc_es import lowrank  # issue 14
 from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
-from hpc_es import lowrank  # issue 14
 from hpc_es.es import Engine, Replica
 from hpc_es.ledger import Ledger, LedgerError
 from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
@@ -50,7 +50,7 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
         raise HpcEsError(f"base model '{base}' has fingerprint {found[:16]} but the run started from "
                          f"{str(ledger.attrs['base_fingerprint'])[:16]}; refusing to replay onto another model")
     rep = Replica.wrap(net, "device")
-    engine = Engine(cfg.es.noise_chunk)
+    engine: Engine | lowrank.LowRankEngine = Engine(cfg.es.noise_chunk)
     if cfg.es.noise == "lowrank":  # issue 14: the low-rank update, on the model's own weights
         rep, engine = lowrank.wrap(net), lowrank.make_engine(cfg)
     for row in ledger.rows[:upto]:

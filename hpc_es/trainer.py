@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from hpc_es import checkpoint as ckpt
+from hpc_es import lowrank  # issue 14
 from hpc_es.comm import Comm, agree, attempt, make_comm
 from hpc_es.evaluate import eval_batch_size, score_items
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import Engine, Replica, shape_rewards
-from hpc_es import lowrank  # issue 14
 from hpc_es.ledger import Ledger, LedgerError
 from hpc_es.models import fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
 from hpc_es.noise import _hash64, member_seeds
@@ -187,10 +187,11 @@ class Trainer:
             self.replicas.append(lowrank.wrap(model) if lowrank_mode else Replica.wrap(model, cfg.es.base_on))
             self.tokenizers.append(load_tokenizer(self.model_path))
         self.base_fingerprint = fingerprint(self.replicas[0].model)
-        self.engine = Engine(cfg.es.noise_chunk)  # thread-safe: replicas perturbed side by side share it
-        if lowrank_mode:  # issue 14
-            self.engine = lowrank.make_engine(cfg)
-            self.lowrank = [self.engine.attach(rep) for rep in self.replicas]
+        self.engine: Engine | lowrank.LowRankEngine = Engine(cfg.es.noise_chunk)  # thread-safe: replicas share it
+        if lowrank_mode:  # issue 14: the same interface (update, restore), plus hooks on each replica's model
+            low = lowrank.make_engine(cfg)
+            self.lowrank = [low.attach(rep) for rep in self.replicas]
+            self.engine = low
         self.task = load_task(cfg)
         self.train_set = list(self.task.train_examples())
         if not self.train_set:

@@ -145,6 +145,25 @@ def test_update_in_bfloat16_rounds_once_and_copies_to_other_replicas(tiny) -> No
     assert changed == len(lowrank.plan(model, "frozen"))
 
 
+def test_fp32_master_for_a_bf16_model(tiny) -> None:
+    """es.master_dtype=float32: the master accumulates in fp32 and the model holds its bf16 rounding."""
+    model, _ = tiny
+    seeds, signs = member_seeds(2, 0, 4)
+    shaped = np.array([1.0, -1.0, 0.5, -0.5])
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    m32 = copy.deepcopy(m16).to(torch.float32)
+    rep = lowrank.wrap(m16, torch.float32)
+    ref = lowrank.wrap(m32)
+    eng = lowrank.LowRankEngine(4096, 1, "frozen")
+    for _ in range(3):  # small steps that bf16 alone would round away accumulate in the fp32 master
+        eng.update([rep], seeds, signs, shaped * 1e-3, 0.5)
+        eng.update([ref], seeds, signs, shaped * 1e-3, 0.5)
+    for name, p in named_params(m16):
+        assert rep.base[name].dtype == torch.float32
+        assert torch.equal(rep.base[name], dict(named_params(m32))[name]), name
+        assert torch.equal(p, rep.base[name].to(torch.bfloat16)), name
+
+
 def test_config_keys_are_checked() -> None:
     cfg = load_config(None, ["es.noise=lowrank", "es.rank=4", "es.lowrank_scope=full", "rollout.members_per_pass=8"])
     assert (cfg.es.noise, cfg.es.rank, cfg.es.lowrank_scope, cfg.rollout.members_per_pass) == \
