@@ -89,3 +89,28 @@ def test_mpi_two_ranks_two_replicas_each(ref: Path, tmp_path: Path) -> None:
                       launcher=mpiexec(2))
     summary(proc)
     assert_same_run(run_dir, ref)
+
+
+def test_bench_lowrank_json_and_gpu_check_rows_on_cpu() -> None:
+    import subprocess
+
+    from conftest import PY, ROOT
+
+    tiny = ["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--prompts", "2", "--tokens", "4",
+            "--iterations", "1", "--warmup", "0", "--n", "4"]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([PY, str(ROOT / "tools" / "bench_lowrank.py"), *tiny, "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["n"] == 4 and got["lowrank_over_full"] > 0
+    assert got["full_s"]["perturb"] > 0 and got["lowrank_s"]["perturb"] >= 0 and got["lowrank_s"]["update"] > 0
+    proc = subprocess.run([PY, str(ROOT / "tools" / "bench.py"), *tiny, "--no-baseline", "--lowrank", "--lowrank-n", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "low-rank vs full-rank ES" in proc.stdout and "N=4, 2 prompts, 4 new tokens, rank 1" in proc.stdout
+    proc = subprocess.run([PY, str(ROOT / "tools" / "gpu_check.py"), "--tiny", "--n", "2", "--prompts", "2", "--tokens",
+                           "2", "--warmup", "0", "--no-baseline"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "low-rank population throughput" in proc.stdout and "% of plain" in proc.stdout

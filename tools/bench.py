@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lowrank:  # issue 14: low-rank rows, the same model, prompts and token budget
         import bench_lowrank
 
-        print(bench_lowrank.table(bench_lowrank.from_args(args, arch, dtype)), flush=True)
+        print(bench_lowrank.table(bench_lowrank.from_args(args, arch, dtype, args.lowrank_n)), flush=True)
     return 0
 
 

@@ -63,6 +63,7 @@ class Comparison:
     low: dict[str, float]
     full_tokens: float
     low_tokens: float
+    plain_tokens: float  # bare model.generate of the same N x prompts rows: the ceiling of any batched scheme
     load: tuple[float, float]
     wall: float
 
@@ -74,13 +75,16 @@ class Comparison:
         return {"lowrank_over_full": self.lowrank_over_full, "n": self.n, "prompts": self.prompts,
                 "tokens": self.tokens, "rank": self.rank, "params": self.params, "device": self.device,
                 "full_s": self.full, "lowrank_s": self.low, "full_tokens_per_s": self.full_tokens,
-                "lowrank_tokens_per_s": self.low_tokens}
+                "lowrank_tokens_per_s": self.low_tokens, "plain_batched_tokens_per_s": self.plain_tokens}
 
 
 def compare(arch: bench.Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 32, prompts: int = 16,
-            tokens: int = 32, iterations: int = 3, warmup: int = 1, rank: int = 1, chunk: int = 1 << 20,
+            tokens: int = 32, iterations: int = 3, warmup: int = 1, warmup_n: int = 2, rank: int = 1,
+            chunk: int = 1 << 20,
             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Comparison:
-    """Alternate full-rank and low-rank iterations on two copies of one model; medians per phase."""
+    """Alternate full-rank and low-rank iterations on two copies of one model; medians per phase.
+
+    Warm-up iterations (untimed) use ``warmup_n`` members (0: all)."""
     t_start = time.perf_counter()
     load0 = bench._load()
     logging.getLogger("hpc_es").setLevel(logging.ERROR)
@@ -92,20 +96,24 @@ def compare(arch: bench.Arch, *, dtype: torch.dtype, device: str = "cpu", n: int
     params = bench.n_params(model)
     full = bench.HpcEsRun(model, cfg, device)
     low = LowRankRun(copy.deepcopy(model), lcfg, device)
+    plain = bench.PlainGenerate(model, [ex.prompt for ex in full.examples] * n, tokens, device)
     rows: dict[str, list[dict[str, float]]] = {"full": [], "low": []}
     toks = {"full": 0.0, "low": 0.0}
     for t in range(warmup + iterations):
         for key, run in (("full", full), ("low", low)):
             run.counter.tokens = 0
-            r = run.iteration(t)
+            r = run.iteration(t, 0 if t >= warmup else warmup_n)
             log(f"  iteration {t} {key:4s} {sum(r.values()):.2f}s" + ("" if t >= warmup else " (warm-up)"))
             if t >= warmup:
                 rows[key].append(r)
                 toks[key] += run.counter.tokens
+        if t >= warmup:
+            plain()  # the unperturbed model on the low-rank pass's batch
     med = {k: _median(v) for k, v in rows.items()}
     rate = {k: toks[k] / max(sum(r["rollout"] for r in rows[k]), 1e-12) for k in rows}
     return Comparison(arch, params, device, n, prompts, tokens, rank, iterations, med["full"], med["low"],
-                      rate["full"], rate["low"], (load0, bench._load()), time.perf_counter() - t_start)
+                      rate["full"], rate["low"], plain.tokens / max(plain.seconds, 1e-12), (load0, bench._load()),
+                      time.perf_counter() - t_start)
 
 
 def _median(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -124,7 +132,8 @@ def table(res: Comparison) -> str:
         f, lo = res.full[k], res.low[k]
         ratio = f"{f / lo:8.2f}x" if lo > 0 else "        -"
         lines.append(f"   {k:28s} {f:9.3f} {lo:9.3f} {ratio}")
-    lines.append(f"   rollout tokens/s: full {res.full_tokens:8.0f}  lowrank {res.low_tokens:8.0f}")
+    lines.append(f"   rollout tokens/s: full {res.full_tokens:8.0f}  lowrank {res.low_tokens:8.0f}  plain model.generate "
+                 f"of the same {res.n} x {res.prompts} rows {res.plain_tokens:8.0f}")
     r = res.lowrank_over_full
     lines.append(f"   lowrank_over_full (iteration speed-up) {r:6.2f}x   (>= 4x) {'PASS' if r >= 4 else 'MISS'}")
     return "\n".join(lines)
@@ -134,9 +143,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rank", type=int, default=1, help="es.rank of the low-rank mode")
 
 
-def from_args(args: argparse.Namespace, arch: bench.Arch, dtype: torch.dtype) -> Comparison:
-    """The comparison bench.py runs with its own model, prompts and budget (N from --lowrank-n)."""
-    return compare(arch, dtype=dtype, device=args.device, n=getattr(args, "lowrank_n", args.n), prompts=args.prompts,
+def from_args(args: argparse.Namespace, arch: bench.Arch, dtype: torch.dtype, n: int) -> Comparison:
+    """The comparison with bench.py's model, prompts, token budget and iteration counts, at population n."""
+    return compare(arch, dtype=dtype, device=args.device, n=n, prompts=args.prompts,
                    tokens=args.tokens, iterations=args.iterations, warmup=args.warmup,
                    rank=getattr(args, "rank", 1), chunk=args.chunk)
 
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     dtype = bench.resolve(args)
     arch = bench.Arch("bench", args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate)
-    res = from_args(args, arch, dtype)
+    res = from_args(args, arch, dtype, args.n)
     print(json.dumps(res.as_json()) if args.json else table(res), flush=True)
     return 0
 
