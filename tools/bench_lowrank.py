@@ -200,14 +200,17 @@ def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, populat
         sync()
         return time.perf_counter() - a, int(out.shape[0]) * int(out.shape[1] - ids.shape[1])
 
+    short = GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4, "min_new_tokens": 4})
     with torch.no_grad():
-        log(f"warm-up: {rows} rows x {tokens} tokens")
-        model.generate(input_ids=ids[:prompts], attention_mask=mask[:prompts], generation_config=
-                       GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4, "min_new_tokens": 4}))
-        plain_s, plain_n = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=gen))
-        log(f"plain batched inference: {plain_n / plain_s:.0f} tokens/s")
         lm = lowrank.LowRankModel(model, "frozen", rank, NoiseSource(1 << 20))
         seeds, signs = member_seeds(0, 0, population)
+        log(f"warm-up: {rows} rows x 4 tokens, plain and low-rank")
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=short)
+        with lm.members(seeds[:members_per_pass].tolist(), signs[:members_per_pass].tolist(), 1e-3):
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=short)
+        log(f"timing: {rows} rows x {tokens} tokens")
+        plain_s, plain_n = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=gen))
+        log(f"plain batched inference: {plain_n / plain_s:.0f} tokens/s")
         low_s, low_n, setup_s = 0.0, 0, 0.0
         for p in range(min(passes, population // members_per_pass)):
             sl = slice(p * members_per_pass, (p + 1) * members_per_pass)
