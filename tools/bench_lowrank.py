@@ -32,21 +32,23 @@ import bench  # noqa: E402  (tools/bench.py: model building, the trainer-driven 
 
 from hpc_es import lowrank  # noqa: E402
 from hpc_es.config import Config  # noqa: E402
+from hpc_es.population import Population  # noqa: E402
 
 PHASES = bench.PHASES
 
 
 class LowRankRun(bench.HpcEsRun):
-    """``bench.HpcEsRun`` with the trainer switched to es.noise=lowrank (the replica is the model itself)."""
+    """``bench.HpcEsRun`` with es.noise=lowrank: the trainer's ``Population`` in low-rank mode, whose replica
+    is the model itself (no master copy)."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: str) -> None:
         super().__init__(model, cfg, device)
-        tr = self.trainer
-        tr.replicas = [lowrank.wrap(model)]  # drops the master copy HpcEsRun made
-        tr.engine = lowrank.make_engine(cfg)
-        tr.lowrank = [tr.engine.attach(tr.replicas[0])]
+        for lm in self.population.lowrank:  # the parent wrapped a copy-holding replica: start again without it
+            lm.remove()
+        self.population = Population(cfg, [lowrank.wrap(model)], [bench.tokenizer()], self.population.task)
         if device.startswith("cuda"):
-            tr.engine.update = self._synced(tr.engine.update)  # type: ignore[method-assign]
+            eng = self.population.engine
+            eng.update = self._synced(eng.update)  # type: ignore[method-assign]
 
 
 @dataclass
