@@ -105,8 +105,8 @@ def test_bench_lowrank_json_and_gpu_check_rows_on_cpu() -> None:
     got = json.loads(proc.stdout)
     assert got["n"] == 4 and got["lowrank_over_full"] > 0
     assert got["full_s"]["perturb"] > 0 and got["lowrank_s"]["perturb"] >= 0 and got["lowrank_s"]["update"] > 0
-    proc = subprocess.run([PY, str(ROOT / "tools" / "bench.py"), *tiny, "--no-baseline", "--lowrank", "--lowrank-n", "4"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([PY, str(ROOT / "tools" / "bench.py"), *tiny, "--no-baseline", "--lowrank",
+                           "--lowrank-n", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "low-rank vs full-rank ES" in proc.stdout and "N=4, 2 prompts, 4 new tokens, rank 1" in proc.stdout
     proc = subprocess.run([PY, str(ROOT / "tools" / "gpu_check.py"), "--tiny", "--n", "2", "--prompts", "2", "--tokens",

@@ -134,8 +134,8 @@ def table(res: Comparison) -> str:
         f, lo = res.full[k], res.low[k]
         ratio = f"{f / lo:8.2f}x" if lo > 0 else "        -"
         lines.append(f"   {k:28s} {f:9.3f} {lo:9.3f} {ratio}")
-    lines.append(f"   rollout tokens/s: full {res.full_tokens:8.0f}  lowrank {res.low_tokens:8.0f}  plain model.generate "
-                 f"of the same {res.n} x {res.prompts} rows {res.plain_tokens:8.0f}")
+    lines.append(f"   rollout tokens/s: full {res.full_tokens:8.0f}  lowrank {res.low_tokens:8.0f}  plain "
+                 f"model.generate of the same {res.n} x {res.prompts} rows {res.plain_tokens:8.0f}")
     r = res.lowrank_over_full
     lines.append(f"   lowrank_over_full (iteration speed-up) {r:6.2f}x   (>= 4x) {'PASS' if r >= 4 else 'MISS'}")
     return "\n".join(lines)
