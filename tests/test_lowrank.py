@@ -195,3 +195,21 @@ def test_score_members_passes_give_the_same_rewards(tiny) -> None:
     np.testing.assert_array_equal(got[0], got[1])
     np.testing.assert_array_equal(got[0], got[2])
     assert len(set(got[0].tolist())) > 1
+
+
+def test_trajectory_keys_name_the_mode_and_old_ledgers_read_as_full_rank() -> None:
+    import json
+
+    from hpc_es import resume
+    from hpc_es.checkpoint import CheckpointError
+    from hpc_es.config import Config
+
+    old = Config().to_dict()  # a ledger written before the low-rank keys existed
+    for key in ("noise", "rank", "lowrank_scope"):
+        del old["es"][key]
+    del old["rollout"]["members_per_pass"]
+    assert resume.trajectory(old) == resume.trajectory(Config().to_dict())
+    resume.check_same_run("the ledger", "fp", old, Config(), "fp", "tiny")  # resumes: the same run
+    low = load_config(None, ["es.noise=lowrank", "es.rank=2"])
+    with pytest.raises(CheckpointError, match="es.noise, es.rank"):
+        resume.check_same_run("the ledger", "fp", json.dumps(old), low, "fp", "tiny")
