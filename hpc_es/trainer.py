@@ -31,6 +31,7 @@ from hpc_es.models import fingerprint, load_model, load_tokenizer, named_params,
 from hpc_es.noise import _hash64, member_seeds
 from hpc_es.rollout import generate
 from hpc_es.tasks import Example, load_task, safe_score
+from hpc_es.tboard import TensorBoardLog  # issue 15
 
 log = logging.getLogger("hpc_es")
 
@@ -85,8 +86,8 @@ def slot_owner(member: int, world: int, per_rank: int) -> tuple[int, int]:
 class Fault:
     """Deterministic fault injection for tests: HPC_ES_FAULT=point:iteration[:rank][,...].
 
-    Points that SIGKILL the process: rollout, update, after_ledger, checkpoint_write.  ``signal`` sends
-    this process a real SIGTERM at the start of iteration T (as a scheduler would); ``raise`` and
+    Points that SIGKILL the process: rollout, update, after_ledger, checkpoint_write, tensorboard (issue 15).
+    ``signal`` sends this process a real SIGTERM at the start of iteration T (as a scheduler would); ``raise`` and
     ``nudge`` inject an error and a weight divergence.
     """
 
@@ -153,6 +154,8 @@ class Trainer:
             if comm.is_main:
                 log.warning("%d ranks but only %d population members: ranks %d..%d idle (dist.allow_idle_ranks)",
                             comm.world_size, self.N, self.N, comm.world_size - 1)
+        # issue 15: rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
+        self.tboard = TensorBoardLog(cfg.run_dir) if cfg.log.tensorboard and comm.is_main else None
         self.devices = local_devices(cfg, comm)
         self.per_rank = len(self.devices)
         if comm.is_main:
@@ -198,6 +201,8 @@ class Trainer:
         cfg, N = self.cfg, self.N
         start = self.start
         self.report_resume()
+        if self.tboard is not None:  # issue 15: the event files rebuilt from the ledger rows already done
+            self.tboard.start(self.ledger.rows)
         self.announce()
         self.comm.bytes_sent = 0  # the ledger's bytes_sent counts each iteration's traffic, setup excluded
         bar = Progress(cfg.es.iterations, start, enabled=self.comm.is_main and cfg.progress)
@@ -332,6 +337,9 @@ class Trainer:
         self.ledger.append(row)
         if self.comm.is_main:
             self.ledger.save(self.log_path)
+        if self.tboard is not None:  # issue 15: after the ledger holds the row (fault point for the tests)
+            self.fault("tensorboard")
+            self.tboard.write(row)
 
     def check_divergence(self, t: int) -> None:
         every = self.cfg.dist.check_every
@@ -565,6 +573,8 @@ class Trainer:
         if self.comm.is_main:
             save_pretrained_atomic(self.replicas[0].model, self.tokenizers[0], final)
             self.save_checkpoint(len(self.ledger))
+        if self.tboard is not None:  # issue 15
+            self.tboard.close()
         self.comm.barrier()
         means = self.ledger.column("reward_mean") if len(self.ledger) else np.array([np.nan])
         return TrainResult(self.cfg.run_dir, final, len(self.ledger), fp, float(means[0]), float(means[-1]))
