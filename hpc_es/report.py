@@ -181,10 +181,13 @@ def format_summary(s: dict[str, Any]) -> str:
 def _figure(height: float = HEIGHT) -> Any:
     """A matplotlib Figure on the Agg canvas (no pyplot state, no display), or the missing-extra error."""
     try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise ExtraMissing("python -m hpc_es report", "matplotlib") from None
-    return Figure(figsize=(WIDTH, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(WIDTH, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself: draws and saves without a GUI backend
+    return fig
 
 
 def _short(text: str, n: int = 40) -> str:
