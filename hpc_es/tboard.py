@@ -13,7 +13,8 @@ import math
 import os
 import shutil
 import time
-from typing import IO, Any, Iterable
+from collections.abc import Iterable
+from typing import IO, Any
 
 from hpc_es.errors import ExtraMissing
 
@@ -104,7 +105,7 @@ class TensorBoardLog:
             os.rename(self.folder, old)
         os.rename(tmp, self.folder)
         shutil.rmtree(old, ignore_errors=True)
-        self._fh = open(os.path.join(self.folder, name), "ab")
+        self._fh = open(os.path.join(self.folder, name), "ab")  # noqa: SIM115 (kept open across iterations)
         self._writer = self._record(self._fh)
 
     def write(self, row: dict[str, Any]) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, TINY, fingerprint_of, ledger_arrays, run_hpc_es
+
 from hpc_es import cli
 from hpc_es import report as rp
 from hpc_es.ledger import Ledger
@@ -76,7 +76,7 @@ def plot_area(fig: Any) -> tuple[int, int, int, int]:
     """The first axes' inner area in PNG pixel rows/columns (display y grows upwards, image rows down)."""
     fig.canvas.draw()
     bb = fig.axes[0].get_window_extent()
-    height = int(round(fig.bbox.height))
+    height = round(fig.bbox.height)
     return (height - int(bb.y1) + 2, height - int(bb.y0) - 2, int(bb.x0) + 2, int(bb.x1) - 2)
 
 
@@ -279,8 +279,8 @@ def test_missing_tensorboard_stops_training_with_one_line(tmp_path: Path) -> Non
                       env={"PYTHONPATH": f"{ROOT}{os.pathsep}{shadow.parent}", "HPC_ES_FAULT": ""})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "hpc_es: error: log.tensorboard=true needs tensorboard, which is not installed; install the 'report' "
-        "extra: pip install -e \".[report]\""]
+        ("hpc_es: error: log.tensorboard=true needs tensorboard, which is not installed; install the 'report' "
+         "extra: pip install -e \".[report]\"")]
     assert not (tmp_path / "run" / "log.h5").exists()
 
 
@@ -289,8 +289,8 @@ def test_missing_tensorboard_stops_training_with_one_line(tmp_path: Path) -> Non
 def test_report_needs_a_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = report_in_process(capsys, str(tmp_path))
     assert (rc, out) == (2, "")
-    assert err == [f"hpc_es: error: '{tmp_path}' holds no ledger (log.h5): not a run directory, or its first "
-                   "iteration has not finished yet"]
+    assert err == [(f"hpc_es: error: '{tmp_path}' holds no ledger (log.h5): not a run directory, or its first "
+                    "iteration has not finished yet")]
     rc, out, err = report_in_process(capsys, str(tmp_path / "nope"))
     assert (rc, out, err) == (2, "", [f"hpc_es: error: run directory '{tmp_path / 'nope'}' does not exist"])
 
@@ -320,8 +320,8 @@ def test_report_without_matplotlib_names_the_extra(tmp_path: Path, capsys: pytes
     block_import(monkeypatch, "matplotlib")
     rc, out, err = report_in_process(capsys, str(tmp_path))
     assert (rc, out) == (2, "")
-    assert err == ["hpc_es: error: python -m hpc_es report needs matplotlib, which is not installed; install "
-                   "the 'report' extra: pip install -e \".[report]\""]
+    assert err == [("hpc_es: error: python -m hpc_es report needs matplotlib, which is not installed; install "
+                    "the 'report' extra: pip install -e \".[report]\"")]
 
 
 def test_tensorboard_log_without_tensorboard_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
