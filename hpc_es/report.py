@@ -242,7 +242,8 @@ def reward_figure(run: Run) -> Any:
         for i, key in enumerate(kl):
             col = run.column(key)
             ok = np.isfinite(col)
-            ax_kl.plot(x[ok], col[ok], "d-", color=f"C{4 + i}", label="test-split " + key.removeprefix("eval_"))
+            label = "test-split " + key.removeprefix("eval_").replace("kl", "KL").replace("_", " ")
+            ax_kl.plot(x[ok], col[ok], "d-", color=f"C{4 + i}", label=label)
         ax_kl.set_ylabel("KL to base (nats)")
         _style(ax_kl, many)
         h3, l3 = ax_kl.get_legend_handles_labels()

@@ -349,7 +349,7 @@ def test_optional_columns_are_summarised_and_drawn(tmp_path: Path) -> None:
                                                     "test accuracy (fraction correct)"]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
         "min-max over the population", "mean reward (training)", "test-split mean reward",
-        "test-split accuracy", "test-split accuracy paper", "test-split kl"]
+        "test-split accuracy", "test-split accuracy paper", "test-split KL"]
     assert not drawn_texts_overlap(fig)
     assert not drawn_texts_overlap(rp.time_figure(run))
     png = rp.save(fig, str(tmp_path / "r.png"))
