@@ -271,6 +271,33 @@ def test_report_reads_the_checkpoint_copy_of_a_damaged_ledger(evaluated: Path, t
 
 
 @integration
+def test_report_reads_a_run_that_is_going(tmp_path: Path) -> None:
+    """Reads while the trainer replaces log.h5 every iteration: each one finds a complete ledger."""
+    import subprocess
+    import time
+
+    run_dir = tmp_path / "going"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HPC_ES_FAULT="")
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_es", *TINY, "es.iterations=8", f"run_dir={run_dir}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = []
+    try:
+        while proc.poll() is None:
+            time.sleep(0.02)
+            if not (run_dir / "log.h5").exists():
+                continue
+            run, notes = rp.load_run(str(run_dir))
+            assert notes == []
+            s = rp.summarise(run)
+            assert s["iterations"] == len(run.rows) and s["reward_last"] == run.rows[-1]["reward_mean"]
+            seen.append(s["iterations"])
+    finally:
+        proc.wait(timeout=300)
+    assert proc.returncode == 0
+    assert seen and seen == sorted(seen) and all(1 <= n <= 8 for n in seen), seen
+
+
+@integration
 def test_missing_tensorboard_stops_training_with_one_line(tmp_path: Path) -> None:
     shadow = tmp_path / "shadow" / "tensorboard"
     shadow.mkdir(parents=True)
