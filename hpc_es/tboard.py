@@ -105,7 +105,7 @@ class TensorBoardLog:
             os.rename(self.folder, old)
         os.rename(tmp, self.folder)
         shutil.rmtree(old, ignore_errors=True)
-        self._fh = open(os.path.join(self.folder, name), "ab")  # noqa: SIM115 (kept open across iterations)
+        self._fh = open(os.path.join(self.folder, name), "ab")  # kept open across iterations
         self._writer = self._record(self._fh)
 
     def write(self, row: dict[str, Any]) -> None:
