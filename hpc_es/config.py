@@ -29,6 +29,9 @@ class ESConfig:
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
     noise_chunk: int = 1 << 20  # elements per generator call: bounds the fp32 scratch memory
     base_on: str = "device"  # device: one extra copy on the GPU | host: base kept in CPU memory
+    noise: str = "full"  # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
+    rank: int = 1  # es.noise=lowrank: rank r of each member's perturbation A Bᵀ/√r
+    lowrank_scope: str = "frozen"  # es.noise=lowrank: frozen (Linear weights only) | full (+ embeddings, 1-D)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class RolloutConfig:
     prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
     reward_timeout_s: float = 60.0  # one reward call taking longer stops the run (a reward that never returns); 0 = no limit
+    members_per_pass: int = 0  # es.noise=lowrank: members per batched generation; 0 = all of a replica's members
 
 
 @dataclass
@@ -82,6 +86,11 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # rank 0 also writes TensorBoard scalars to run_dir/tensorboard/ (the 'report' extra)
+
+
+@dataclass
 class Config:
     model: str = "tiny"  # a local HF model directory, or "tiny" for the built-in test model
     task: str = "conciseness"  # countdown | conciseness | module:attr | path/file.py:attr
@@ -98,6 +107,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,6 +119,8 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "es.shaping": ("zscore", "rank"),
     "es.base_on": ("device", "host"),
+    "es.noise": ("full", "lowrank"),
+    "es.lowrank_scope": ("frozen", "full"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "tiny.arch": ("qwen2", "llama"),
@@ -133,6 +145,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "es.alpha": _float_range(0, 1e6),
     "es.iterations": _int_range(0, 100_000_000),
     "es.noise_chunk": _int_range(1024, 1 << 30),
+    "es.rank": _int_range(1, 65_536),
+    "rollout.members_per_pass": _int_range(0, 100_000, " (0 = all of a replica's members)"),
     "rollout.max_new_tokens": _int_range(1, 1 << 17),
     "rollout.prompts_per_iteration": _int_range(1, 1_000_000),
     "rollout.batch_size": _int_range(0, 1_000_000, " (0 = all prompts in one batch)"),
