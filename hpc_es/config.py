@@ -39,7 +39,7 @@ class RolloutConfig:
     max_new_tokens: int = 16
     prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
-    reward_timeout_s: float = 60.0  # one reward call taking longer stops the run (a reward that never returns); 0 = no limit
+    reward_timeout_s: float = 60.0  # a reward call running longer stops the run (one that never returns); 0 = no limit
     members_per_pass: int = 0  # es.noise=lowrank: members per batched generation; 0 = all of a replica's members
 
 

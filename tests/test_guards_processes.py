@@ -221,7 +221,8 @@ def test_sigterm_while_the_model_loads_exits_75_with_nothing_to_save(ref: Path, 
     run_dir = tmp_path / "run"
     code, err, _ = finish(start(run_dir, "signal:-1"))
     assert code == 75, err
-    assert err.splitlines()[-1] == "hpc_es: got SIGTERM while setting up; nothing to save yet; exit 75 (requeue to resume)"
+    assert err.splitlines()[-1] == ("hpc_es: got SIGTERM while setting up; nothing to save yet; exit 75 "
+                                    "(requeue to resume)")
     assert not (run_dir / "log.h5").exists()
     resumes_exactly(run_dir, ref)
 
