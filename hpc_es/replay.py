@@ -48,7 +48,7 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     if found != ledger.attrs["base_fingerprint"]:
         raise HpcEsError(f"base model '{base}' has fingerprint {found[:16]} but the run started from "
                          f"{str(ledger.attrs['base_fingerprint'])[:16]}; refusing to replay onto another model")
-    rep = Replica.wrap(net, "device")
+    rep = Replica.wrap(net, "device", cfg.es.master_dtype)  # issue 12: an fp32 master when the run had one
     engine = Engine(cfg.es.noise_chunk)
     for row in ledger.rows[:upto]:
         engine.update([rep], np.asarray(row["seeds"]), np.asarray(row["signs"]),

@@ -22,7 +22,7 @@ import torch
 from hpc_es import checkpoint as ckpt
 from hpc_es.comm import Comm, agree, attempt, make_comm
 from hpc_es.evaluate import eval_batch_size, score_items
-from hpc_es.placement import local_devices, resolve_model_path
+from hpc_es.placement import device_scope, local_devices, resolve_model_path
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import Engine, Replica, shape_rewards
@@ -36,7 +36,8 @@ log = logging.getLogger("hpc_es")
 
 # Config keys that define the trajectory: a resumed run must agree on all of them.
 TRAJECTORY_KEYS = ("model", "task", "seed", "dtype", "es.population_size", "es.sigma", "es.alpha",
-                   "es.antithetic", "es.shaping", "es.noise_chunk", "rollout", "data", "tiny")
+                   "es.antithetic", "es.shaping", "es.noise_chunk", "rollout", "data", "tiny",
+                   "es.master_dtype")  # issue 12: the master's dtype changes the trajectory
 
 
 @dataclass
@@ -120,10 +121,19 @@ def _trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key in TRAJECTORY_KEYS:
         v: Any = cfg_dict
-        for part in key.split("."):
-            v = v[part]
+        try:
+            for part in key.split("."):
+                v = v[part]
+        except KeyError:  # issue 12: a run from before the key existed had its default
+            if key not in _NEWER_KEYS:
+                raise
+            v = _NEWER_KEYS[key]
         out[key] = v
     return out
+
+
+# issue 12: trajectory keys added later, with the value a run made before they existed had.
+_NEWER_KEYS = {"es.master_dtype": "model"}
 
 
 class Trainer:
@@ -172,7 +182,8 @@ class Trainer:
         self.tokenizers = []
         for dev in self.devices:
             model = load_model(self.model_path, self.dtype, str(dev))
-            self.replicas.append(Replica.wrap(model, cfg.es.base_on))
+            # issue 12: replicas on one device share one master
+            self.replicas.append(Replica.wrap(model, cfg.es.master_on, cfg.es.master_dtype, share=self.replicas))
             self.tokenizers.append(load_tokenizer(self.model_path))
         self.base_fingerprint = fingerprint(self.replicas[0].model)
         self.engine = Engine(cfg.es.noise_chunk)  # thread-safe: replicas perturbed side by side share it
@@ -240,6 +251,11 @@ class Trainer:
         prompts = [ex.prompt for ex in examples]
 
         def work(j: int) -> None:
+            rep = self.replicas[j]
+            with device_scope(rep.device):  # issue 12: a pool thread's current CUDA device is its replica's
+                on_stream(j)
+
+        def on_stream(j: int) -> None:
             rep = self.replicas[j]
             if rep.device.type == "cuda" and self.per_rank > 1:  # replicas sharing a GPU overlap on streams
                 stream = self._streams.setdefault(j, torch.cuda.Stream(rep.device))
@@ -336,15 +352,16 @@ class Trainer:
     def check_divergence(self, t: int) -> None:
         every = self.cfg.dist.check_every
         if self.fault.wants("nudge"):
-            with torch.no_grad():
+            with torch.no_grad():  # issue 12: masters once each (replicas on a device share one)
+                name = self.replicas[0].params[0][0]
+                for master in {id(rep.master): rep.master for rep in self.replicas}.values():
+                    master[name].view(-1)[0] += 1.0
                 for rep in self.replicas:
-                    p = rep.params[0][1]
-                    p.view(-1)[0] += 1.0
-                    rep.base[rep.params[0][0]].view(-1)[0] += 1.0
+                    rep.params[0][1].view(-1)[0] += 1.0
         last = t + 1 == self.cfg.es.iterations  # always compare before rank 0 saves final/
         if not every or ((t + 1) % every and not last) or self.comm.world_size * self.per_rank == 1:
             return
-        prints = [fingerprint(rep.model) for rep in self.replicas]
+        prints = [rep.digest() for rep in self.replicas]  # issue 12: hashed on the device, master included
         # 16 bytes cross: a flag (1 = this rank's own replicas differ) and 15 bytes of the weights' SHA-256.
         mine = bytes([0 if len(set(prints)) == 1 else 1]) + bytes.fromhex(prints[0])[:15]
         gathered = self.comm.allgather(mine)
@@ -369,27 +386,25 @@ class Trainer:
 
     # ---- durability ------------------------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:
-        return dict(self.replicas[0].base)
+        return dict(self.replicas[0].master)  # issue 12: the master (fp32 with es.master_dtype=float32)
 
     def save_checkpoint(self, done: int) -> None:
         if not self.comm.is_main:
             return
         state = ckpt.CheckpointState(
             iteration=done, base_model=os.path.abspath(self.model_path), base_fingerprint=self.base_fingerprint,
-            fingerprint=fingerprint(self.replicas[0].model), has_weights=self.cfg.checkpoint.weights,
+            fingerprint=self.replicas[0].master_fingerprint(), has_weights=self.cfg.checkpoint.weights,
             config=self.cfg.to_json())
         ckpt.save(self.cfg.run_dir, state, self.weights() if self.cfg.checkpoint.weights else None, self.fault,
                   ledger=self.ledger)
         log.info("checkpoint saved after iteration %d", done)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for rep in self.replicas:
-                for name, p in rep.params:
-                    if name not in weights:
-                        raise ckpt.CheckpointError(f"checkpoint lacks parameter '{name}'")
-                    rep.base[name].copy_(weights[name])
-                    p.copy_(weights[name])
+        for rep in self.replicas:  # issue 12: into the master, then working weights <- round(master)
+            for name, _ in rep.params:
+                if name not in weights:
+                    raise ckpt.CheckpointError(f"checkpoint lacks parameter '{name}'")
+            rep.load_master(weights)
 
     def replay_rows(self, rows: list[dict[str, Any]]) -> None:
         """Apply recorded updates without a rollout: weights depend on seeds, signs, shaped, alpha only."""
@@ -459,7 +474,7 @@ class Trainer:
         if state is not None and state.has_weights:
             try:
                 self.load_weights(ckpt.load_weights(folder))
-                got = fingerprint(self.replicas[0].model)
+                got = self.replicas[0].master_fingerprint()  # issue 12
                 if got != state.fingerprint:
                     raise ckpt.CheckpointError(f"checkpoint weights in '{folder}' have fingerprint {got[:16]} but "
                                                f"state.json records {state.fingerprint[:16]}")
@@ -476,7 +491,7 @@ class Trainer:
         if state is not None and rows_from == 0 and done > 0:
             # Rebuilding from the base: the checkpoint's fingerprint checks the ledger on the way.
             self.replay_rows(old.rows[:done])
-            got = fingerprint(self.replicas[0].model)
+            got = self.replicas[0].master_fingerprint()  # issue 12
             if got != state.fingerprint:
                 raise ckpt.CheckpointError(
                     f"replaying the first {done} ledger iterations of '{run_dir}' gives weights {got[:16]}, but "

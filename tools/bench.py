@@ -162,7 +162,7 @@ class HpcEsRun:
         tr.cfg, tr.comm, tr.fault, tr.stop_signal = cfg, Comm(), Fault(0), 0
         tr.N = cfg.es.population_size
         tr.devices, tr.per_rank = [torch.device(device)], 1
-        tr.replicas = [Replica.wrap(model, cfg.es.base_on)]
+        tr.replicas = [Replica.wrap(model, cfg.es.master_on, cfg.es.master_dtype)]
         tr.tokenizers = [tokenizer()]
         tr.engine = Engine(cfg.es.noise_chunk)
         tr.task = load_task(cfg)
