@@ -356,6 +356,18 @@ def test_fp32_master_final_is_bf16_and_replay_gives_its_fingerprint(ref_fp32_mas
     assert replay(ref_fp32_master, tmp_path / "last") == fingerprint_of(ref_fp32_master / "final")
     state = json.loads((ref_fp32_master / "checkpoint" / "state.json").read_text())
     assert state["fingerprint"] != fingerprint_of(ref_fp32_master / "final")  # it covers the fp32 master
+    # the fp32 master matters: the same ledger applied to a bf16 master ends elsewhere
+    from hpc_es.es import Engine, Replica
+    from hpc_es.ledger import Ledger
+    from hpc_es.models import fingerprint
+
+    ledger = Ledger.load(str(ref_fp32_master / "log.h5"))
+    net = load_model(ledger.attrs["base_model"], torch.bfloat16)
+    rep, eng = Replica.wrap(net, master_dtype="model"), Engine(json.loads(ledger.attrs["config"])["es"]["noise_chunk"])
+    for row in ledger.rows:
+        eng.update([rep], np.asarray(row["seeds"]), np.asarray(row["signs"]), np.asarray(row["shaped"]),
+                   float(row["alpha"]))
+    assert fingerprint(net) != fingerprint_of(ref_fp32_master / "final")
 
 
 def test_resume_with_another_master_dtype_is_refused(ref_fp32_master: Path, tmp_path: Path) -> None:
