@@ -130,7 +130,7 @@ def load_model(path: str, dtype: torch.dtype | str = "auto", device: str = "cpu"
                    "device (pip install accelerate, or hpc_es[gpu], loads it straight onto the GPU)")
     extra: dict[str, Any] = {"device_map": {"": str(torch.device(device))}} if direct else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
     except Exception as e:  # transformers raises many types; the user needs the cause in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model from '{path}': {msg}") from None

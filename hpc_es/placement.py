@@ -1,4 +1,5 @@
-"""Where a run's pieces live: the model folder (``model=tiny`` -> the cache) and each replica's device."""
+"""Where a run's pieces live: the model folder (``model=tiny`` -> the cache), each replica's device, and
+which rank and replica evaluate each population member."""
 
 from __future__ import annotations
 
@@ -48,3 +49,12 @@ def device_scope(device: torch.device) -> ContextManager[Any]:
     and put default allocations (pinned staging, streams) of another rank's GPU.
     """
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def slot_owner(member: int, world: int, per_rank: int) -> tuple[int, int]:
+    """(rank, replica) that evaluates ``member``: round-robin over ranks, then over the rank's replicas.
+
+    Every rank gets floor(N/world) or ceil(N/world) members (so none idles while N >= world), and a
+    rank's replicas differ by at most one member.
+    """
+    return member % world, (member // world) % per_rank
