@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 
-from hpc_es import resume
+from hpc_es import lowrank, resume
 from hpc_es.checkpoint import save_model_folder
 from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
-from hpc_es.es import Engine, Replica
+from hpc_es.es import Engine, Replica, master_torch_dtype
 from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
 from hpc_es.progress import warn
 
@@ -23,7 +23,7 @@ from hpc_es.progress import warn
 class _Target:
     """One replica driven by the ledger's rows (what ``resume.replay_rows`` updates)."""
 
-    def __init__(self, rep: Replica, engine: Engine) -> None:
+    def __init__(self, rep: Replica, engine: Engine | lowrank.LowRankEngine) -> None:
         self.rep, self.engine = rep, engine
 
     def update(self, seeds: np.ndarray, signs: np.ndarray, shaped: np.ndarray, alpha: float) -> None:
@@ -52,7 +52,10 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     net = load_model(base, dtype, device)
     resume.check_same_run(f"the run in '{run_dir}'", ledger.attrs.get("base_fingerprint"), None, cfg,
                           fingerprint(net), base, action="replay")
-    rep = Replica.wrap(net, "device", cfg.es.master_dtype)  # an fp32 master when the run had one
-    resume.replay_rows(_Target(rep, Engine(cfg.es.noise_chunk)), ledger.rows[:upto])
+    if cfg.es.noise == "lowrank":  # issue 14: the low-rank update, on the model's own weights
+        target = _Target(lowrank.wrap(net, master_torch_dtype(cfg.es.master_dtype, dtype)), lowrank.make_engine(cfg))
+    else:  # an fp32 master when the run had one (issue 12)
+        target = _Target(Replica.wrap(net, "device", cfg.es.master_dtype), Engine(cfg.es.noise_chunk))
+    resume.replay_rows(target, ledger.rows[:upto])
     save_model_folder(net, load_tokenizer(base), out)
     return fingerprint(net)
