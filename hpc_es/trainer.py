@@ -21,7 +21,7 @@ import torch
 
 from hpc_es import checkpoint as ckpt
 from hpc_es.comm import Comm, agree, attempt, make_comm
-from hpc_es.evaluate import eval_batch_size, score_items
+from hpc_es.evaluate import eval_batch_size, eval_options, ledger_columns, score_items  # issue 13
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
@@ -29,7 +29,7 @@ from hpc_es.es import Engine, Replica, shape_rewards
 from hpc_es.ledger import Ledger, LedgerError
 from hpc_es.models import fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
 from hpc_es.noise import _hash64, member_seeds
-from hpc_es.rollout import generate
+from hpc_es.rollout import generate, resolve_repetition_penalty  # issue 13
 from hpc_es.tasks import Example, load_task, safe_score
 
 log = logging.getLogger("hpc_es")
@@ -260,7 +260,9 @@ class Trainer:
                 b = time.perf_counter()
                 self.fault("rollout")
                 completions = generate(rep.model, tok, prompts, self.cfg.rollout.max_new_tokens,
-                                       self.cfg.rollout.batch_size)
+                                       self.cfg.rollout.batch_size,  # issue 13: the decoding's repetition penalty
+                                       repetition_penalty=resolve_repetition_penalty(
+                                           self.cfg.rollout.repetition_penalty, rep.model))
                 c = time.perf_counter()
                 local[n] = float(np.mean([safe_score(self.task, comp, ex) for comp, ex in zip(completions, examples)]))
                 d = time.perf_counter()
@@ -309,16 +311,17 @@ class Trainer:
         every, last = self.cfg.eval.every, t + 1 == self.cfg.es.iterations
         if not every or ((t + 1) % every and not last):
             times["eval"] = 0.0
-            return {"eval_reward": float("nan"), "eval_accuracy": float("nan")}
+            return ledger_columns(None)  # issue 13: every test-split column NaN
         a = time.perf_counter()
         got = score_items(self.replicas[0].model, self.tokenizers[0], self.task, self.test_set,
-                          self.cfg.rollout.max_new_tokens, eval_batch_size(self.cfg), self.comm)
+                          self.cfg.rollout.max_new_tokens, eval_batch_size(self.cfg), self.comm,
+                          **eval_options(self.cfg, self.model_path))  # issue 13: penalty; KL to the base model
         times["eval"] = time.perf_counter() - a
         if self.comm.is_main:
             acc = f", accuracy {got['accuracy']:.4f}" if "accuracy" in got else ""
             log.info("test split after iteration %d: mean reward %.4f%s (%d items, %.1f s)", t + 1,
                      got["mean_reward"], acc, len(self.test_set), times["eval"])
-        return {"eval_reward": got["mean_reward"], "eval_accuracy": got.get("accuracy", float("nan"))}
+        return ledger_columns(got)  # issue 13: score_items' metrics -> eval_* columns
 
     def record(self, t: int, seeds: np.ndarray, signs: np.ndarray, rewards: np.ndarray, shaped: np.ndarray,
                times: dict[str, float], elapsed: float, tested: dict[str, float]) -> None:

@@ -67,6 +67,19 @@ def answer_score(completion: str, numbers: Sequence[int], target: int | float | 
         return 0.0
 
 
+def correct_by_paper_rule(completion: str, numbers: Sequence[int], target: int | float | str) -> bool:
+    """Correct as the published evaluation counted it: it kept a target only when ``str(target).isdigit()``
+    (reading it with ``int``), and scored every other item 0."""
+    text = target if isinstance(target, str) else str(target)
+    if not text.isdigit():
+        return False
+    try:
+        value = int(text)
+    except ValueError:  # digits int() does not read, e.g. superscripts
+        return False
+    return answer_score(completion, numbers, value) > 0
+
+
 def score(completion: str, numbers: Sequence[int], target: int | float | str) -> float:
     """The paper's Countdown reward: ``0.1 * format("<think>" + completion) + answer`` (max 1.1).
 
@@ -257,3 +270,10 @@ class CountdownTask(SplitTask):
     def is_correct(self, completion: str, example: Example) -> bool:
         """The paper's accuracy: the answer part of the reward is positive."""
         return answer_score(completion, example.info["numbers"], example.info["target"]) > 0
+
+    def is_correct_paper(self, completion: str, example: Example) -> bool:
+        """The published evaluation's rule: as :meth:`is_correct`, but the target is read with ``isdigit()``.
+
+        Negative or non-integer targets (``"-11"``, ``"27.4"``; 58 of the paper's 2,000 test items) never count.
+        """
+        return correct_by_paper_rule(completion, example.info["numbers"], example.info["target"])
