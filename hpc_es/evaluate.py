@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -117,10 +118,11 @@ def score_items(model: Any, tokenizer: Any, task: Task, examples: Sequence[Examp
 
 
 def kl_base_for_eval(cfg: Config, model_path: str) -> str | None:
-    """The base model folder ``eval`` measures KL against, or None when eval.kl is off.
+    """The base model folder ``eval`` measures KL against, or None when there is no KL to compute.
 
     eval.base_model when set; else, for a run's ``final/`` folder (its parent holds log.h5), the base model
-    the run's ledger names."""
+    the run's ledger names.  Without either, ``eval.kl=true`` is an error and ``auto`` computes no KL (so that
+    e.g. the base model itself can be evaluated on conciseness without saying eval.kl=false)."""
     if not kl_enabled(cfg):
         return None
     if cfg.eval.base_model:
@@ -133,6 +135,8 @@ def kl_base_for_eval(cfg: Config, model_path: str) -> str | None:
         base = Ledger.load(ledger_path).attrs.get("base_model")
         if base:
             return str(base)
+    if cfg.eval.kl == "auto":
+        return None
     raise ConfigError(f"eval.kl is on (eval.kl={cfg.eval.kl}, task {cfg.task}) but no base model is known for "
                       f"'{model_path}'; set eval.base_model=FOLDER (the model it was fine-tuned from), or "
                       "eval.kl=false")
@@ -171,6 +175,9 @@ def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str,
     out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples), **scores}
     if state["kl_base"] is not None:
         out["kl_base_model"] = state["kl_base"]
+    elif kl_enabled(cfg) and comm.is_main:
+        print(f"hpc_es: note: no KL to the base model: '{state['path']}' is not a run's final/ folder; set "
+              "eval.base_model=FOLDER to measure it", file=sys.stderr, flush=True)
     if comm.world_size > 1:
         out["world_size"] = comm.world_size
     return out

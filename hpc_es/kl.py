@@ -16,7 +16,8 @@ shorter completion in its batch).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

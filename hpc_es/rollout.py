@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -69,12 +70,13 @@ def clean_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
     Each replica is its own model object, driven by one thread at a time, so the swap is not shared."""
     from transformers import GenerationConfig
 
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
+    hf = cast(Any, model)
+    saved = hf.generation_config
+    hf.generation_config = GenerationConfig()
     try:
         yield
     finally:
-        model.generation_config = saved
+        hf.generation_config = saved
 
 
 @torch.no_grad()
@@ -94,7 +96,7 @@ def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
         batch = list(prompts[start:start + size])
         enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
         with clean_generation_defaults(model):
-            ids = model.generate(**enc, generation_config=gen_cfg)
+            ids = cast(Any, model).generate(**enc, generation_config=gen_cfg)
         for row in ids[:, enc["input_ids"].shape[1]:].tolist():
             end = next((i + 1 for i, tok in enumerate(row) if tok in stop), len(row))
             out.append(row[:end])  # what follows the first EOS is padding

@@ -170,8 +170,9 @@ def test_score_items_carries_kl_and_paper_accuracy_as_eval_columns(tiny_model_di
 def test_eval_kl_base_model_defaults_and_errors(tmp_path: Path, tiny_model_dir: str) -> None:
     cfg = load_config(None, ["task=conciseness"])
     assert cfg.eval.kl == "auto"
+    assert kl_base_for_eval(cfg, tiny_model_dir) is None  # auto: no base model known, no KL
     with pytest.raises(ConfigError, match="eval.base_model"):
-        kl_base_for_eval(cfg, tiny_model_dir)
+        kl_base_for_eval(load_config(None, ["task=conciseness", "eval.kl=true"]), tiny_model_dir)
     assert kl_base_for_eval(load_config(None, ["task=countdown"]), tiny_model_dir) is None
     assert kl_base_for_eval(load_config(None, ["task=countdown", "eval.kl=true", "eval.base_model=/b"]), "x") == "/b"
     assert load_config(None, ["eval.kl=false"]).eval.kl == "false"
@@ -220,3 +221,22 @@ def test_ledger_written_before_the_new_columns_still_loads(tmp_path: Path) -> No
     ledger.save(str(path))  # and it is written back with every column
     with h5py.File(path, "r") as f:
         assert set(SCALARS) <= set(f.keys())
+
+
+def test_training_with_eval_every_records_kl_and_the_penalty(tmp_path: Path) -> None:
+    from hpc_es.comm import Comm
+    from hpc_es.trainer import train
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, ["task=conciseness", "es.population_size=4", "es.iterations=2", "eval.every=1",
+                             "eval.limit=3", "rollout.max_new_tokens=8", "rollout.prompts_per_iteration=4",
+                             "threads=1", "progress=false", "checkpoint.every=0", "rollout.repetition_penalty=model",
+                             f"run_dir={run_dir}"])
+    train(cfg, Comm())
+    ledger = Ledger.load(str(run_dir / "log.h5"))
+    assert (ledger.column("shaped") != 0).any()  # an update happened
+    kl = ledger.column("eval_kl_per_token")
+    assert np.isfinite(kl).all() and (kl > 0).all()  # the updated weights moved away from the base model
+    assert np.isfinite(ledger.column("eval_kl_per_completion")).all()
+    assert np.isnan(ledger.column("eval_accuracy_paper")).all()  # conciseness has no accuracy
+    assert ledger.config["rollout"]["repetition_penalty"] == "model"
