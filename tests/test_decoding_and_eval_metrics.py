@@ -32,8 +32,11 @@ def folder_with_defaults(tiny_model_dir: str, tmp_path_factory: pytest.TempPathF
     shutil.copytree(tiny_model_dir, out)
     path = out / "generation_config.json"
     cfg = json.loads(path.read_text())
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    # tokens greedy decoding picks first: were the folder's suppress_tokens to leak in, the tokens would change
+    firsts = sorted({int(model(**tok(p, return_tensors="pt")).logits[0, -1].argmax()) for p in PROMPTS})
     cfg.update(repetition_penalty=2.0, do_sample=True, temperature=0.7, top_k=5, top_p=0.8, no_repeat_ngram_size=2,
-               min_new_tokens=3)
+               min_new_tokens=3, suppress_tokens=firsts, begin_suppress_tokens=firsts)
     path.write_text(json.dumps(cfg))
     return str(out)
 
