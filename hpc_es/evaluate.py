@@ -13,6 +13,7 @@ so the result are the same for any number of ranks, and rank 0 reports.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -23,12 +24,15 @@ import numpy as np
 
 from hpc_es.comm import Comm, agree, attempt
 from hpc_es.config import Config
-from hpc_es.errors import ConfigError
+from hpc_es.errors import ConfigError, HpcEsError
 from hpc_es.kl import completion_kl, summarize
 from hpc_es.models import load_model, load_tokenizer, resolve_dtype
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.rollout import generate_ids, resolve_repetition_penalty
+from hpc_es.schedule import Every
 from hpc_es.tasks import Example, Task, load_task, safe_score
+
+log = logging.getLogger("hpc_es")
 
 # score_items' names and the ledger's test-split columns; a name missing from a result is NaN in the row
 METRICS = ("mean_reward", "accuracy", "accuracy_paper", "kl_per_token", "kl_per_completion")
@@ -54,9 +58,10 @@ def kl_enabled(cfg: Config) -> bool:
 
 
 def eval_options(cfg: Config, base_model: str) -> dict[str, Any]:
-    """score_items' keyword arguments for ``cfg``; ``base_model`` is the run's base model folder (θ_0)."""
+    """score_items' keyword arguments for ``cfg``; ``base_model`` is the run's base model folder (θ_0, the
+    reference of the KL; empty: no KL)."""
     return {"repetition_penalty": cfg.rollout.repetition_penalty,
-            "kl_base": base_model if kl_enabled(cfg) else None}
+            "kl_base": base_model if base_model and kl_enabled(cfg) else None}
 
 
 def eval_batch_size(cfg: Config) -> int:
@@ -142,7 +147,41 @@ def kl_base_for_eval(cfg: Config, model_path: str) -> str | None:
                       "eval.kl=false")
 
 
-def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str, Any]:
+class TestSplit:
+    """The trainer's test-split evaluation of the updated weights: every ``eval.every`` iterations and
+    after the last, ``eval.limit`` items, split over the ranks; its results become ledger columns."""
+
+    COLUMNS = EVAL_COLUMNS
+
+    def __init__(self, cfg: Config, task: Task, comm: Comm, base_model: str = "") -> None:
+        """``base_model``: the run's base model folder (θ_0), the reference of the KL (eval.kl)."""
+        self.cfg, self.task, self.comm = cfg, task, comm
+        self.options = eval_options(cfg, base_model)
+        self.schedule = Every(cfg.eval.every, cfg.es.iterations)
+        self.examples = list(task.test_examples())[: cfg.eval.limit or None] if cfg.eval.every else []
+        if cfg.eval.every and not self.examples:
+            raise HpcEsError(f"eval.every={cfg.eval.every} but task '{cfg.task}' has no test examples "
+                             "(see data.train_size, data.test_size)")
+
+    def skipped(self) -> dict[str, float]:
+        return {**{c: float("nan") for c in self.COLUMNS}, "time_eval": 0.0}
+
+    def run(self, done: int, model: Any, tokenizer: Any) -> dict[str, float]:
+        """The ledger's test-split columns after ``done`` iterations (NaN when not due); a collective."""
+        if not self.schedule.due(done):
+            return self.skipped()
+        a = time.perf_counter()
+        got = score_items(model, tokenizer, self.task, self.examples, self.cfg.rollout.max_new_tokens,
+                          eval_batch_size(self.cfg), self.comm, **self.options)
+        seconds = time.perf_counter() - a
+        if self.comm.is_main:
+            acc = f", accuracy {got['accuracy']:.4f}" if "accuracy" in got else ""
+            log.info("test split after iteration %d: mean reward %.4f%s (%d items, %.1f s)", done,
+                     got["mean_reward"], acc, len(self.examples), seconds)
+        return {**ledger_columns(got), "time_eval": seconds}
+
+
+def evaluate(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
     """Load ``cfg.model`` on every rank and score it on the test split (rank 0's dict is the answer)."""
     comm = comm or Comm()
     state: dict[str, Any] = {}
@@ -160,7 +199,7 @@ def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str,
 
     agree(comm, attempt(build) if comm.is_main else None)
     agree(comm, attempt(load))
-    examples = list(state["task"].test_examples())[: limit or None]
+    examples = list(state["task"].test_examples())[: cfg.eval.limit or None]
     t0 = time.perf_counter()
 
     def progress(done: int, mine: int) -> None:  # thousands of prompts x 1024 tokens take a while

@@ -80,7 +80,7 @@ def clean_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                  batch_size: int = 0, on_batch: Callable[[int], None] | None = None,
                  repetition_penalty: float = 1.0) -> list[list[int]]:
     """The completions' token ids (new tokens only, up to and including the first EOS), for ``prompts`` in order.
@@ -105,7 +105,7 @@ def generate_ids(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
     return out
 
 
-def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int = 0, on_batch: Callable[[int], None] | None = None,
              repetition_penalty: float = 1.0) -> list[str]:
     """Completions (new tokens only, special tokens dropped) for ``prompts``, in order.
