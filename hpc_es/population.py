@@ -108,8 +108,9 @@ class Population:
     def complete(self, j: int, prompts: list[str]) -> list[str]:
         """Replica j's greedy completions of ``prompts`` (new tokens only)."""
         model = self.replicas[j].model
+        penalty = resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
         return generate(model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
-                        self.cfg.rollout.batch_size, repetition_penalty=resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model))
+                        self.cfg.rollout.batch_size, repetition_penalty=penalty)
 
     def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
         rep = self.replicas[j]
