@@ -47,6 +47,7 @@ class Ledger:
         return len(self.rows)
 
     def append(self, row: dict[str, Any]) -> None:
+        row = {**{k: np.nan for k in LATER_COLUMNS}, **row}  # a row made before they existed: NaN there
         missing = (set(MATRIX) | set(SCALARS)) - set(row)
         if missing:
             raise ValueError(f"ledger row lacks {sorted(missing)}")
