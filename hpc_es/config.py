@@ -27,6 +27,9 @@ class ESConfig:
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
     noise_chunk: int = 1 << 20  # elements per generator call: bounds the fp32 scratch memory
     base_on: str = "device"  # device: one extra copy on the GPU | host: base kept in CPU memory
+    noise: str = "full"  # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
+    rank: int = 1  # es.noise=lowrank: rank r of each member's perturbation A Bᵀ/√r
+    lowrank_scope: str = "frozen"  # es.noise=lowrank: frozen (Linear weights only) | full (+ embeddings, 1-D)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class RolloutConfig:
     # greedy decoding's repetition penalty: a number > 0 (1.0 = none, plain greedy) or "model" = the model
     # folder's generation_config value (1.0 when it has none); no other folder generation default ever applies
     repetition_penalty: str = "1.0"
+    members_per_pass: int = 0  # es.noise=lowrank: members per batched generation; 0 = all of a replica's members
 
 
 @dataclass
@@ -115,6 +119,8 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "es.shaping": ("zscore", "rank"),
     "es.base_on": ("device", "host"),
+    "es.noise": ("full", "lowrank"),
+    "es.lowrank_scope": ("frozen", "full"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "tiny.arch": ("qwen2", "llama"),
@@ -140,6 +146,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "es.alpha": (lambda v: v >= 0, "a number >= 0"),
     "es.iterations": (lambda v: v >= 0, "an integer >= 0"),
     "es.noise_chunk": (lambda v: v >= 1024, "an integer >= 1024"),
+    "es.rank": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.members_per_pass": (lambda v: v >= 0, "an integer >= 0 (0 = all of a replica's members)"),
     "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.prompts_per_iteration": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = all prompts in one batch)"),

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from hpc_es import resume
+from hpc_es import lowrank, resume
 from hpc_es.checkpoint import save_model_folder
 from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
@@ -22,7 +22,7 @@ from hpc_es.progress import warn
 class _Target:
     """One replica driven by the ledger's rows (what ``resume.replay_rows`` updates)."""
 
-    def __init__(self, rep: Replica, engine: Engine) -> None:
+    def __init__(self, rep: Replica, engine: Engine | lowrank.LowRankEngine) -> None:
         self.rep, self.engine = rep, engine
 
     def update(self, seeds: np.ndarray, signs: np.ndarray, shaped: np.ndarray, alpha: float) -> None:
@@ -51,6 +51,10 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     net = load_model(base, dtype, device)
     resume.check_same_run(f"the run in '{run_dir}'", ledger.attrs.get("base_fingerprint"), None, cfg,
                           fingerprint(net), base, action="replay")
-    resume.replay_rows(_Target(Replica.wrap(net, "device"), Engine(cfg.es.noise_chunk)), ledger.rows[:upto])
+    if cfg.es.noise == "lowrank":  # issue 14: the low-rank update, on the model's own weights
+        target = _Target(lowrank.wrap(net), lowrank.make_engine(cfg))
+    else:
+        target = _Target(Replica.wrap(net, "device"), Engine(cfg.es.noise_chunk))
+    resume.replay_rows(target, ledger.rows[:upto])
     save_model_folder(net, load_tokenizer(base), out)
     return fingerprint(net)

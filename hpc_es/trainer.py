@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from hpc_es import resume
+from hpc_es import lowrank, resume
 from hpc_es.checkpoint import Checkpointer, save_model_folder
 from hpc_es.checks import DivergenceCheck
 from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
@@ -131,7 +131,8 @@ class Trainer:
                                          base_model, self.base_fingerprint, cfg.to_json(), comm.is_main, self.fault)
         self.ledger = Ledger(self.N, {
             "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
-            "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch.")})
+            "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
+            **lowrank.ledger_attrs(cfg)})  # issue 14: noise kind, rank, scope
         self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
         if self.plan is not None:
             resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)
