@@ -23,7 +23,7 @@ from hpc_es.es import Engine, Replica, master_torch_dtype
 from hpc_es.faults import Fault
 from hpc_es.models import fingerprint, load_model, load_tokenizer
 from hpc_es.placement import device_scope, slot_owner
-from hpc_es.rollout import generate
+from hpc_es.rollout import generate, resolve_repetition_penalty
 from hpc_es.tasks import Example, Task, safe_score
 
 
@@ -127,8 +127,10 @@ class Population:
 
     def complete(self, j: int, prompts: list[str]) -> list[str]:
         """Replica j's greedy completions of ``prompts`` (new tokens only)."""
-        return generate(self.replicas[j].model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
-                        self.cfg.rollout.batch_size)
+        model = self.replicas[j].model
+        penalty = resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
+        return generate(model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
+                        self.cfg.rollout.batch_size, repetition_penalty=penalty)
 
     def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
         with device_scope(self.replicas[j].device):  # a pool thread's current CUDA device: its replica's
