@@ -10,6 +10,7 @@ import difflib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -28,7 +29,8 @@ class ESConfig:
     antithetic: bool = False  # members 2k, 2k+1 share a seed with opposite signs
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
     noise_chunk: int = 1 << 20  # elements per generator call: bounds the fp32 scratch memory
-    base_on: str = "device"  # device: one extra copy on the GPU | host: base kept in CPU memory
+    master_on: str = "device"  # where the master (theta_t) lives: device (one extra copy) | host (CPU memory)
+    master_dtype: str = "model"  # the master's dtype: model (the weights') | float32 (small updates accumulate)
     noise: str = "full"  # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
     rank: int = 1  # es.noise=lowrank: rank r of each member's perturbation A Bᵀ/√r
     lowrank_scope: str = "frozen"  # es.noise=lowrank: frozen (Linear weights only) | full (+ embeddings, 1-D)
@@ -40,6 +42,9 @@ class RolloutConfig:
     prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
     reward_timeout_s: float = 60.0  # a reward call running longer stops the run (one that never returns); 0 = no limit
+    # greedy decoding's repetition penalty: a number > 0 (1.0 = none, plain greedy) or "model" = the model
+    # folder's generation_config value (1.0 when it has none); no other folder generation default ever applies
+    repetition_penalty: str = "1.0"
     members_per_pass: int = 0  # es.noise=lowrank: members per batched generation; 0 = all of a replica's members
 
 
@@ -83,6 +88,8 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 0  # iterations between test-split evaluations during training (and the last); 0 = never
     limit: int = 0  # test items per evaluation; 0 = the whole test split
+    kl: str = "auto"  # KL(fine-tuned || base model) on the test completions: auto (on for conciseness) | true | false
+    base_model: str = ""  # `eval` only: the base model folder for the KL; empty = the ledger's, for a run's final/
 
 
 @dataclass
@@ -118,14 +125,27 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "es.shaping": ("zscore", "rank"),
-    "es.base_on": ("device", "host"),
+    "es.master_on": ("device", "host"),
+    "es.master_dtype": ("model", "float32"),
     "es.noise": ("full", "lowrank"),
     "es.lowrank_scope": ("frozen", "full"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "tiny.arch": ("qwen2", "llama"),
     "dist.backend": ("auto", "mpi", "torch", "none"),
+    "eval.kl": ("auto", "true", "false"),
 }
+
+_BOOL_WORDS = ("eval.kl",)  # string keys whose choices include true/false, which YAML reads as booleans
+
+
+def _penalty_ok(v: str) -> bool:
+    if v == "model":
+        return True
+    try:
+        return 0 < float(v) < float("inf")
+    except ValueError:
+        return False
 
 def _int_range(lo: int, hi: int, note: str = "") -> tuple[Any, str]:
     """An integer key bounded on both sides: a typo such as 1e30 is refused instead of eating memory."""
@@ -150,6 +170,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "rollout.max_new_tokens": _int_range(1, 1 << 17),
     "rollout.prompts_per_iteration": _int_range(1, 1_000_000),
     "rollout.batch_size": _int_range(0, 1_000_000, " (0 = all prompts in one batch)"),
+    "rollout.repetition_penalty": (_penalty_ok, "a number > 0 (1.0 = none) or 'model' (the model folder's value)"),
     "rollout.reward_timeout_s": _float_range(0, 7 * 86400, note=" (0 = no limit)"),
     "data.train_size": _int_range(1, 100_000_000),
     "data.test_size": _int_range(0, 100_000_000, " (0 = all the rest)"),
@@ -216,8 +237,20 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     raise ConfigError(f"config key '{key}' has an unsupported type")  # pragma: no cover
 
 
+# Old key -> its new name: still read (a run's ledger config from before the rename, old YAML files).
+DEPRECATED_KEYS = {"es.base_on": "es.master_on"}
+_deprecation_noted: set[str] = set()
+
+
 def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set one dotted key, checking that it exists and that the value has the field's type."""
+    if key in DEPRECATED_KEYS:
+        new = DEPRECATED_KEYS[key]
+        if key not in _deprecation_noted:  # once per process, not once per rank's every config read
+            _deprecation_noted.add(key)
+            print(f"hpc_es: warning: config key '{key}' is deprecated; it sets '{new}' (use that name)",
+                  file=sys.stderr, flush=True)
+        key = new
     obj: Any = cfg
     parts = key.split(".")
     for part in parts[:-1]:
@@ -228,6 +261,8 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
         raise _unknown_key(key)
     hint = get_type_hints(type(obj))[name]
+    if key in _BOOL_WORDS and isinstance(value, bool):
+        value = "true" if value else "false"
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' is a section; give a mapping or set {key}.<field>")
@@ -322,7 +357,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
 MAX_CONFIG_BYTES = 16 << 20  # a config is kilobytes; this refuses /dev/zero or a model file given by mistake
 
 
-PATH_KEYS = ("model", "run_dir", "data.path", "tiny.cache_dir")
+PATH_KEYS = ("model", "run_dir", "data.path", "tiny.cache_dir", "eval.base_model")
 
 
 def expand_paths(cfg: Config) -> Config:

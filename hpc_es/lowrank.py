@@ -91,8 +91,8 @@ def wrap(model: torch.nn.Module, master_dtype: torch.dtype | None = None) -> Rep
     (fp32 master for a bf16 model) the master is a copy in that dtype, and every update rounds it into
     the model once."""
     params = [(n, p.data) for n, p in named_params(model)]
-    base = {n: (p if master_dtype in (None, p.dtype) else p.detach().to(master_dtype)) for n, p in params}
-    return Replica(model=model, device=params[0][1].device, params=params, base=base)
+    master = {n: (p if master_dtype in (None, p.dtype) else p.detach().to(master_dtype)) for n, p in params}
+    return Replica(model=model, device=params[0][1].device, params=params, master=master)
 
 
 @dataclass
@@ -269,8 +269,8 @@ class LowRankEngine:
     def restore(self, rep: Replica) -> None:
         """Nothing to do: the working weights are the master."""
         for name, p in rep.params:
-            if rep.base[name] is not p:
-                p.copy_(rep.base[name])
+            if rep.master[name] is not p:
+                p.copy_(rep.master[name])
 
     def _plan(self, rep: Replica) -> dict[str, str]:
         got = self._plans.get(id(rep.model))
@@ -295,7 +295,7 @@ class LowRankEngine:
         lead = replicas[0]
         if terms and scale != 0.0:
             for name, kind in self._plan(lead).items():
-                master = lead.base[name]
+                master = lead.master[name]
                 if kind == LOWRANK:
                     self._matrix(master, name, terms, scale / math.sqrt(self.rank))
                 else:
@@ -304,9 +304,9 @@ class LowRankEngine:
             same = rep is lead
             for name, p in rep.params:
                 if not same:
-                    rep.base[name].copy_(lead.base[name])
-                if rep.base[name] is not p:
-                    p.copy_(rep.base[name])
+                    rep.master[name].copy_(lead.master[name])
+                if rep.master[name] is not p:
+                    p.copy_(rep.master[name])
 
     def _vector(self, master: torch.Tensor, name: str, terms: list[tuple[int, float]], scale: float) -> None:
         dev = master.device
@@ -375,9 +375,10 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
     per batched generation, rows member-major; ``rollout.batch_size`` prompts per generate call."""
     import time
 
-    from hpc_es.rollout import generate
+    from hpc_es.rollout import generate, resolve_repetition_penalty
     from hpc_es.tasks import safe_score
 
+    penalty = resolve_repetition_penalty(cfg.rollout.repetition_penalty, lm.model)  # issue 13: per row, as HF does
     prompts = [ex.prompt for ex in examples]
     per_pass = cfg.rollout.members_per_pass or len(members)
     size = cfg.rollout.batch_size or len(prompts)
@@ -393,12 +394,13 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
             for p0 in range(0, len(prompts), size):
                 batch = prompts[p0:p0 + size]
                 out = generate(lm.model, tokenizer, [p for _ in range(g) for p in batch],
-                               cfg.rollout.max_new_tokens)
+                               cfg.rollout.max_new_tokens, repetition_penalty=penalty)
                 for k in range(g):
                     comps[k].extend(out[k * len(batch):(k + 1) * len(batch)])
         c = time.perf_counter()
         for k, n in enumerate(group):
-            local[n] = float(np.mean([safe_score(task, comp, ex) for comp, ex in zip(comps[k], examples)]))
+            limit = cfg.rollout.reward_timeout_s  # issue 16
+            local[n] = float(np.mean([safe_score(task, comp, ex, limit) for comp, ex in zip(comps[k], examples)]))
         d = time.perf_counter()
         if times is not None:
             times["perturb"] += b - a

@@ -118,7 +118,6 @@ class Trainer:
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
             raise HpcEsError(f"task '{cfg.task}' has no training examples")
-        self.test_split = TestSplit(cfg, self.task, comm)
         self.devices = local_devices(cfg, comm)
         if comm.is_main:
             check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
@@ -140,7 +139,8 @@ class Trainer:
         self.fault("signal")  # signal:-1 arrives while the model loads
         self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, self.task, comm.rank,
                                           comm.world_size, self.fault)
-        self.base_fingerprint = self.population.fingerprint()
+        self.base_fingerprint = self.population.model_fingerprint()  # issue 12: the model's, not the master's
+        self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
                                           comm.world_size * len(self.devices))
         base_model = os.path.abspath(self.model_path)
@@ -263,7 +263,7 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         final = os.path.join(self.cfg.run_dir, "final")
-        fp = self.population.fingerprint()
+        fp = self.population.model_fingerprint()  # issue 12: final/'s (the master may be fp32)
         if self.comm.is_main:
             save_model_folder(self.population.model, self.population.tokenizer, final)
             self.save_checkpoint(len(self.ledger))
