@@ -356,7 +356,8 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     st.eos.copy_(torch.tensor(eos + [eos[0]] * (MAX_EOS - len(eos)), device=dev))
     st.pad.fill_(int(pad_token_id))
     st.eos_row.fill_(float("-inf"))
-    st.eos_row[eos[0]] = 0.0
+    if 0 <= eos[0] < vocab:
+        st.eos_row[eos[0]] = 0.0
     st.valid.zero_()
     st.done[:B].zero_()
     st.length[:B].fill_(max_new_tokens)
