@@ -34,6 +34,9 @@ class RolloutConfig:
     max_new_tokens: int = 16
     prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
+    # auto: the fast engine (hpc_es.fastgen) where the model allows it, else hf with a notice | fast: fast or a
+    # config error | hf: HF generate.  Both give the same tokens; part of the trajectory like all of rollout.
+    engine: str = "auto"
 
 
 @dataclass
@@ -108,6 +111,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "tiny.arch": ("qwen2", "llama"),
     "dist.backend": ("auto", "mpi", "torch", "none"),
+    "rollout.engine": ("auto", "fast", "hf"),
 }
 
 # key -> (predicate, what is allowed)

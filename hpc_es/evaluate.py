@@ -18,7 +18,7 @@ from hpc_es.comm import Comm, agree, attempt
 from hpc_es.config import Config
 from hpc_es.models import load_model, load_tokenizer, resolve_dtype
 from hpc_es.placement import local_devices, resolve_model_path
-from hpc_es.rollout import generate
+from hpc_es.rollout import generate, resolve_engine
 from hpc_es.tasks import Example, Task, load_task, safe_score
 
 
@@ -34,13 +34,16 @@ def my_items(n: int, batch_size: int, rank: int, world: int) -> list[int]:
 
 
 def score_items(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], max_new_tokens: int,
-                batch_size: int, comm: Comm, on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+                batch_size: int, comm: Comm, on_batch: Callable[[int, int], None] | None = None, *,
+                engine: str = "hf", repetition_penalty: float = 1.0) -> dict[str, float]:
     """``mean_reward`` (and ``accuracy`` for tasks with ``is_correct``) over ``examples``, this rank
-    generating its share; a collective: every rank calls it.  ``on_batch(done, mine)`` reports progress."""
+    generating its share; a collective: every rank calls it.  ``on_batch(done, mine)`` reports progress.
+    ``engine``: the rollout engine (rollout.resolve_engine)."""
     n = len(examples)
     mine = my_items(n, batch_size, comm.rank, comm.world_size)
     completions = generate(model, tokenizer, [examples[i].prompt for i in mine], max_new_tokens, batch_size,
-                           on_batch=None if on_batch is None else lambda done: on_batch(done, len(mine)))
+                           on_batch=None if on_batch is None else lambda done: on_batch(done, len(mine)),
+                           engine=engine, repetition_penalty=repetition_penalty)
     correct = getattr(task, "is_correct", None)
     local = np.zeros(2 * n)  # [scores | correct]: each item has one owner, so the sum is exact
     for i, text in zip(mine, completions):
@@ -67,6 +70,7 @@ def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str,
         device = local_devices(cfg, comm)[0]
         state.update(path=path, model=load_model(path, resolve_dtype(cfg.dtype, device.type), str(device)),
                      tok=load_tokenizer(path), task=load_task(cfg))
+        state["engine"] = resolve_engine(cfg.rollout.engine, state["model"], comm.is_main)  # fast, or hf where it cannot run
 
     agree(comm, attempt(build) if comm.is_main else None)
     agree(comm, attempt(load))
@@ -80,7 +84,7 @@ def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str,
                   file=sys.stderr, flush=True)
 
     scores = score_items(state["model"], state["tok"], state["task"], examples, cfg.rollout.max_new_tokens,
-                         eval_batch_size(cfg), comm, progress)
+                         eval_batch_size(cfg), comm, progress, engine=state["engine"])
     out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples), **scores}
     if comm.world_size > 1:
         out["world_size"] = comm.world_size

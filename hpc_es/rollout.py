@@ -19,9 +19,9 @@ ENGINES = ("auto", "fast", "hf")
 _NOTICED: set[str] = set()
 
 
-def resolve_engine(requested: str, model: torch.nn.Module) -> str:
-    """``fast`` or ``hf`` for ``model``: ``auto`` falls back to ``hf`` (one notice per reason and process);
-    an explicit ``fast`` that cannot run is a config error."""
+def resolve_engine(requested: str, model: torch.nn.Module, notice: bool = True) -> str:
+    """``fast`` or ``hf`` for ``model``: ``auto`` falls back to ``hf`` (one notice per reason and process,
+    when ``notice``: rank 0 says it for all); an explicit ``fast`` that cannot run is a config error."""
     if requested == "hf":
         return "hf"
     if requested not in ENGINES:
@@ -32,7 +32,7 @@ def resolve_engine(requested: str, model: torch.nn.Module) -> str:
     if requested == "fast":
         raise ConfigError(f"rollout.engine=fast cannot run this model: unsupported {why} "
                           "(use rollout.engine=auto or hf)")
-    if why not in _NOTICED:
+    if notice and why not in _NOTICED:
         _NOTICED.add(why)
         log.warning("rollout engine: fast does not support %s; using hf", why)
     return "hf"

@@ -29,7 +29,7 @@ from hpc_es.es import Engine, Replica, shape_rewards
 from hpc_es.ledger import Ledger, LedgerError
 from hpc_es.models import fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
 from hpc_es.noise import _hash64, member_seeds
-from hpc_es.rollout import generate
+from hpc_es.rollout import generate, resolve_engine
 from hpc_es.tasks import Example, load_task, safe_score
 
 log = logging.getLogger("hpc_es")
@@ -175,6 +175,7 @@ class Trainer:
             self.replicas.append(Replica.wrap(model, cfg.es.base_on))
             self.tokenizers.append(load_tokenizer(self.model_path))
         self.base_fingerprint = fingerprint(self.replicas[0].model)
+        self.rollout_engine = resolve_engine(cfg.rollout.engine, self.replicas[0].model, comm.is_main)  # issue 11: fast | hf
         self.engine = Engine(cfg.es.noise_chunk)  # thread-safe: replicas perturbed side by side share it
         self.task = load_task(cfg)
         self.train_set = list(self.task.train_examples())
@@ -190,7 +191,8 @@ class Trainer:
         self.ledger = Ledger(self.N, {
             "config": cfg.to_json(), "base_model": os.path.abspath(self.model_path),
             "base_fingerprint": self.base_fingerprint, "noise_device": self.devices[0].type,
-            "model_dtype": str(self.dtype).removeprefix("torch.")})
+            "model_dtype": str(self.dtype).removeprefix("torch."),
+            "rollout_engine": self.rollout_engine})  # issue 11: the engine that ran (rollout.engine may be auto)
         self.start, self._resume_report = self.read_run_dir()
 
     # ---- the algorithm ---------------------------------------------------------------------------
@@ -260,7 +262,7 @@ class Trainer:
                 b = time.perf_counter()
                 self.fault("rollout")
                 completions = generate(rep.model, tok, prompts, self.cfg.rollout.max_new_tokens,
-                                       self.cfg.rollout.batch_size)
+                                       self.cfg.rollout.batch_size, engine=self.rollout_engine)  # issue 11
                 c = time.perf_counter()
                 local[n] = float(np.mean([safe_score(self.task, comp, ex) for comp, ex in zip(completions, examples)]))
                 d = time.perf_counter()
@@ -312,7 +314,8 @@ class Trainer:
             return {"eval_reward": float("nan"), "eval_accuracy": float("nan")}
         a = time.perf_counter()
         got = score_items(self.replicas[0].model, self.tokenizers[0], self.task, self.test_set,
-                          self.cfg.rollout.max_new_tokens, eval_batch_size(self.cfg), self.comm)
+                          self.cfg.rollout.max_new_tokens, eval_batch_size(self.cfg), self.comm,
+                          engine=self.rollout_engine)  # issue 11
         times["eval"] = time.perf_counter() - a
         if self.comm.is_main:
             acc = f", accuracy {got['accuracy']:.4f}" if "accuracy" in got else ""
@@ -498,9 +501,9 @@ class Trainer:
         todo = (f"iterations {start + 1}..{cfg.es.iterations}" if start < cfg.es.iterations else
                 f"all {cfg.es.iterations} iterations already done")
         log.info("%s: %.1fM parameters, %d rank(s) x %d replica(s) (%s); task %s, N=%d, sigma=%g, alpha=%g; "
-                 "%s; ledger %s", os.path.basename(os.path.normpath(self.model_path)), params / 1e6,
-                 self.comm.world_size, self.per_rank, backend, cfg.task, self.N, cfg.es.sigma, cfg.es.alpha, todo,
-                 self.log_path)
+                 "rollout engine %s; %s; ledger %s", os.path.basename(os.path.normpath(self.model_path)),  # issue 11
+                 params / 1e6, self.comm.world_size, self.per_rank, backend, cfg.task, self.N, cfg.es.sigma,
+                 cfg.es.alpha, self.rollout_engine, todo, self.log_path)
 
     def report_resume(self) -> None:
         """Rank 0 repairs run_dir and says where the run continues (after every rank has read it)."""
