@@ -6,6 +6,8 @@ working as the engine and trainer change under them.
 
 from __future__ import annotations
 
+import json
+
 import os
 import re
 import subprocess
@@ -96,7 +98,7 @@ def _phases(table: str) -> dict[str, list[float]]:
 
 def test_bench_prints_both_implementations_and_every_target() -> None:
     out = _run("bench.py", ["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--n", "2",
-                            "--prompts", "2", "--tokens", "4", "--iterations", "1", "--warmup", "0"])
+                            "--prompts", "2", "--tokens", "4", "--iterations", "1", "--warmup", "0", "--json"])
     rows = _phases(out)
     assert rows["restore"][0] == 0.0 and rows["restore"][1] > 0  # hpc_es needs no restore pass; baseline does
     assert all(v > 0 for v in rows["rollout"] + rows["update"] + rows["perturb"])
@@ -104,6 +106,16 @@ def test_bench_prints_both_implementations_and_every_target() -> None:
                    "rollout tokens/s vs plain", "whole iteration hpc_es/baseline"):
         assert target in out, target
     assert "N=2, 2 prompts, 4 new tokens" in out
+    # the rollout engines (tools/bench_rollout.py) and the one JSON line that ends the output
+    assert "== rollout engines" in out and "fast_over_hf_ragged" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    for key in ("es_overhead_over_baseline", "overhead_share", "iteration_over_baseline", "noise_over_randn"):
+        assert summary[key] > 0, key
+    assert set(summary["rollout_tokens_per_s"]) == {"ragged", "uniform"}
+    assert all(v > 0 for r in summary["rollout_tokens_per_s"].values() for v in (r["hf"], r["fast"]))
+    assert set(summary["fast_over_hf"]) == {"ragged", "uniform", "iteration"}
+    assert {"fast_over_hf_ragged", "fast_over_hf_uniform", "fast_over_hf_iteration",
+            "overhead_share"} <= set(summary["pass"]) and all(isinstance(v, bool) for v in summary["pass"].values())
 
 
 def test_gpu_check_runs_on_cpu_with_the_tiny_architecture() -> None:
