@@ -447,7 +447,8 @@ def _compact(st: _State, live: torch.Tensor, nb: int, n: int, used: int) -> None
 def _replay(dec: _Decoder, b: int, S: int) -> None:
     """The decode step for (b, S) as a CUDA graph: captured on first use, replayed after."""
     st = dec.st
-    g = st.graphs.get((b, S))
+    key = (b, S, dec.penalty)  # the penalty is a constant of the captured kernels
+    g = st.graphs.get(key)
     if g is None:
         snap = _snapshot(st, b)
         side = torch.cuda.Stream(st.tok.device)
@@ -459,10 +460,11 @@ def _replay(dec: _Decoder, b: int, S: int) -> None:
         if st.pool is None:
             st.pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=st.pool):
+        # thread_local: replicas that share the GPU run in other threads and may allocate meanwhile
+        with torch.cuda.graph(g, pool=st.pool, capture_error_mode="thread_local"):
             dec.decode(b, S)
         _restore(st, b, snap)  # capture does not run the kernels, but keep the state exact regardless
-        st.graphs[(b, S)] = g
+        st.graphs[key] = g
     g.replay()
 
 

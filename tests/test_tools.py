@@ -123,5 +123,8 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_architecture() -> None:
                                 "--no-baseline"])
     assert "tiny Qwen2.5-shaped" in out and "bfloat16, cpu" in out and "N=2, 2 prompts, 2 new tokens" in out
     assert re.search(r"gpu_check: \d+s in all", out)
+    # the engines phases, on the CPU: fast == hf token for token, and one member timed with each
+    assert "exactness (fp32, fast vs hf, identical token ids): {'ragged': True, 'uniform': True}" in out
+    assert re.search(r"engines tiny: hf [\d.]+s/member, fast [\d.]+s/member .* rows identical to hf 100%", out)
     rows = _phases(out.replace("        -", " 0.0"))
     assert rows["rollout"][0] > 0
