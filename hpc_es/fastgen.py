@@ -25,8 +25,9 @@ The entry points are :func:`unsupported` (why a model cannot use it, or None) an
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,7 @@ def _bias(mod: Any) -> torch.Tensor | None:
     return None if b is None else b.data
 
 
-def _weights(model: torch.nn.Module) -> _Weights:
+def _weights(model: Any) -> _Weights:  # Any: HF modules' attributes are not typed
     cfg = model.config
     inner = model.model
     layers = []
@@ -192,7 +193,7 @@ class _State:
                 and presence == (self.presence is not None) and sched == (self.sched is not None))
 
 
-_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _State]" = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary[torch.nn.Module, _State] = weakref.WeakKeyDictionary()
 
 
 # ------------------------------------------------------------------------------------------------- steps

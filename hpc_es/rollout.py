@@ -97,7 +97,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
             if sched is not None:
                 eos0 = gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, int) else gen_cfg.eos_token_id[0]
                 procs = [_ForceEOS(sched, enc["input_ids"].shape[1], eos0)]
-            ids = model.generate(**enc, generation_config=gen_cfg, logits_processor=procs)
+            ids = model.generate(**enc, generation_config=gen_cfg, logits_processor=procs)  # type: ignore[operator]
             new = ids[:, enc["input_ids"].shape[1]:]
         out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
         if on_batch is not None:

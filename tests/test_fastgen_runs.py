@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY, fingerprint_of, ledger_arrays, mpiexec, run_hpc_es
 
 pytestmark = pytest.mark.integration

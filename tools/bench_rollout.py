@@ -162,8 +162,8 @@ def run(arch: Any, *, dtype: torch.dtype, device: str = "cpu", prompts: int = 32
 
 def table(res: dict[str, Any]) -> str:
     s = res["setup"]
-    lines = [f"== rollout engines (hf = model.generate, fast = hpc_es.fastgen), {s['prompts']} prompts, "
-             f"{s['max_new_tokens']} new tokens, {s['reps']} alternating calls each | {res['wall_s']:.0f}s"]
+    lines = [(f"== rollout engines (hf = model.generate, fast = hpc_es.fastgen), {s['prompts']} prompts, "
+              f"{s['max_new_tokens']} new tokens, {s['reps']} alternating calls each | {res['wall_s']:.0f}s")]
     for key, label in (("ragged", f"ragged (exp. mean {s['mean_length']:g})"), ("uniform", "uniform")):
         r = res[key]
         lines.append(f"   {label:26s} tokens/s hf {r['tokens_per_s']['hf']:8.0f}  fast {r['tokens_per_s']['fast']:8.0f}"
