@@ -27,6 +27,9 @@ class ESConfig:
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
     noise_chunk: int = 1 << 20  # elements per generator call: bounds the fp32 scratch memory
     base_on: str = "device"  # device: one extra copy on the GPU | host: base kept in CPU memory
+    noise: str = "full"  # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
+    rank: int = 1  # es.noise=lowrank: rank r of each member's perturbation A Bᵀ/√r
+    lowrank_scope: str = "frozen"  # es.noise=lowrank: frozen (Linear weights only) | full (+ embeddings, 1-D)
 
 
 @dataclass
@@ -34,6 +37,7 @@ class RolloutConfig:
     max_new_tokens: int = 16
     prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
+    members_per_pass: int = 0  # es.noise=lowrank: members per batched generation; 0 = all of a replica's members
     # auto: the fast engine (hpc_es.fastgen) where the model allows it, else hf with a notice | fast: fast or a
     # config error | hf: HF generate.  Both give the same tokens; part of the trajectory like all of rollout.
     engine: str = "auto"
@@ -80,6 +84,11 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # rank 0 also writes TensorBoard scalars to run_dir/tensorboard/ (the 'report' extra)
+
+
+@dataclass
 class Config:
     model: str = "tiny"  # a local HF model directory, or "tiny" for the built-in test model
     task: str = "conciseness"  # countdown | conciseness | module:attr | path/file.py:attr
@@ -96,6 +105,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,6 +117,8 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "es.shaping": ("zscore", "rank"),
     "es.base_on": ("device", "host"),
+    "es.noise": ("full", "lowrank"),
+    "es.lowrank_scope": ("frozen", "full"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "tiny.arch": ("qwen2", "llama"),
@@ -121,6 +133,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "es.alpha": (lambda v: v >= 0, "a number >= 0"),
     "es.iterations": (lambda v: v >= 0, "an integer >= 0"),
     "es.noise_chunk": (lambda v: v >= 1024, "an integer >= 1024"),
+    "es.rank": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.members_per_pass": (lambda v: v >= 0, "an integer >= 0 (0 = all of a replica's members)"),
     "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.prompts_per_iteration": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = all prompts in one batch)"),
@@ -148,7 +162,7 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     keys: list[str] = []
     for f in dataclasses.fields(cls):
         hint = get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             keys.extend(all_keys(hint, f"{prefix}{f.name}."))
         else:
             keys.append(prefix + f.name)

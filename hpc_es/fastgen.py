@@ -53,6 +53,8 @@ def unsupported(model: torch.nn.Module) -> str | None:
         return "sliding-window attention layers"
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "forward hooks on the model (es.noise=lowrank adds its perturbations through them)"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return f"model class {type(model).__name__} (no .model.layers / rotary_emb)"

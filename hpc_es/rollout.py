@@ -66,7 +66,7 @@ def generation_config(model: torch.nn.Module, tokenizer: Any, max_new_tokens: in
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int = 0, on_batch: Callable[[int], None] | None = None, *, engine: str = "hf",
              repetition_penalty: float = 1.0, length_schedule: Sequence[int] | None = None) -> list[str]:
     """Completions (new tokens only, special tokens dropped) for ``prompts``, in order.
@@ -97,7 +97,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max
             if sched is not None:
                 eos0 = gen_cfg.eos_token_id if isinstance(gen_cfg.eos_token_id, int) else gen_cfg.eos_token_id[0]
                 procs = [_ForceEOS(sched, enc["input_ids"].shape[1], eos0)]
-            ids = model.generate(**enc, generation_config=gen_cfg, logits_processor=procs)  # type: ignore[operator]
+            ids = model.generate(**enc, generation_config=gen_cfg, logits_processor=procs)
             new = ids[:, enc["input_ids"].shape[1]:]
         out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
         if on_batch is not None:

@@ -7,12 +7,12 @@ working as the engine and trainer change under them.
 from __future__ import annotations
 
 import json
-
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import PY, ROOT
@@ -96,6 +96,7 @@ def _phases(table: str) -> dict[str, list[float]]:
     return rows
 
 
+@pytest.mark.integration
 def test_bench_prints_both_implementations_and_every_target() -> None:
     out = _run("bench.py", ["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--n", "2",
                             "--prompts", "2", "--tokens", "4", "--iterations", "1", "--warmup", "0", "--json"])
@@ -118,6 +119,7 @@ def test_bench_prints_both_implementations_and_every_target() -> None:
             "overhead_share"} <= set(summary["pass"]) and all(isinstance(v, bool) for v in summary["pass"].values())
 
 
+@pytest.mark.integration
 def test_gpu_check_runs_on_cpu_with_the_tiny_architecture() -> None:
     out = _run("gpu_check.py", ["--tiny", "--n", "2", "--prompts", "2", "--tokens", "2", "--warmup", "0",
                                 "--no-baseline"])
