@@ -102,7 +102,8 @@ def early_eos(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new
     (after the first few steps) only in the rows chosen so far, added while those rows stay a third."""
     free, _ = hf(model, ids, mask, new, [VOCAB + 5])  # an EOS no row can emit
     body = free[:, : new - 1]
-    rows_of = {t: set(torch.nonzero((body == t).any(1)).flatten().tolist()) for t in body[:, 3:].unique().tolist() if t != PAD}
+    rows_of = {t: set(torch.nonzero((body == t).any(1)).flatten().tolist())
+               for t in body[:, 3:].unique().tolist() if t != PAD}
     chosen: list[int] = []
     stopped: set[int] = set()
     for t, rs in sorted(rows_of.items(), key=lambda kv: (len(kv[1]), kv[0])):

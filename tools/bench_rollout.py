@@ -109,7 +109,8 @@ def measure(eng: Engines, sched: list[int] | None, reps: int) -> dict[str, Any]:
             raise AssertionError("the engines produced different tokens")
     rate = {e: tokens[e] / reps / max(min(secs[e]), 1e-12) for e in tokens}
     return {"tokens_per_s": rate, "fast_over_hf": rate["fast"] / max(rate["hf"], 1e-12),
-            "best_s": {e: min(secs[e]) for e in secs}, "median_s": {e: statistics.median(secs[e]) for e in secs}, "tokens_per_call": tokens["fast"] // reps}
+            "best_s": {e: min(secs[e]) for e in secs}, "median_s": {e: statistics.median(secs[e]) for e in secs},
+            "tokens_per_call": tokens["fast"] // reps}
 
 
 def iterations(arch: Any, dtype: torch.dtype, device: str, n: int, prompts: int, tokens: int, reps: int,
@@ -165,7 +166,8 @@ def run(arch: Any, *, dtype: torch.dtype, device: str = "cpu", prompts: int = 32
 def table(res: dict[str, Any]) -> str:
     s = res["setup"]
     lines = [(f"== rollout engines (hf = model.generate, fast = hpc_es.fastgen), {s['prompts']} prompts, "
-              f"{s['max_new_tokens']} new tokens, {s['reps']} alternating calls each, best of each | {res['wall_s']:.0f}s")]
+              f"{s['max_new_tokens']} new tokens, {s['reps']} alternating calls each, best of each | "
+              f"{res['wall_s']:.0f}s")]
     for key, label in (("ragged", f"ragged (exp. mean {s['mean_length']:g})"), ("uniform", "uniform")):
         r = res[key]
         lines.append(f"   {label:26s} tokens/s hf {r['tokens_per_s']['hf']:8.0f}  fast {r['tokens_per_s']['fast']:8.0f}"

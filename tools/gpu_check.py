@@ -166,7 +166,8 @@ def engines(key: str, arch: bench.Arch, dtype: torch.dtype, device: str, rows: i
     _, h17 = _decode("hf", model, ids, mask, 17, [17] * rows, gen_cfg, eos, pad)
     res["hf_decode_step_ms"] = (h17 - h1) / 16 * 1e3
     width = min(hf.shape[1], fast2.shape[1])
-    res["rows_identical_to_hf"] = float((hf[:, :width] == fast2[:, :width]).all(1).float().mean())  # bf16: kernels differ
+    # bf16: the kernels differ from HF's, so near-ties may break differently; the share of identical rows
+    res["rows_identical_to_hf"] = float((hf[:, :width] == fast2[:, :width]).all(1).float().mean())
     res["fast_replay_identical"] = bool(torch.equal(fast1, fast2))
     res["speedup"] = res["hf_s"] / res["fast_s"]
     res["target_speedup"] = TARGET_SPEEDUP.get(key)
