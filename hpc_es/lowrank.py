@@ -375,9 +375,10 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
     per batched generation, rows member-major; ``rollout.batch_size`` prompts per generate call."""
     import time
 
-    from hpc_es.rollout import generate
+    from hpc_es.rollout import generate, resolve_repetition_penalty
     from hpc_es.tasks import safe_score
 
+    penalty = resolve_repetition_penalty(cfg.rollout.repetition_penalty, lm.model)  # issue 13: per row, as HF does
     prompts = [ex.prompt for ex in examples]
     per_pass = cfg.rollout.members_per_pass or len(members)
     size = cfg.rollout.batch_size or len(prompts)
@@ -393,7 +394,7 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
             for p0 in range(0, len(prompts), size):
                 batch = prompts[p0:p0 + size]
                 out = generate(lm.model, tokenizer, [p for _ in range(g) for p in batch],
-                               cfg.rollout.max_new_tokens)
+                               cfg.rollout.max_new_tokens, repetition_penalty=penalty)
                 for k in range(g):
                     comps[k].extend(out[k * len(batch):(k + 1) * len(batch)])
         c = time.perf_counter()

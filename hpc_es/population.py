@@ -23,7 +23,7 @@ from hpc_es.es import Engine, Replica
 from hpc_es.faults import Fault
 from hpc_es.models import fingerprint, load_model, load_tokenizer
 from hpc_es.placement import slot_owner
-from hpc_es.rollout import generate, resolve_engine
+from hpc_es.rollout import generate, resolve_engine, resolve_repetition_penalty
 from hpc_es.tasks import Example, Task, safe_score
 
 
@@ -124,8 +124,10 @@ class Population:
 
     def complete(self, j: int, prompts: list[str]) -> list[str]:
         """Replica j's greedy completions of ``prompts`` (new tokens only)."""
-        return generate(self.replicas[j].model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
-                        self.cfg.rollout.batch_size, engine=self.rollout_engine)
+        model = self.replicas[j].model
+        penalty = resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
+        return generate(model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
+                        self.cfg.rollout.batch_size, repetition_penalty=penalty, engine=self.rollout_engine)
 
     def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
         rep = self.replicas[j]

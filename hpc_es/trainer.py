@@ -123,7 +123,7 @@ class Trainer:
         self.train_set = list(task.train_examples())
         if not self.train_set:
             raise HpcEsError(f"task '{cfg.task}' has no training examples")
-        self.test_split = TestSplit(cfg, task, comm)
+        self.test_split = TestSplit(cfg, task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
                                           comm.world_size * len(self.devices))
         base_model = os.path.abspath(self.model_path)
