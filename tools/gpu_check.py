@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU check: the rollout engines and tools/bench.py's table for random Qwen2.5-1.5B and 7B architectures.
 
-Phases, the JSON file (``--out``) rewritten after each one:
+Rollout engines first (issue 11), the JSON file (``--out``) rewritten after each phase:
 
 1. ``exactness``: a small fp32 model on the GPU, the fast engine (CUDA graphs, row compaction, ragged
    schedule) against HF generate: token ids must be identical.
@@ -9,16 +9,20 @@ Phases, the JSON file (``--out``) rewritten after each one:
    tokens, completion lengths from the schedule (exponential, mean 300, capped at 1024, one row at 1024):
    seconds per member for hf and fast (fast: the first call captures the graphs, the second is timed too),
    decode-step time at 200 rows, peak memory against weights + master + KV cache + 4 GiB.
-3. ``es`` per model: bf16, N=30, 16 prompts x 32 new tokens, one timed iteration of hpc_es and of the
-   published-code baseline each (after a 2-member warm-up).
 
-Meant to finish within 8 minutes on one H100/H200.  The
+Then the ES table: bf16, N=30, 16 prompts x 32 new tokens, one timed iteration of hpc_es and of the
+published-code baseline each (after a 2-member warm-up), on one GPU; meant to finish within 8 minutes on an
+H100/H200 (--no-es, --master-updates 0, --no-lowrank trim it).  The
 architectures are written out below (no download); the tokenizer is hpc_es's tiny one, so most sampled
 ids of the 151936-entry vocabulary decode to nothing, which changes no cost that is timed.
 
     .venv/bin/python tools/gpu_check.py                 # both models on cuda
     .venv/bin/python tools/gpu_check.py --only 1.5B --chunk 67108864
     .venv/bin/python tools/gpu_check.py --tiny          # the same script on CPU, tiny architecture
+
+After each model: the es.master_dtype / es.master_on checks (master_checks): the same update from the same
+weights with the master on the device and on the host, in the model dtype and in fp32; they must agree,
+the fp32 master must move the RMSNorm weights, and memory is printed by component.  Exit 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (tools/bench.py: model building, both implementations, limits, the table)
+from hpc_es.es import Engine, Replica  # noqa: E402
+from hpc_es.models import named_params, tensor_digest, weights_digest  # noqa: E402
+from hpc_es.noise import member_seeds  # noqa: E402
 import bench_rollout  # noqa: E402  (tools/bench_rollout.py: the length schedule)
 
 from hpc_es import fastgen  # noqa: E402
@@ -53,6 +61,90 @@ ARCHS = {
 }
 TINY = bench.Arch("tiny Qwen2.5-shaped (CPU check of this script)", hidden=32, layers=2, heads=4, kv_heads=2,
                   intermediate=96, vocab=VOCAB, tie=True)
+
+
+# ---- master weights: es.master_dtype and es.master_on (issue 12) ---------------------------------------
+MASTER_SETTINGS = [("device", "model"), ("host", "model"), ("device", "float32"), ("host", "float32")]
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def master_checks(arch: bench.Arch, *, dtype: torch.dtype, device: str, n: int, chunk: int,
+                  updates: int = 1, sigma: float = 1e-3, alpha: float = 5e-4) -> dict:
+    """The same updates from the same weights under each (es.master_on, es.master_dtype): host and device
+    masters must give the same master and working-weight digests, an fp32 master must move the RMSNorm
+    weights (which a bf16 master cannot at the paper's sigma and alpha), and the device-side digest must
+    equal the CPU's on sample tensors.  Prints memory by component; returns what it found (``ok``)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    mem = (lambda: torch.cuda.memory_allocated(dev)) if cuda else (lambda: 0)
+    model = bench.build_model(arch, dtype, device)
+    weights_bytes = sum(p.numel() * p.element_size() for _, p in named_params(model))
+    start = {name: p.detach().to("cpu", copy=True) for name, p in named_params(model)}
+    norms = [name for name in start if "norm" in name]
+    out: dict = {"arch": arch.name, "weights": weights_bytes, "settings": {}, "problems": []}
+    print(f"-- master checks: {arch.name}, {updates} update(s) at sigma={sigma:g} alpha={alpha:g} N={n}; "
+          f"weights {_gib(weights_bytes)}", flush=True)
+    for master_on, master_dtype in MASTER_SETTINGS:
+        with torch.no_grad():
+            for name, p in named_params(model):
+                p.copy_(start[name])
+        base_mem = mem()
+        rep = Replica.wrap(model, master_on, master_dtype)
+        master_bytes = sum(t.numel() * t.element_size() for t in rep.master.values())
+        master_dev = mem() - base_mem
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        eng = Engine(chunk)
+        t0 = time.perf_counter()
+        for t in range(updates):
+            seeds, signs = member_seeds(12, t, n)
+            eng.perturb(rep, int(seeds[0]), 1, sigma)
+            shaped = (np.arange(n, dtype=np.float64) - (n - 1) / 2) / n
+            eng.update([rep], seeds, signs, shaped, alpha)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - t0
+        scratch = (torch.cuda.max_memory_allocated(dev) - mem()) if cuda else 0
+        moved = float(np.mean([(rep.master[name] != start[name].to(rep.master[name].dtype)).float().mean().item()
+                               for name in norms])) if norms else float("nan")
+        got = {"master_digest": weights_digest(sorted(rep.master.items())),
+               "working_digest": weights_digest(rep.params), "norm_moved": moved,
+               "master_bytes": master_bytes, "master_on_device": master_dev, "update_scratch_peak": scratch,
+               "seconds": elapsed}
+        # the device digest against the CPU's, on the first and the largest tensors
+        for name, p in (rep.params[0], max(rep.params, key=lambda kv: kv[1].numel())):
+            if tensor_digest(p) != tensor_digest(p.to("cpu")):
+                out["problems"].append(f"{master_on}/{master_dtype}: device digest of {name} differs from the CPU's")
+        out["settings"][f"{master_on}/{master_dtype}"] = got
+        print(f"   master_on={master_on:6s} master_dtype={master_dtype:7s} master {_gib(master_bytes)} "
+              f"({'on the device' if master_on == 'device' else 'host'}; +{_gib(master_dev)} device), update scratch "
+              f"peak {_gib(scratch)}, {elapsed:.1f} s; norm weights moved: {moved:.1%}; "
+              f"digest {got['master_digest'][:12]}", flush=True)
+        del rep, eng
+        if cuda:
+            torch.cuda.empty_cache()
+    s = out["settings"]
+    for kind in ("model", "float32"):
+        a, b = s[f"device/{kind}"], s[f"host/{kind}"]
+        for key in ("master_digest", "working_digest"):
+            if a[key] != b[key]:
+                out["problems"].append(f"master_dtype={kind}: master_on=host gives another {key} than device")
+    if dtype != torch.float32:  # in fp32 models both settings are one
+        if s["device/model"]["norm_moved"] != 0.0:
+            out["problems"].append("a model-dtype master moved norm weights: the rounding analysis is wrong")
+        if not s["device/float32"]["norm_moved"] > 0.9:
+            out["problems"].append(f"an fp32 master moved only {s['device/float32']['norm_moved']:.1%} of norm weights")
+    out["ok"] = not out["problems"]
+    for p in out["problems"]:
+        print(f"   MISMATCH: {p}", flush=True)
+    del model, start
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
 
 
 def _sync(device: str) -> None:
@@ -194,12 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_args(ap)
     ap.set_defaults(dtype="bfloat16", device="cuda", n=30, prompts=16, tokens=32, iterations=1, warmup=1)
     ap.add_argument("--warmup-n", type=int, default=2, help="members per warm-up iteration")
+    ap.add_argument("--master-updates", type=int, default=1, help="updates per es.master_* setting (0: skip)")
+    ap.add_argument("--no-lowrank", action="store_true", help="skip the low-rank population throughput check")
     ap.add_argument("--out", default=None, help="JSON report, rewritten after each phase (default: "
                     "gpu_check.json on a GPU, none with --tiny)")
     ap.add_argument("--rows", type=int, default=200, help="prompts per member in the engines phase")
     ap.add_argument("--cap", type=int, default=1024, help="max new tokens in the engines phase")
     ap.add_argument("--no-es", action="store_true", help="skip the ES iteration table")
-    ap.add_argument("--no-lowrank", action="store_true", help="skip the low-rank population throughput check")
     args = ap.parse_args(argv)
     if args.tiny:
         args.device = "cpu"
@@ -215,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out or "gpu_check.json"
     dtype = bench.resolve(args)
     t0 = time.perf_counter()
+    failed = False
     import transformers
 
     report: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -254,12 +348,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(torch.device(args.device))
+        if args.master_updates:
+            found = master_checks(arch, dtype=dtype, device=args.device, n=args.n, chunk=args.chunk,
+                                  updates=args.master_updates)
+            print("gpu_check master: " + json.dumps(found, sort_keys=True), flush=True)
+            failed = failed or not found["ok"]
     if not args.no_lowrank:
         check_lowrank(args.tiny, args.device)
     report["wall_s"] = time.perf_counter() - t0
     _write(args.out, report)
     print(f"gpu_check: {time.perf_counter() - t0:.0f}s in all", flush=True)
-    return 0
+    if failed:
+        print("gpu_check: MISMATCH (see above)", file=sys.stderr, flush=True)
+    return 1 if failed else 0
 
 
 def check_lowrank(tiny: bool, device: str) -> None:
