@@ -25,7 +25,8 @@ class ESConfig:
     iterations: int = 80
     antithetic: bool = False  # members 2k, 2k+1 share a seed with opposite signs
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
-    noise_chunk: int = 1 << 20  # elements per generator call: bounds the fp32 scratch memory
+    noise_chunk: int = 1 << 20  # elements per noise piece: bounds the fp32 scratch; changes results only under legacy
+    noise_scheme: str = "keyed"  # keyed: eps = f(seed, name, element) on any device | legacy: randn per chunk
     base_on: str = "device"  # device: one extra copy on the GPU | host: base kept in CPU memory
 
 
@@ -104,6 +105,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "es.shaping": ("zscore", "rank"),
     "es.base_on": ("device", "host"),
+    "es.noise_scheme": ("keyed", "legacy"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "tiny.arch": ("qwen2", "llama"),

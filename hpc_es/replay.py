@@ -12,6 +12,7 @@ from hpc_es.errors import HpcEsError
 from hpc_es.es import Engine, Replica
 from hpc_es.ledger import Ledger, LedgerError
 from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
+from hpc_es.noise import scheme_of
 
 
 def replay(run_dir: str, out: str, iteration: int | None = None, model: str | None = None,
@@ -39,7 +40,8 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     if not 0 <= upto <= total:
         raise HpcEsError(f"--iteration {upto} is outside the ledger's 0..{total} completed iterations")
     base = model or ledger.attrs["base_model"]
-    if ledger.attrs.get("noise_device", "cpu") != device.split(":")[0]:
+    scheme = scheme_of(ledger.attrs)  # issue 12: keyed noise replays on any device; legacy on the same kind
+    if scheme == "legacy" and ledger.attrs.get("noise_device", "cpu") != device.split(":")[0]:
         raise HpcEsError(f"the run drew its noise on {ledger.attrs.get('noise_device')}; replay with "
                          f"--device {ledger.attrs.get('noise_device')} (CPU and CUDA generators differ)")
     dtype = resolve_dtype(ledger.attrs.get("model_dtype", cfg.dtype), device)
@@ -49,7 +51,7 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
         raise HpcEsError(f"base model '{base}' has fingerprint {found[:16]} but the run started from "
                          f"{str(ledger.attrs['base_fingerprint'])[:16]}; refusing to replay onto another model")
     rep = Replica.wrap(net, "device")
-    engine = Engine(cfg.es.noise_chunk)
+    engine = Engine(cfg.es.noise_chunk, scheme=scheme)  # issue 12
     for row in ledger.rows[:upto]:
         engine.update([rep], np.asarray(row["seeds"]), np.asarray(row["signs"]),
                       np.asarray(row["shaped"]), float(row["alpha"]))

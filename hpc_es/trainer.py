@@ -28,7 +28,7 @@ from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import Engine, Replica, shape_rewards
 from hpc_es.ledger import Ledger, LedgerError
 from hpc_es.models import fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
-from hpc_es.noise import _hash64, member_seeds
+from hpc_es.noise import _hash64, member_seeds, scheme_of, trajectory_keys
 from hpc_es.rollout import generate
 from hpc_es.tasks import Example, load_task, safe_score
 
@@ -36,7 +36,7 @@ log = logging.getLogger("hpc_es")
 
 # Config keys that define the trajectory: a resumed run must agree on all of them.
 TRAJECTORY_KEYS = ("model", "task", "seed", "dtype", "es.population_size", "es.sigma", "es.alpha",
-                   "es.antithetic", "es.shaping", "es.noise_chunk", "rollout", "data", "tiny")
+                   "es.antithetic", "es.shaping", "rollout", "data", "tiny")  # issue 12: + trajectory_keys()
 
 
 @dataclass
@@ -123,6 +123,7 @@ def _trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         for part in key.split("."):
             v = v[part]
         out[key] = v
+    out.update(trajectory_keys(cfg_dict))  # issue 12: es.noise_scheme (absent = legacy); es.noise_chunk under legacy
     return out
 
 
@@ -175,7 +176,8 @@ class Trainer:
             self.replicas.append(Replica.wrap(model, cfg.es.base_on))
             self.tokenizers.append(load_tokenizer(self.model_path))
         self.base_fingerprint = fingerprint(self.replicas[0].model)
-        self.engine = Engine(cfg.es.noise_chunk)  # thread-safe: replicas perturbed side by side share it
+        # thread-safe: replicas perturbed side by side share it; issue 12: the noise scheme
+        self.engine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)
         self.task = load_task(cfg)
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
@@ -190,6 +192,7 @@ class Trainer:
         self.ledger = Ledger(self.N, {
             "config": cfg.to_json(), "base_model": os.path.abspath(self.model_path),
             "base_fingerprint": self.base_fingerprint, "noise_device": self.devices[0].type,
+            "noise_scheme": cfg.es.noise_scheme,  # issue 12
             "model_dtype": str(self.dtype).removeprefix("torch.")})
         self.start, self._resume_report = self.read_run_dir()
 
@@ -467,7 +470,7 @@ class Trainer:
             except (ckpt.CheckpointError, RuntimeError) as e:
                 notes.append(f"{e}; rebuilding the weights from the base model and the ledger")
                 self.load_weights(self.base_weights())
-        if len(old) > rows_from:
+        if len(old) > rows_from and scheme_of(old.attrs) == "legacy":  # issue 12: keyed noise is device-free
             dev = old.attrs.get("noise_device", self.devices[0].type)
             if dev != self.devices[0].type:
                 raise ckpt.CheckpointError(
