@@ -41,6 +41,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
         sys.path.insert(0, _p)
 
 import baseline  # noqa: E402  (tools/baseline.py)
+import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise vs torch.randn, alone)
 from hpc_es.comm import Comm  # noqa: E402
 from hpc_es.config import Config  # noqa: E402
 from hpc_es.es import Engine, Replica, shape_rewards  # noqa: E402
@@ -526,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
               iterations=args.iterations, warmup=args.warmup, chunk=args.chunk,
               with_baseline=not args.no_baseline)
     print(table(res), flush=True)
+    print("\n".join(bench_noise.lines(bench_noise.noise_speed(args.device, min_s=0.3), args.device)), flush=True)
     return 0
 
 
