@@ -197,7 +197,8 @@ def keyed_transform(z: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor) -
 
 def _compiled_block(ramp: torch.Tensor, z0: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """One block from counter z0 (a 0-d int64 tensor) and the counter offsets ``ramp``: what torch.compile
-    fuses.  (The offsets come in as a tensor: an in-kernel ``arange * golden`` miscompiles on the CPU.)"""
+    fuses.  (The offsets come in as a tensor: an in-kernel ``arange * golden`` miscompiled on the CPU with
+    torch 2.13, and the bit-for-bit check in KeyedNoise._build caught it.)"""
     return keyed_transform(ramp + z0, cells, steps)
 
 
@@ -243,6 +244,7 @@ def compile_wanted(device_type: str) -> bool:
 _EAGER_BLOCK = {"cpu": 1 << 13}
 _COMPILED_BLOCK = {"cpu": 1 << 16}
 _DEFAULT_BLOCK = 1 << 24
+_MIN_COMPILED = 16  # smaller fills stay eager (sizes 0 and 1 would make the dynamic kernel recompile)
 # Under auto, the CPU compiles only after this many eager elements (a few seconds of eager work).
 CPU_COMPILE_AFTER = 1 << 28
 
@@ -296,13 +298,13 @@ class KeyedNoise:
 
         Both compute the same exactly defined integer and rounding steps, so they agree by construction;
         the check guards against a compiler bug (a wrong kernel is refused and the eager path kept)."""
-        fn = torch.compile(_compiled_block, dynamic=False)
+        fn = torch.compile(_compiled_block, dynamic=True)
         block = _COMPILED_BLOCK.get(device.type, _DEFAULT_BLOCK)
         cells, steps = _table(device)
         ramp = self._counters(device, block)
-        for base in (0, _s64(0x5DEECE66D << 30 | 7)):
+        for base, m in ((0, block), (_s64(0x5DEECE66D << 30 | 7), min(block, 4099))):
             z0 = torch.tensor(base, dtype=torch.int64, device=device)
-            if not torch.equal(fn(ramp, z0, cells, steps), keyed_transform(ramp + z0, cells, steps)):
+            if not torch.equal(fn(ramp[:m], z0, cells, steps), keyed_transform(ramp[:m] + z0, cells, steps)):
                 warnings.warn(f"hpc_es: torch.compile gives other keyed noise bits than eager on {device.type}; "
                               "using the eager path", RuntimeWarning, stacklevel=2)
                 return None
@@ -316,13 +318,14 @@ class KeyedNoise:
         key = noise_key(seed, name)
         fn = self._compiled(dev)
         done = 0
-        if fn is not None:  # whole blocks through the fused kernel, the rest eagerly: the same bits
+        if fn is not None and n >= _MIN_COMPILED:  # the fused kernel, one call per block: the same bits
             block = _COMPILED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
-            ramp = self._counters(dev, block)
-            for s in range(0, n - block + 1, block):
+            ramp = self._counters(dev, min(block, n))
+            for s in range(0, n, block):
+                m = min(block, n - s)
                 z0 = torch.tensor(_s64(key + (start + s + 1) * _GAMMA), dtype=torch.int64, device=dev)
-                out[s:s + block].copy_(fn(ramp, z0, cells, steps))
-                done = s + block
+                out[s:s + m].copy_(fn(ramp[:m], z0, cells, steps))
+            done = n
         block = _EAGER_BLOCK.get(dev.type, _DEFAULT_BLOCK)
         ramp = self._counters(dev, min(block, n - done))
         for s in range(done, n, block):
