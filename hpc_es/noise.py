@@ -245,8 +245,9 @@ _EAGER_BLOCK = {"cpu": 1 << 13}
 _COMPILED_BLOCK = {"cpu": 1 << 16}
 _DEFAULT_BLOCK = 1 << 24
 _MIN_COMPILED = 16  # smaller fills stay eager (sizes 0 and 1 would make the dynamic kernel recompile)
-# Under auto, the CPU compiles only after this many eager elements (a few seconds of eager work).
-CPU_COMPILE_AFTER = 1 << 28
+# Under auto, the CPU compiles only after this many eager elements (~10-60 s of eager work, more than the
+# compile takes), so short CPU runs (the demo, the tests) never pay for a compile.
+CPU_COMPILE_AFTER = 1 << 30
 
 
 class KeyedNoise:

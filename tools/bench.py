@@ -533,4 +533,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # keyed noise: compile from the start (a long run switches by itself; the warm-up absorbs the compile)
+    os.environ.setdefault("HPC_ES_NOISE_COMPILE", "1")
     sys.exit(main())

@@ -9,11 +9,16 @@ ids of the 151936-entry vocabulary decode to nothing, which changes no cost that
     .venv/bin/python tools/gpu_check.py                 # both models on cuda
     .venv/bin/python tools/gpu_check.py --only 1.5B --chunk 67108864
     .venv/bin/python tools/gpu_check.py --tiny          # the same script on CPU, tiny architecture
+
+First, per model, the keyed noise: CUDA against CPU bit for bit on a sample of the model's tensors, its
+statistics on the GPU, and a whole-model perturb timed (tools/bench_noise.py).  Results go to --json after
+every phase; the exit status is 1 when any noise bit or statistic is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -23,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (tools/bench.py: model building, both implementations, limits, the table)
+import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise checks and timings)
+from hpc_es.models import named_params  # noqa: E402
 
 VOCAB = 151936
 ARCHS = {
@@ -44,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_args(ap)
     ap.set_defaults(dtype="bfloat16", device="cuda", n=30, prompts=16, tokens=32, iterations=1, warmup=1)
     ap.add_argument("--warmup-n", type=int, default=2, help="members per warm-up iteration")
+    ap.add_argument("--json", default="gpu_check.json", help="results file, rewritten after every phase")
+    ap.add_argument("--no-noise", action="store_true", help="skip the keyed noise checks")
+    ap.set_defaults(chunk=1 << 26)  # keyed noise: the chunk changes no bit; big pieces keep the GPU busy
     args = ap.parse_args(argv)
     if args.tiny:
         args.device = "cpu"
@@ -58,11 +68,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name(torch.device(args.device))}, torch {torch.__version__}",
               flush=True)
+    out: dict = {"device": args.device, "torch": torch.__version__, "models": {}}
+    failures: list[str] = []
+
+    def save() -> None:
+        with open(args.json, "w") as f:
+            json.dump(out | {"failures": failures}, f, indent=1)
+
     for arch in archs:
+        if not args.no_noise:  # issue 12: keyed noise, CPU vs device bits, statistics, perturb time
+            rec = out["models"].setdefault(arch.name, {})
+            meta = bench.build_model(arch, dtype, "meta")
+            shapes = [(n, tuple(p.shape)) for n, p in named_params(meta)]
+            del meta
+            small = args.tiny
+            rec["noise"] = bench_noise.device_check(shapes, args.device, per_slice=1 << (14 if small else 20),
+                                                    stats_elems=1 << (18 if small else 24))
+            failures += [f"{arch.name}: {m}" for m in rec["noise"]["mismatches"]]
+            failures += [f"{arch.name}: noise {k} out of bounds" for k in rec["noise"]["stats_out_of_bounds"]]
+            save()
+            print(f"   keyed noise {arch.name}: {rec['noise']['elements_compared']} elements of "
+                  f"{rec['noise']['tensors']} tensors compared with the CPU, {len(rec['noise']['mismatches'])} "
+                  f"mismatches; statistics {rec['noise']['stats']}", flush=True)
+            if small or "7B" in arch.name:
+                t = rec["perturb"] = bench_noise.perturb_timing(shapes, args.device, dtype, args.chunk)
+                t["perturb_pass"] = t["perturb_s"] < 0.1
+                t["noise_pass"] = t["noise_over_randn"] >= 0.5
+                save()
+                print(f"   perturb {t['perturb_s']:.3f}s (< 0.1s: {'PASS' if t['perturb_pass'] else 'MISS'}); "
+                      f"keyed {t['keyed_elems_per_s'] / 1e9:.2f} G/s vs torch.randn "
+                      f"{t['randn_elems_per_s'] / 1e9:.2f} G/s = {t['noise_over_randn']:.2f}x "
+                      f"(>= 0.5x: {'PASS' if t['noise_pass'] else 'MISS'})", flush=True)
         res = bench.run(arch, dtype=dtype, device=args.device, n=args.n, prompts=args.prompts, tokens=args.tokens,
                         iterations=args.iterations, warmup=args.warmup, warmup_n=args.warmup_n,
                         chunk=args.chunk, with_baseline=not args.no_baseline)
         print(bench.table(res), flush=True)
+        out["models"].setdefault(arch.name, {})["bench"] = {"hpc_es": res.hpc, "baseline": res.base,
+                                                             "table": bench.table(res)}
+        save()
         if args.device.startswith("cuda"):
             peak = torch.cuda.max_memory_allocated(torch.device(args.device)) / 2**30
             print(f"   peak GPU memory {peak:.1f} GiB", flush=True)
@@ -71,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(torch.device(args.device))
     print(f"gpu_check: {time.perf_counter() - t0:.0f}s in all", flush=True)
-    return 0
+    for f in failures:
+        print(f"gpu_check: MISMATCH {f}", flush=True)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
