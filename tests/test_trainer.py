@@ -127,6 +127,10 @@ def test_legacy_noise_scheme_reproduces_the_old_golden_trace_and_replays(tmp_pat
         f.attrs["config"] = json.dumps(cfg, sort_keys=True)
     run_hpc_es(["replay", str(run_dir), "--out", str(tmp_path / "replayed")], check=True)
     assert fingerprint_of(tmp_path / "replayed") == want["fingerprint"]
+    # continuing it under the default (keyed) scheme would change its noise: refused, saying why
+    proc = run_hpc_es(TINY + ["es.iterations=4", f"run_dir={run_dir}"])
+    assert proc.returncode != 0
+    assert "a run with different es.noise_scheme" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_noise_chunk_changes_no_result_under_the_keyed_scheme(reference_run: Path, tmp_path: Path) -> None:
