@@ -29,8 +29,9 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from statistics import NormalDist
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

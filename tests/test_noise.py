@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hpc_es.noise import LegacyNoise as NoiseSource, chunk_key, chunks, member_seeds
+from hpc_es.noise import LegacyNoise as NoiseSource
+from hpc_es.noise import chunk_key, chunks, member_seeds
 
 
 def test_seed_table_is_a_pure_function_of_seed_and_iteration() -> None:

@@ -16,8 +16,8 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hpc_es.noise import KeyedNoise, LegacyNoise, compile_wanted  # noqa: E402
+from hpc_es.noise import KeyedNoise, LegacyNoise, compile_wanted
 
 TARGET = 0.7  # issue 12: keyed noise >= 0.7x torch.randn's elements/s on the CPU (0.5x on a GPU)
 
@@ -180,8 +180,8 @@ def lines(res: dict[str, float], device: str = "cpu") -> list[str]:
     target = TARGET if device == "cpu" else 0.5
     comp = f"{res['keyed_compiled'] / 1e6:8.1f}" if "keyed_compiled" in res else "       -"
     f = res["noise_over_randn"]
-    return [f"   noise alone, one stream (M elements/s): legacy torch.randn {res['randn'] / 1e6:8.1f}  "
-            f"keyed eager {res['keyed_eager'] / 1e6:8.1f}  keyed compiled {comp}",
+    return [(f"   noise alone, one stream (M elements/s): legacy torch.randn {res['randn'] / 1e6:8.1f}  "
+             f"keyed eager {res['keyed_eager'] / 1e6:8.1f}  keyed compiled {comp}"),
             f"     keyed vs torch.randn              {f:6.2f}x   (>= {target:.2f}x) {'PASS' if f >= target else 'MISS'}"]
 
 
