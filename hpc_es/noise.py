@@ -24,6 +24,7 @@ ledger without it is ``legacy``):
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
 import shutil
@@ -231,11 +232,7 @@ def compile_wanted(device_type: str) -> bool:
     if env in ("1", "on", "true", "yes"):
         return True
     if device_type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return importlib.util.find_spec("triton") is not None
     if device_type == "cpu":
         return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
     return False
