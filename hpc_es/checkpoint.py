@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from hpc_es.errors import HpcEsError
+from hpc_es.schedule import Every
 
 STATE = "state.json"
 WEIGHTS = "model.safetensors"
 LEDGER = "log.h5"  # the ledger as of the checkpoint
+
+log = logging.getLogger("hpc_es")
 
 
 class CheckpointError(HpcEsError):
@@ -66,7 +70,7 @@ def save(run_dir: str, state: CheckpointState, weights: dict[str, torch.Tensor] 
     """
     from safetensors.torch import save_file
 
-    final, old, tmp = _dirs(run_dir)
+    final, _old, tmp = _dirs(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if weights is not None:
@@ -80,13 +84,36 @@ def save(run_dir: str, state: CheckpointState, weights: dict[str, torch.Tensor] 
         json.dump(state.__dict__, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Swap the complete folder ``tmp`` in as ``final``, durably, so that a kill leaves one of them whole.
+
+    The old ``final`` is renamed to ``final.old`` first and removed last; a kill between the two renames
+    leaves ``final.old`` (which ``load`` falls back to) and ``tmp``, never a torn ``final``.
+    """
+    old = f"{final}.old"
     _fsync(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync(run_dir)
+    _fsync(os.path.dirname(os.path.abspath(final)))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_folder(model: Any, tokenizer: Any, out: str) -> None:
+    """``save_pretrained`` of model and tokenizer into a temporary folder, swapped in as ``out``."""
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)
 
 
 def clean_stale(run_dir: str) -> list[str]:
@@ -134,3 +161,29 @@ def load_weights(folder: str) -> dict[str, torch.Tensor]:
         return load_file(os.path.join(folder, WEIGHTS))
     except Exception as e:
         raise CheckpointError(f"checkpoint weights in '{folder}' are unreadable ({e})") from None
+
+
+class Checkpointer:
+    """Rank 0's checkpoints of one run: when they are due (``checkpoint.every`` and the last iteration)
+    and what goes in them.  Other ranks hold identical weights and write nothing."""
+
+    def __init__(self, run_dir: str, every: int, total: int, with_weights: bool, base_model: str,
+                 base_fingerprint: str, config_json: str, is_main: bool, fault: Any = None) -> None:
+        self.run_dir, self.schedule, self.with_weights = run_dir, Every(every, total), with_weights
+        self.base_model, self.base_fingerprint, self.config_json = base_model, base_fingerprint, config_json
+        self.is_main, self.fault = is_main, fault
+        self.saved_at = -1  # iterations covered by the last checkpoint this process wrote
+
+    def due(self, done: int) -> bool:
+        return self.schedule.due(done)
+
+    def save(self, done: int, weights: Callable[[], dict[str, torch.Tensor]], fingerprint: str,
+             ledger: Any) -> None:
+        """A checkpoint after ``done`` iterations: θ (unless ledger-only), the ledger's copy, state.json."""
+        if not self.is_main:
+            return
+        state = CheckpointState(iteration=done, base_model=self.base_model, base_fingerprint=self.base_fingerprint,
+                                fingerprint=fingerprint, has_weights=self.with_weights, config=self.config_json)
+        save(self.run_dir, state, weights() if self.with_weights else None, self.fault, ledger=ledger)
+        self.saved_at = done
+        log.info("checkpoint saved after iteration %d", done)

@@ -7,13 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import signal
 import sys
 from typing import Any
-
-EXIT_REQUEUE = 75  # checkpointed on a signal: the launcher should requeue (EX_TEMPFAIL)
 
 USAGE = """usage: python -m hpc_es [--config FILE] [key=value ...]          train
        python -m hpc_es eval [--config FILE] [key=value ...]     mean reward / accuracy on the test split
@@ -21,15 +16,6 @@ USAGE = """usage: python -m hpc_es [--config FILE] [key=value ...]          trai
        python -m hpc_es replay RUN_DIR [--iteration T] --out DIR  rebuild weights from the ledger
        python -m hpc_es submit [--config FILE] [key=value ...] [--nodes N] [--gpus-per-node G] ...
 """
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _config_args(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[str]]:
@@ -58,68 +44,20 @@ def _config_and_comm(argv: list[str], prog: str) -> tuple[Any, Any]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from hpc_es.trainer import Stop, train
+    from hpc_es.runner import EXIT_REQUEUE, run_training
+    from hpc_es.trainer import Stop
 
     cfg, comm = _config_and_comm(argv, "python -m hpc_es")
-    logging.basicConfig(level=logging.INFO if comm.is_main else logging.ERROR,
-                        format="hpc_es: %(message)s", stream=sys.stderr)
-
-    def install(trainer: Any) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            if trainer.stop_signal:  # a second signal (a launcher tearing the job down): leave now
-                print(f"hpc_es: rank {comm.rank}: second {signal.Signals(signum).name}, exiting without "
-                      "checkpoint", file=sys.stderr, flush=True)
-                os._exit(128 + signum)
-            trainer.stop_signal = signum
-            if comm.is_main:
-                print(f"\nhpc_es: got {signal.Signals(signum).name}; checkpointing after this iteration",
-                      file=sys.stderr, flush=True)
-        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
     try:
-        result = train(cfg, comm, on_signal=install)
-    except Stop as s:
-        if comm.is_main:
-            print(f"hpc_es: checkpointed after {signal.Signals(s.signum).name}; exit {EXIT_REQUEUE} "
-                  "(requeue to resume)", file=sys.stderr, flush=True)
-        comm.barrier()  # every rank stops in the same iteration; none tears down under another
-        comm.close()
+        result = run_training(cfg, comm, own_process=True)
+    except Stop:
         return EXIT_REQUEUE
-    except BaseException:
-        _fail_fast(comm)
-        raise
     if comm.is_main:
-        print(json.dumps({"run_dir": result.run_dir, "final": result.final_dir, "iterations": result.iterations,
-                          "fingerprint": result.fingerprint, "reward_mean_first": result.reward_mean_first,
-                          "reward_mean_last": result.reward_mean_last}), flush=True)
-    comm.close()
+        print(json.dumps({"run_dir": result["run_dir"], "final": result["final_dir"],
+                          "iterations": result["iterations"], "fingerprint": result["fingerprint"],
+                          "reward_mean_first": result["reward_mean_first"],
+                          "reward_mean_last": result["reward_mean_last"]}), flush=True)
     return 0
-
-
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-
-
-def _fail_fast(comm: Any) -> None:
-    """A rank that fails outside a collective must not leave the others waiting in one."""
-    from hpc_es.errors import DistributedError, HpcEsError
-
-    if comm.world_size <= 1:
-        return
-    exc = sys.exc_info()[1]
-    if isinstance(exc, DistributedError):  # every rank saw it: rank 0 reports, all exit
-        if comm.is_main:
-            print(f"hpc_es: error: {exc}", file=sys.stderr, flush=True)
-        comm.close()
-        os._exit(exc.exit_code)
-    kind = "" if isinstance(exc, HpcEsError) else f"{type(exc).__name__}: "
-    text = str(exc)
-    if any(m in text for m in _PEER_LOST):  # a symptom: the cause is printed by the rank that failed
-        print(f"hpc_es: rank {comm.rank} stopping: lost contact with another rank ({text.strip()[:120]})",
-              file=sys.stderr, flush=True)
-    else:
-        print(f"hpc_es: error: rank {comm.rank} failed: {kind}{text}", file=sys.stderr, flush=True)
-    comm.abort(exc.exit_code if isinstance(exc, HpcEsError) else 1)
 
 
 def _bad_flags(rest: list[str]) -> None:
@@ -132,12 +70,13 @@ def _bad_flags(rest: list[str]) -> None:
 
 def cmd_eval(argv: list[str]) -> int:
     from hpc_es.evaluate import evaluate
+    from hpc_es.runner import leave_together
 
     cfg, comm = _config_and_comm(argv, "python -m hpc_es eval")
     try:
         out = evaluate(cfg, comm=comm)
-    except BaseException:
-        _fail_fast(comm)
+    except BaseException as e:
+        leave_together(comm, e, exit_process=True)
         raise
     if comm.is_main:
         print(json.dumps(out), flush=True)
@@ -191,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     try:
-        _quiet_libraries()
+        from hpc_es.runner import quiet_libraries
+
+        quiet_libraries()
         return COMMANDS[cmd](argv)
     except HpcEsError as e:
         who = f"rank {_RANK[0]}: " if _RANK[0] else ""

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -162,6 +163,28 @@ class TorchComm(Comm):
     def close(self) -> None:
         if self._dist.is_initialized():
             self._dist.destroy_process_group()
+
+
+@dataclass
+class Exchanged:
+    """What one iteration's all-reduce carried: the N rewards and two flags of control."""
+
+    rewards: np.ndarray  # float64[N]: each member's reward, summed from the one rank that owns it
+    failed: int  # number of ranks whose member scoring raised
+    stopping: int  # number of ranks asked by a signal to stop after this iteration
+
+
+def exchange_rewards(comm: Comm, local: np.ndarray, failed: bool, stopping: bool) -> Exchanged:
+    """The one collective of an iteration: rewards (zeros where another rank owns the member) plus a
+    "failed" and a "stop" count, in one float64 all-reduce of N + 2 values, so that a failure or a
+    signal on any rank reaches every rank in the same iteration without a second round trip."""
+    n = len(local)
+    send = np.zeros(n + 2, dtype=np.float64)
+    send[:n] = local
+    send[n] = 1.0 if failed else 0.0
+    send[n + 1] = 1.0 if stopping else 0.0
+    total = comm.allreduce_sum(send)
+    return Exchanged(rewards=total[:n], failed=int(total[n]), stopping=int(total[n + 1]))
 
 
 class SetupFailed(DistributedError):

@@ -146,7 +146,7 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     keys: list[str] = []
     for f in dataclasses.fields(cls):
         hint = get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             keys.extend(all_keys(hint, f"{prefix}{f.name}."))
         else:
             keys.append(prefix + f.name)

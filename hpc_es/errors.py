@@ -11,6 +11,7 @@ class HpcEsError(Exception):
     """
 
     exit_code = 2
+    quiet = False  # already reported (by another rank, or once for every rank): print nothing more
 
 
 class ConfigError(HpcEsError):

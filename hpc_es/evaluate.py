@@ -8,6 +8,7 @@ so the result are the same for any number of ranks, and rank 0 reports.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -16,10 +17,14 @@ import numpy as np
 
 from hpc_es.comm import Comm, agree, attempt
 from hpc_es.config import Config
+from hpc_es.errors import HpcEsError
 from hpc_es.models import load_model, load_tokenizer, resolve_dtype
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.rollout import generate
+from hpc_es.schedule import Every
 from hpc_es.tasks import Example, Task, load_task, safe_score
+
+log = logging.getLogger("hpc_es")
 
 
 def eval_batch_size(cfg: Config) -> int:
@@ -54,7 +59,40 @@ def score_items(model: Any, tokenizer: Any, task: Task, examples: Sequence[Examp
     return out
 
 
-def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str, Any]:
+class TestSplit:
+    """The trainer's test-split evaluation of the updated weights: every ``eval.every`` iterations and
+    after the last, ``eval.limit`` items, split over the ranks; its results become ledger columns."""
+
+    COLUMNS = ("eval_reward", "eval_accuracy")
+
+    def __init__(self, cfg: Config, task: Task, comm: Comm) -> None:
+        self.cfg, self.task, self.comm = cfg, task, comm
+        self.schedule = Every(cfg.eval.every, cfg.es.iterations)
+        self.examples = list(task.test_examples())[: cfg.eval.limit or None] if cfg.eval.every else []
+        if cfg.eval.every and not self.examples:
+            raise HpcEsError(f"eval.every={cfg.eval.every} but task '{cfg.task}' has no test examples "
+                             "(see data.train_size, data.test_size)")
+
+    def skipped(self) -> dict[str, float]:
+        return {**{c: float("nan") for c in self.COLUMNS}, "time_eval": 0.0}
+
+    def run(self, done: int, model: Any, tokenizer: Any) -> dict[str, float]:
+        """The ledger's test-split columns after ``done`` iterations (NaN when not due); a collective."""
+        if not self.schedule.due(done):
+            return self.skipped()
+        a = time.perf_counter()
+        got = score_items(model, tokenizer, self.task, self.examples, self.cfg.rollout.max_new_tokens,
+                          eval_batch_size(self.cfg), self.comm)
+        seconds = time.perf_counter() - a
+        if self.comm.is_main:
+            acc = f", accuracy {got['accuracy']:.4f}" if "accuracy" in got else ""
+            log.info("test split after iteration %d: mean reward %.4f%s (%d items, %.1f s)", done,
+                     got["mean_reward"], acc, len(self.examples), seconds)
+        return {"eval_reward": got["mean_reward"], "eval_accuracy": got.get("accuracy", float("nan")),
+                "time_eval": seconds}
+
+
+def evaluate(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
     """Load ``cfg.model`` on every rank and score it on the test split (rank 0's dict is the answer)."""
     comm = comm or Comm()
     state: dict[str, Any] = {}
@@ -70,7 +108,7 @@ def evaluate(cfg: Config, limit: int = 0, comm: Comm | None = None) -> dict[str,
 
     agree(comm, attempt(build) if comm.is_main else None)
     agree(comm, attempt(load))
-    examples = list(state["task"].test_examples())[: limit or None]
+    examples = list(state["task"].test_examples())[: cfg.eval.limit or None]
     t0 = time.perf_counter()
 
     def progress(done: int, mine: int) -> None:  # thousands of prompts x 1024 tokens take a while

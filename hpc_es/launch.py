@@ -35,7 +35,6 @@ import copy
 import dataclasses
 import difflib
 import json
-import logging
 import os
 import sys
 from typing import Any, Mapping, Sequence
@@ -73,34 +72,15 @@ class TrainingJob:
         self.config = config
 
     def __call__(self) -> dict[str, Any]:
-        from hpc_es.cli import _quiet_libraries
         from hpc_es.comm import make_comm
         from hpc_es.config import config_from_dict
-        from hpc_es.trainer import train
+        from hpc_es.runner import quiet_libraries, run_training
 
-        _quiet_libraries()
+        quiet_libraries()
         cfg = config_from_dict(self.config)
         comm = make_comm(cfg.dist.backend, cfg.dist.timeout_s)
-        log = logging.getLogger("hpc_es")  # ours only: submitit's logger keeps its own format
-        if not log.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("hpc_es: %(message)s"))
-            log.addHandler(handler)
-            log.propagate = False
-        log.setLevel(logging.INFO if comm.is_main else logging.ERROR)
-        try:
-            # No signal handlers of ours: submitit's (SIGUSR2 -> checkpoint() and requeue) stay in place.
-            result = train(cfg, comm)
-        except BaseException as e:
-            if comm.world_size > 1 and not isinstance(e, SystemExit):  # never leave the others in a collective
-                print(f"hpc_es: error: rank {comm.rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                comm.abort(1)
-            raise
-        out = {"run_dir": result.run_dir, "final_dir": result.final_dir, "fingerprint": result.fingerprint,
-               "iterations": result.iterations, "world_size": comm.world_size,
-               "reward_mean_first": result.reward_mean_first, "reward_mean_last": result.reward_mean_last}
-        comm.close()
-        return out
+        # No signal handlers of ours: submitit's (SIGUSR2 -> checkpoint() and requeue) stay in place.
+        return run_training(cfg, comm, own_process=False)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
@@ -262,7 +242,7 @@ def sbatch_script(config: str | os.PathLike[str] | Config | None = None, *,
     items, options = split_keywords(overrides, options)
     cfg = resolve_config(config, items)
     folder, _cluster, params = executor_parameters(cfg, **options)
-    names = SlurmExecutor._equivalence_dict()
+    names: dict[str, Any] = dict(SlurmExecutor._equivalence_dict())
     valid = SlurmExecutor._valid_parameters()
     sbatch: dict[str, Any] = {}
     for key, value in params.items():

@@ -51,10 +51,6 @@ class Ledger:
             raise ValueError(f"ledger row for iteration {row['iteration']} after {self.rows[-1]['iteration']}")
         self.rows.append(row)
 
-    def truncate(self, n: int) -> None:
-        """Keep the first ``n`` iterations (resume from a checkpoint older than the ledger)."""
-        del self.rows[n:]
-
     def column(self, key: str) -> np.ndarray:
         dtype = MATRIX.get(key) or SCALARS[key]
         if key in MATRIX:

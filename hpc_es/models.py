@@ -119,7 +119,7 @@ def load_model(path: str, dtype: torch.dtype | str = "auto", device: str = "cpu"
 
     check_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as e:  # transformers raises many types; the user needs the cause in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model from '{path}': {msg}") from None

@@ -1,4 +1,5 @@
-"""Where a run's pieces live: the model folder (``model=tiny`` -> the cache) and each replica's device."""
+"""Where a run's pieces live: the model folder (``model=tiny`` -> the cache), each replica's device, and
+which rank and replica evaluate each population member."""
 
 from __future__ import annotations
 
@@ -32,3 +33,12 @@ def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:
     if offset + per > count:
         raise HpcEsError(f"rank {comm.rank} needs GPUs {offset}..{offset + per - 1} but sees only {count}")
     return [torch.device("cuda", offset + j) for j in range(per) for _ in range(copies)]
+
+
+def slot_owner(member: int, world: int, per_rank: int) -> tuple[int, int]:
+    """(rank, replica) that evaluates ``member``: round-robin over ranks, then over the rank's replicas.
+
+    Every rank gets floor(N/world) or ceil(N/world) members (so none idles while N >= world), and a
+    rank's replicas differ by at most one member.
+    """
+    return member % world, (member // world) % per_rank

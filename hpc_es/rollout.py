@@ -19,7 +19,7 @@ def generation_config(model: torch.nn.Module, tokenizer: Any, max_new_tokens: in
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int = 0, on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Completions (new tokens only, special tokens dropped) for ``prompts``, in order.
 

@@ -76,4 +76,30 @@ def ledger_arrays(run_dir: Path | str) -> dict:
         return {k: f[k][()] for k in f.keys()} | {"attrs": dict(f.attrs)}
 
 
+GOLDEN = Path(__file__).resolve().parent / "golden"
+UPDATE_GOLDEN = "HPC_ES_UPDATE_GOLDEN"
+
+
+def check_golden(name: str, text: str, folder: Path = GOLDEN) -> None:
+    """``text`` must equal the checked-in golden file ``name``.  A missing file fails (a lost golden file
+    must not pass silently); ``HPC_ES_UPDATE_GOLDEN=1`` writes the files instead, on purpose."""
+    path = folder / name
+    if os.environ.get(UPDATE_GOLDEN) == "1":
+        path.write_text(text)
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing; if that is intended, regenerate it with {UPDATE_GOLDEN}=1",
+                    pytrace=False)
+    assert text == path.read_text(), f"{name} changed; rerun with {UPDATE_GOLDEN}=1 if that is intended"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A safety net for the markers: a test that uses a fixture which starts processes is marked with it."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "slurm_cluster" in fixtures and not item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slurm)
+        if "reference_run" in fixtures and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+
+
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (a session fixture: a real Slurm cluster)

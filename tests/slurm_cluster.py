@@ -293,7 +293,8 @@ def _start_cluster() -> tuple[SlurmCluster, Path]:
         )
     except subprocess.TimeoutExpired as exc:
         subprocess.run(["bash", str(DOWN_SCRIPT), str(cluster_dir)], capture_output=True, timeout=120)
-        pytest.fail(f".ci/slurm-up.sh took over {UP_TIMEOUT_S}s; logs in {cluster_dir}/log\n{exc.stdout}", pytrace=False)
+        pytest.fail(f".ci/slurm-up.sh took over {UP_TIMEOUT_S}s; logs in {cluster_dir}/log\n{exc.stdout}",
+                    pytrace=False)
     print(proc.stdout, end="", file=sys.stderr)
     if proc.returncode != 0:
         pytest.fail(

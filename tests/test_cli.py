@@ -126,6 +126,7 @@ def test_user_task_trains_and_eval_reports(tmp_path: Path, capsys: pytest.Captur
     assert done == ["3/8", "6/8", "8/8"], captured.err  # progress after every batch
 
 
+@pytest.mark.integration
 def test_error_in_a_real_process_is_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = run_hpc_es(FAST + [f"model={tmp_path / 'absent'}"])
     assert proc.returncode == 2
@@ -145,6 +146,7 @@ def test_unknown_flag(capsys: pytest.CaptureFixture) -> None:
     assert_clean_failure(code, err, "--sigma")
 
 
+@pytest.mark.integration
 def test_no_partial_files_in_run_dir_after_success(reference_run: Path) -> None:
     leftovers = [p for p in os.listdir(reference_run) if ".tmp" in p or p.endswith(".old")]
     assert leftovers == []

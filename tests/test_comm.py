@@ -16,7 +16,8 @@ from conftest import PY, ROOT, mpiexec
 from hpc_es.comm import LENGTH_BYTES, Comm, detect_backend, make_comm
 from hpc_es.config import load_config
 from hpc_es.errors import DistributedError
-from hpc_es.trainer import Trainer, slot_owner
+from hpc_es.placement import slot_owner
+from hpc_es.trainer import Trainer
 
 LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK", "PMIX_RANK",
                "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
@@ -189,6 +190,7 @@ def _run_comm_script(launcher: list[str], backend: str, tmp_path: Path) -> list[
     return sorted(rows, key=lambda d: d["rank"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("launch", ["mpiexec", "torchrun"])
 def test_two_rank_collectives_and_byte_counts(launch: str, tmp_path: Path) -> None:
     if launch == "mpiexec":
@@ -214,6 +216,7 @@ def test_two_rank_collectives_and_byte_counts(launch: str, tmp_path: Path) -> No
         assert d["agreed"][3] == ["rank 0 failed: differs on 0; rank 1 failed: differs on 1", 2, True]
 
 
+@pytest.mark.integration
 def test_forced_mpi_backend_without_a_launcher_is_a_world_of_one(tmp_path: Path) -> None:
     rows = _run_comm_script([PY], "mpi", tmp_path)
     assert len(rows) == 1 and rows[0]["world"] == 1 and rows[0]["name"] == "mpi"

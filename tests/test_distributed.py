@@ -20,6 +20,8 @@ import pytest
 
 from conftest import PY, ROOT, TINY, fingerprint_of, ledger_arrays, mpiexec, run_hpc_es
 
+pytestmark = pytest.mark.integration
+
 TORCHRUN = str(Path(PY).parent / "torchrun")
 LAUNCHERS = ["mpi", "torch"]
 PROMPT_S = 60  # a failing job must be over well within this (collective timeouts are minutes)

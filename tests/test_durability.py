@@ -17,6 +17,8 @@ import pytest
 
 from conftest import TINY, fingerprint_of, ledger_arrays, mpiexec, run_hpc_es
 
+pytestmark = pytest.mark.integration
+
 ITERS = 4
 # Checkpoint after every iteration: each fault point then has an older checkpoint to fall back on.
 RUN = TINY + [f"es.iterations={ITERS}", "checkpoint.every=1"]

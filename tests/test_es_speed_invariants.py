@@ -1,8 +1,9 @@
 """The engine's speed-ups change no bit: thread-pooled chunks, fused stores, no restore before the update.
 
 Each test compares the Engine with a plain chunk-by-chunk reference that spells out the documented
-arithmetic (noise keyed by seed/name/element, or by seed/name/chunk under legacy, in fp32; perturb = round(base + sign*sigma*eps); update =
-round(base + (alpha/N) * fp32 sum of c_n*eps_n)), under both noise schemes, or two Engine configurations with each other.
+arithmetic (noise keyed by seed/name/element, or by seed/name/chunk under legacy, in fp32; perturb =
+round(base + sign*sigma*eps); update = round(base + (alpha/N) * fp32 sum of c_n*eps_n)), under both noise
+schemes, or two Engine configurations with each other.
 No timings are asserted here (tools/bench.py measures speed).
 """
 

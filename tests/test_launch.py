@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, fingerprint_of, run_hpc_es
+from conftest import TINY, check_golden, fingerprint_of, run_hpc_es
 
 from hpc_es import launch
 from hpc_es.config import load_config
@@ -17,7 +17,6 @@ from hpc_es.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
-UPDATE = os.environ.get("HPC_ES_UPDATE_GOLDEN") == "1"  # rewrite the golden files instead of comparing
 
 # A 2-node, 4-GPU-per-node submission of the 7B config, with every kind of option.
 OPTIONS = {"nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "mem_gb": 200, "partition": "gpu",
@@ -27,10 +26,7 @@ OVERRIDES = {"model": "/models/Qwen2.5-7B-Instruct", "data.path": "/data/countdo
 
 
 def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE or not path.exists():
-        path.write_text(text)
-    assert text == path.read_text(), f"{name} changed; rerun with HPC_ES_UPDATE_GOLDEN=1 if that is intended"
+    check_golden(name, text, GOLDEN)
 
 
 def _portable(text: str) -> str:
@@ -52,6 +48,7 @@ def test_sbatch_script_golden():
     _golden("submit_params.sh", _portable(script))
 
 
+@pytest.mark.integration
 def test_cli_dry_run_prints_the_same_script():
     args = ["submit", "--config", "configs/countdown_qwen2.5-7b.yaml", "--dry-run", "--nodes", "2",
             "--gpus-per-node", "4", "--cpus-per-task", "8", "--mem-gb", "200", "--partition", "gpu",
@@ -80,6 +77,7 @@ def test_bad_input_fails_before_submitting(tmp_path, kwargs, message):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.integration
 def test_cli_unknown_option_is_an_error():
     proc = run_hpc_es(["submit", "--config", "configs/tiny_mpi.yaml", "--gpus", "2"])
     assert proc.returncode != 0
@@ -106,6 +104,7 @@ def test_config_object_is_not_modified():
     assert cfg.es.sigma == 0.05 and cfg.run_dir == "runs/tiny_mpi"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("cluster", ["local", "debug"])
 def test_local_fallback_trains_like_a_direct_run(tmp_path, reference_run, cluster):
     overrides = dict(launch.parse_override(o) for o in TINY)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from conftest import fingerprint_of, ledger_arrays, mpiexec, run_hpc_es
 
+pytestmark = pytest.mark.slurm
+
 ROOT = Path(__file__).resolve().parent.parent
 ES_TINY = ROOT / "slurm" / "es_tiny.sh"
 CONFIG = str(ROOT / "configs" / "tiny_mpi.yaml")
@@ -145,3 +147,25 @@ def test_es_tiny_bad_input_fails_at_once(slurm_cluster, tmp_path, case):
     assert expected in text and "stopped before launching any rank" in text, text
     assert "srun" not in text
     assert time.monotonic() - start < 30
+
+
+def test_python_submit_shared_setup_error_fails_every_rank_without_an_abort(slurm_cluster, tmp_path):
+    """A set-up error that every rank hits alike (here: a model folder that does not exist) under submitit:
+    rank 0 reports it once, every rank raises it to submitit, and nobody calls MPI_Abort."""
+    import hpc_es
+
+    run_dir, missing = tmp_path / "run", tmp_path / "no-such-model"
+    with slurm_cluster.environ():
+        job = hpc_es.submit(CONFIG, overrides=RUN, run_dir=str(run_dir), model=str(missing), cluster="slurm",
+                            tasks_per_node=2, cpus_per_task=1, mem_gb=2, time=5)
+        state = slurm_cluster.wait(job.job_id, timeout=120)
+        logs = [_read(run_dir / "submitit" / f"{job.job_id}_0_log.err"),
+                _read(run_dir / "submitit" / f"{job.job_id}_1_log.err")]
+        with pytest.raises(Exception, match="does not exist") as failed:
+            hpc_es.result(job)
+    assert state == "FAILED", f"job {job.job_id} ended {state}:\n{logs}"
+    assert "no-such-model" in str(failed.value)
+    text = "\n".join(logs)
+    assert "MPI_ABORT" not in text.upper(), text
+    assert logs[0].count(f"hpc_es: error: model directory '{missing}' does not exist") == 1, logs[0]
+    assert "hpc_es: error:" not in logs[1], logs[1]

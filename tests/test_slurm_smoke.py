@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slurm
+
 
 def _fixture_from_conftest() -> bool:
     """True when tests/conftest.py already provides ``slurm_cluster``."""

@@ -619,6 +619,7 @@ def test_safe_score_values():
     assert safe_score(_Reward(lambda _: True), "", Example(prompt="p")) == 1.0
 
 
+@pytest.mark.integration
 def test_tasks_import_without_torch():
     code = ("import sys, hpc_es.tasks, hpc_es.tasks.countdown, hpc_es.tasks.conciseness; "
             "sys.exit('torch' in sys.modules)")

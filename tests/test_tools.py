@@ -6,6 +6,8 @@ working as the engine and trainer change under them.
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import re
 import subprocess
@@ -94,6 +96,7 @@ def _phases(table: str) -> dict[str, list[float]]:
     return rows
 
 
+@pytest.mark.integration
 def test_bench_prints_both_implementations_and_every_target() -> None:
     out = _run("bench.py", ["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--n", "2",
                             "--prompts", "2", "--tokens", "4", "--iterations", "1", "--warmup", "0"])
@@ -106,6 +109,7 @@ def test_bench_prints_both_implementations_and_every_target() -> None:
     assert "N=2, 2 prompts, 4 new tokens" in out
 
 
+@pytest.mark.integration
 def test_gpu_check_runs_on_cpu_with_the_tiny_architecture() -> None:
     out = _run("gpu_check.py", ["--tiny", "--n", "2", "--prompts", "2", "--tokens", "2", "--warmup", "0",
                                 "--no-baseline"])

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY, fingerprint_of, ledger_arrays, run_hpc_es
+from conftest import TINY, check_golden, fingerprint_of, ledger_arrays, run_hpc_es
 from hpc_es.config import load_config
 from hpc_es.es import zscore
 from hpc_es.noise import member_seeds
@@ -19,6 +18,7 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_trace.json"
 GOLDEN_LEGACY = Path(__file__).parent / "golden" / "tiny_trace_legacy.json"  # written before the keyed scheme
 
 
+@pytest.mark.integration
 def test_ledger_datasets_shapes_and_contents(reference_run: Path) -> None:
     led = ledger_arrays(reference_run)
     cfg = load_config(None, TINY + [f"run_dir={reference_run}"])
@@ -45,6 +45,7 @@ def test_ledger_datasets_shapes_and_contents(reference_run: Path) -> None:
     assert (reference_run / "final" / "tokenizer.json").is_file()
 
 
+@pytest.mark.integration
 def test_same_config_same_fingerprint_and_rewards(reference_run: Path, tmp_path: Path) -> None:
     proc = run_hpc_es(TINY + [f"run_dir={tmp_path / 'again'}"], check=True)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -52,6 +53,7 @@ def test_same_config_same_fingerprint_and_rewards(reference_run: Path, tmp_path:
     assert np.array_equal(ledger_arrays(reference_run)["rewards"], ledger_arrays(tmp_path / "again")["rewards"])
 
 
+@pytest.mark.integration
 def test_training_changes_the_weights_and_fingerprint_cli_prints_one_line(reference_run: Path,
                                                                           tiny_model_dir: str) -> None:
     proc = run_hpc_es(["fingerprint", str(reference_run / "final")], check=True)
@@ -60,6 +62,7 @@ def test_training_changes_the_weights_and_fingerprint_cli_prints_one_line(refere
     assert line == fingerprint_of(reference_run / "final") != fingerprint_of(tiny_model_dir)
 
 
+@pytest.mark.integration
 def test_periodic_test_evaluation_matches_eval_of_the_replayed_weights(reference_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     split = ["data.test_size=5", "rollout.batch_size=2"]
@@ -81,6 +84,7 @@ def test_periodic_test_evaluation_matches_eval_of_the_replayed_weights(reference
         assert report["examples"] == 5 and report["mean_reward"] == led["eval_reward"][t]
 
 
+@pytest.mark.integration
 def test_eval_every_without_a_test_split_is_a_clear_error(tmp_path: Path) -> None:
     task = tmp_path / "train_only.py"
     task.write_text("from hpc_es.tasks import Example\n\n\nclass TrainOnly:\n    name = 'train_only'\n\n"
@@ -94,19 +98,20 @@ def test_eval_every_without_a_test_split_is_a_clear_error(tmp_path: Path) -> Non
     assert not (tmp_path / "run" / "log.h5").exists()
 
 
+@pytest.mark.integration
 def test_golden_trace(reference_run: Path) -> None:
     """Rewards and final fingerprint of the TINY run, checked in (regenerate: HPC_ES_UPDATE_GOLDEN=1)."""
     led = ledger_arrays(reference_run)
-    trace = {"overrides": TINY, "rewards": led["rewards"].tolist(), "fingerprint": fingerprint_of(reference_run / "final")}
-    if os.environ.get("HPC_ES_UPDATE_GOLDEN") == "1":
-        GOLDEN.write_text(json.dumps(trace, indent=1) + "\n")
-    assert GOLDEN.is_file(), f"{GOLDEN} is missing; HPC_ES_UPDATE_GOLDEN=1 writes it"
+    trace = {"overrides": TINY, "rewards": led["rewards"].tolist(),
+             "fingerprint": fingerprint_of(reference_run / "final")}
+    check_golden(GOLDEN.name, json.dumps(trace, indent=1) + "\n", GOLDEN.parent)
     want = json.loads(GOLDEN.read_text())
     assert want["overrides"] == TINY, "TINY changed: regenerate the golden trace"
     assert trace["rewards"] == want["rewards"]
     assert trace["fingerprint"] == want["fingerprint"]
 
 
+@pytest.mark.integration
 def test_legacy_noise_scheme_reproduces_the_old_golden_trace_and_replays(tmp_path: Path) -> None:
     """A run made before the keyed scheme (its ledger has no noise_scheme): same rewards, same weights."""
     import h5py
@@ -133,6 +138,7 @@ def test_legacy_noise_scheme_reproduces_the_old_golden_trace_and_replays(tmp_pat
     assert "a run with different es.noise_scheme" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.integration
 def test_noise_chunk_changes_no_result_under_the_keyed_scheme(reference_run: Path, tmp_path: Path) -> None:
     run_hpc_es(TINY + ["es.noise_chunk=1024", f"run_dir={tmp_path / 'small'}"], check=True)
     assert fingerprint_of(tmp_path / "small" / "final") == fingerprint_of(reference_run / "final")
@@ -148,6 +154,7 @@ def test_iteration_prompts_are_a_pure_function_of_seed_and_iteration() -> None:
     assert sorted(flat) == items
 
 
+@pytest.mark.integration
 def test_the_default_job_learns(tmp_path: Path) -> None:
     """`python -m hpc_es` with no settings but run_dir: the conciseness reward must clearly improve."""
     proc = run_hpc_es([f"run_dir={tmp_path / 'demo'}", "progress=false"], check=True, timeout=600)

@@ -4,8 +4,8 @@
 A script that prints a table, never a test.  It builds a randomly initialised Qwen2-architecture model in
 memory (no download; the tiny BPE tokenizer of hpc_es.models), then runs ES iterations of
 
-* hpc_es: the trainer's own ``Trainer.evaluate`` (Engine.perturb, rollout.generate, task scoring, restore
-  when the trainer does one) followed by ``Engine.update``, exactly as ``Trainer.run`` calls them;
+* hpc_es: the trainer's own ``Population.score`` (Engine.perturb, rollout.generate, task scoring)
+  followed by ``Population.update``, exactly as ``Trainer.run`` calls them;
 * the baseline: tools/baseline.py, the published code's hot path (reseed per tensor, noise in the model
   dtype, add/subtract in place, model-dtype update);
 
@@ -42,14 +42,13 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
 
 import baseline  # noqa: E402  (tools/baseline.py)
 import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise vs torch.randn, alone)
-from hpc_es.comm import Comm  # noqa: E402
 from hpc_es.config import Config  # noqa: E402
-from hpc_es.es import Engine, Replica, shape_rewards  # noqa: E402
+from hpc_es.es import Replica, shape_rewards  # noqa: E402
 from hpc_es.models import DTYPES, _train_tokenizer, named_params  # noqa: E402
 from hpc_es.noise import member_seeds  # noqa: E402
 from hpc_es.rollout import generation_config  # noqa: E402
 from hpc_es.tasks import load_task, safe_score  # noqa: E402
-from hpc_es.trainer import Fault, Trainer  # noqa: E402
+from hpc_es.population import Population  # noqa: E402
 
 PHASES = ("perturb", "rollout", "reward", "restore", "update")
 ES_PHASES = ("perturb", "restore", "update")
@@ -152,30 +151,20 @@ def bench_config(n: int, prompts: int, tokens: int, sigma: float, alpha: float, 
 
 
 class HpcEsRun:
-    """One replica driven by the real ``Trainer.evaluate`` and ``Engine.update`` (a trainer without a
-    model folder, ledger or communicator: only what ``evaluate`` reads is set)."""
+    """One replica driven by the real ``Population.score`` and ``Population.update``, exactly as
+    ``Trainer.run`` calls them (a population without a model folder, ledger or communicator)."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: str) -> None:
         self.cfg = cfg
         self.sync = syncer(device)
         self.counter = CountTokens(model)
-        tr = Trainer.__new__(Trainer)
-        tr.cfg, tr.comm, tr.fault, tr.stop_signal = cfg, Comm(), Fault(0), 0
-        tr.N = cfg.es.population_size
-        tr.devices, tr.per_rank = [torch.device(device)], 1
-        tr.replicas = [Replica.wrap(model, cfg.es.base_on)]
-        tr.tokenizers = [tokenizer()]
-        tr.engine = Engine(cfg.es.noise_chunk)
-        tr.task = load_task(cfg)
-        tr.train_set = list(tr.task.train_examples())
-        tr.mine = list(range(tr.N))
-        tr.pool = None
-        self.trainer = tr
-        self.examples = tr.train_set[: cfg.rollout.prompts_per_iteration]
+        task = load_task(cfg)
+        self.population = Population(cfg, [Replica.wrap(model, cfg.es.base_on)], [tokenizer()], task)
+        self.examples = list(task.train_examples())[: cfg.rollout.prompts_per_iteration]
         self.synthetic_updates = 0
         self.terms = 0
-        if device.startswith("cuda"):  # the trainer's timers would see asynchronous launches only
-            eng = tr.engine
+        if device.startswith("cuda"):  # the timers would see asynchronous launches only
+            eng = self.population.engine
             for name in ("perturb", "restore", "update"):
                 setattr(eng, name, self._synced(getattr(eng, name)))
 
@@ -186,23 +175,26 @@ class HpcEsRun:
         return call
 
     def iteration(self, t: int, n: int = 0) -> dict[str, float]:
-        """One iteration; ``n`` < N evaluates and updates with the first n members only (a warm-up)."""
-        tr, cfg = self.trainer, self.cfg
-        n = n or tr.N
-        seeds, signs = member_seeds(cfg.seed, t, tr.N, cfg.es.antithetic)
-        tr.mine = list(range(n))
-        local, times = tr.evaluate(seeds, signs, self.examples)
-        tr.mine = list(range(tr.N))
-        if tr.error is not None:
-            raise tr.error
-        seeds, signs, rewards = seeds[:n], signs[:n], local[:n]
+        """One iteration; ``n`` < N scores and updates with the first n members only (a warm-up)."""
+        pop, cfg = self.population, self.cfg
+        N = cfg.es.population_size
+        n = n or N
+        seeds, signs = member_seeds(cfg.seed, t, N, cfg.es.antithetic)
+        everyone = pop.members
+        pop.members = [list(range(n))]
+        scores = pop.score(seeds, signs, self.examples)
+        pop.members = everyone
+        if scores.error is not None:
+            raise scores.error
+        times = scores.times
+        seeds, signs, rewards = seeds[:n], signs[:n], scores.rewards[:n]
         shaped = shape_rewards(rewards, cfg.es.shaping)
         if not np.any(shaped):  # tied rewards would skip the update's noise: time a real one instead
             shaped = shape_rewards(np.arange(n, dtype=np.float64), cfg.es.shaping)
-            self.synthetic_updates += n == tr.N
+            self.synthetic_updates += n == N
         self.terms = int(np.count_nonzero(shaped))
         t1 = time.perf_counter()
-        tr.engine.update(tr.replicas, seeds, signs, shaped, cfg.es.alpha)
+        pop.update(seeds, signs, shaped, cfg.es.alpha)
         times["update"] = time.perf_counter() - t1
         return {k: times.get(k, 0.0) for k in PHASES}
 
@@ -289,7 +281,7 @@ def _parallel_randn(workers: int, size: int, per_thread: int = 24, reps: int = 3
     for _ in range(reps):
         start = threading.Barrier(workers + 1)
 
-        def draw(k: int) -> None:
+        def draw(k: int, start: threading.Barrier = start) -> None:
             torch.set_num_threads(1)  # per-thread under OpenMP
             g, buf = torch.Generator(), torch.empty(size)
             start.wait()

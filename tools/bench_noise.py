@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hpc_es.noise import KeyedNoise, LegacyNoise, compile_wanted
+from hpc_es.noise import KeyedNoise, LegacyNoise, compile_wanted  # noqa: E402
 
 TARGET = 0.7  # issue 12: keyed noise >= 0.7x torch.randn's elements/s on the CPU (0.5x on a GPU)
 
@@ -182,7 +182,8 @@ def lines(res: dict[str, float], device: str = "cpu") -> list[str]:
     f = res["noise_over_randn"]
     return [(f"   noise alone, one stream (M elements/s): legacy torch.randn {res['randn'] / 1e6:8.1f}  "
              f"keyed eager {res['keyed_eager'] / 1e6:8.1f}  keyed compiled {comp}"),
-            f"     keyed vs torch.randn              {f:6.2f}x   (>= {target:.2f}x) {'PASS' if f >= target else 'MISS'}"]
+            f"     keyed vs torch.randn              {f:6.2f}x   (>= {target:.2f}x) "
+            f"{'PASS' if f >= target else 'MISS'}"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,8 @@ def run(ranks: int, run_dir: Path, overrides: list[str], env: dict[str, str]) ->
     return wall
 
 
-SPIN = "import time\nt = time.perf_counter()\ns = 0\nfor i in range(4_000_000):\n    s += i\nprint(time.perf_counter() - t)"
+SPIN = ("import time\nt = time.perf_counter()\ns = 0\nfor i in range(4_000_000):\n    s += i\n"
+        "print(time.perf_counter() - t)")
 
 
 def spin_seconds(k: int) -> float:

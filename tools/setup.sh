@@ -11,5 +11,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # Pin the CPU wheel first so nothing later resolves "torch" to a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[mpi-wheel,test]"
+.venv/bin/python -m pip install -q -e ".[mpi-wheel,test,lint]"
 .venv/bin/python -c "import torch, transformers, mpi4py, h5py, submitit; print('hpc_es set up: torch', torch.__version__, '| transformers', transformers.__version__)"

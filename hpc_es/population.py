@@ -1,0 +1,173 @@
+"""This rank's share of the population: its model replicas and the members they evaluate.
+
+The paper's inner loop lives here: for each member n, perturb the weights to θ + σ·ε_n, generate for the
+iteration's prompts, score.  A rank holds one replica per device slot (``dist.devices_per_rank`` x
+``dist.replicas_per_device``); member n goes to the rank and replica ``placement.slot_owner`` names, and
+the replicas of a rank run side by side (threads; on a GPU each replica on its own CUDA stream).  The
+update keeps every replica bit-identical (``Engine.update``).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from hpc_es.config import Config
+from hpc_es.es import Engine, Replica
+from hpc_es.faults import Fault
+from hpc_es.models import fingerprint, load_model, load_tokenizer
+from hpc_es.placement import slot_owner
+from hpc_es.rollout import generate
+from hpc_es.tasks import Example, Task, safe_score
+
+
+@dataclass
+class Scores:
+    """One iteration's scoring on this rank."""
+
+    rewards: np.ndarray  # float64[N]: this rank's members' mean rewards, zeros for the others' members
+    times: dict[str, float]  # seconds in perturb, rollout, reward (replica 0's share) and restore
+    error: BaseException | None = None  # what stopped this rank's scoring; every rank learns of it
+    members: list[int] = field(default_factory=list)
+
+
+class Population:
+    """Replicas, tokenizers, the noise engine and the threads that evaluate this rank's members."""
+
+    def __init__(self, cfg: Config, replicas: list[Replica], tokenizers: list[Any], task: Task,
+                 rank: int = 0, world: int = 1, fault: Fault | None = None) -> None:
+        self.cfg, self.task = cfg, task
+        self.replicas, self.tokenizers = replicas, tokenizers
+        self.N = cfg.es.population_size
+        # thread-safe: replicas perturbed side by side share it; issue 12: the noise scheme
+        self.engine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)
+        self.fault = fault or Fault(rank)
+        per = len(replicas)
+        # members[j]: the members replica j evaluates, in order
+        self.members = [[n for n in range(self.N) if slot_owner(n, world, per) == (rank, j)] for j in range(per)]
+        self.pool = ThreadPoolExecutor(per) if per > 1 else None
+        self._streams: dict[int, Any] = {}  # replica index -> its CUDA stream (replicas that share a GPU)
+
+    @classmethod
+    def load(cls, cfg: Config, model_path: str, devices: Sequence[torch.device], dtype: torch.dtype, task: Task,
+             rank: int = 0, world: int = 1, fault: Fault | None = None) -> "Population":
+        """One replica per entry of ``devices``, each loaded from ``model_path``."""
+        replicas, tokenizers = [], []
+        for dev in devices:
+            replicas.append(Replica.wrap(load_model(model_path, dtype, str(dev)), cfg.es.base_on))
+            tokenizers.append(load_tokenizer(model_path))
+        return cls(cfg, replicas, tokenizers, task, rank, world, fault)
+
+    # ---- the inner loop of the algorithm -----------------------------------------------------------
+    def score(self, seeds: np.ndarray, signs: np.ndarray, examples: Sequence[Example]) -> Scores:
+        """For each of this rank's members: perturb to θ + σ·ε_n, generate, mean reward over ``examples``.
+
+        An error does not propagate: it is returned, so that the rank still takes part in the iteration's
+        exchange and every rank stops together.  The working weights are then left equal to θ.
+        """
+        self.fault("signal")
+        out = Scores(np.zeros(self.N, dtype=np.float64), {"perturb": 0.0, "rollout": 0.0, "reward": 0.0,
+                                                          "restore": 0.0})
+        prompts = [ex.prompt for ex in examples]
+
+        def members(j: int) -> None:
+            rep = self.replicas[j]
+            for n in self.members[j]:
+                a = time.perf_counter()
+                self.engine.perturb(rep, int(seeds[n]), int(signs[n]), self.cfg.es.sigma)
+                b = time.perf_counter()
+                self.fault("rollout")
+                completions = self.complete(j, prompts)
+                c = time.perf_counter()
+                out.rewards[n] = float(np.mean([safe_score(self.task, text, ex)
+                                                for text, ex in zip(completions, examples)]))
+                d = time.perf_counter()
+                if j == 0:
+                    out.times["perturb"] += b - a
+                    out.times["rollout"] += c - b
+                    out.times["reward"] += d - c
+            # No restore pass: each perturb overwrites every working weight from θ, and Engine.update
+            # reads only θ and leaves every replica's working weights equal to the new θ.
+
+        try:
+            self.fault("raise")
+            if self.pool is None:
+                self._on_stream(0, members)
+            else:
+                list(self.pool.map(lambda j: self._on_stream(j, members), range(len(self.replicas))))
+        except Exception as e:  # noqa: BLE001 - reported to every rank by the exchange, then the job stops
+            out.error = e
+            self.restore()  # no update follows: leave θ in the working weights (a copy, exact)
+        out.members = [n for ms in self.members for n in ms]
+        return out
+
+    def complete(self, j: int, prompts: list[str]) -> list[str]:
+        """Replica j's greedy completions of ``prompts`` (new tokens only)."""
+        return generate(self.replicas[j].model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
+                        self.cfg.rollout.batch_size)
+
+    def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
+        rep = self.replicas[j]
+        if rep.device.type == "cuda" and len(self.replicas) > 1:  # replicas sharing a GPU overlap on streams
+            stream = self._streams.setdefault(j, torch.cuda.Stream(rep.device))
+            stream.wait_stream(torch.cuda.current_stream(rep.device))  # after the last update
+            with torch.cuda.stream(stream):
+                fn(j)
+            torch.cuda.current_stream(rep.device).wait_stream(stream)  # before the next update
+        else:
+            fn(j)
+
+    def update(self, seeds: np.ndarray, signs: np.ndarray, shaped: np.ndarray, alpha: float) -> None:
+        """θ ← θ + (α/N)·Σ_n Z_n·ε_n on every replica, bit-identically."""
+        self.engine.update(self.replicas, seeds, signs, shaped, alpha)
+
+    def restore(self) -> None:
+        for rep in self.replicas:
+            self.engine.restore(rep)
+
+    # ---- weights -----------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        """Replica 0's model: after an update it holds θ, as every replica does."""
+        return self.replicas[0].model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers[0]
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for _, p in self.replicas[0].params)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """θ by parameter name (what a checkpoint stores)."""
+        return dict(self.replicas[0].base)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        from hpc_es.checkpoint import CheckpointError
+
+        with torch.no_grad():
+            for rep in self.replicas:
+                for name, p in rep.params:
+                    if name not in weights:
+                        raise CheckpointError(f"checkpoint lacks parameter '{name}'")
+                    rep.base[name].copy_(weights[name])
+                    p.copy_(weights[name])
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.replicas[0].model)
+
+    def fingerprints(self) -> list[str]:
+        return [fingerprint(rep.model) for rep in self.replicas]
+
+    def nudge(self) -> None:
+        """Move one weight of every replica (fault injection: a divergence the checks must catch)."""
+        with torch.no_grad():
+            for rep in self.replicas:
+                name, p = rep.params[0]
+                p.view(-1)[0] += 1.0
+                rep.base[name].view(-1)[0] += 1.0
