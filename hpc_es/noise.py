@@ -177,24 +177,32 @@ def counter_base(seed: int, name: str, start: int) -> int:
     return _s64(noise_key(seed, name) + (start + 1) * _GAMMA)
 
 
-def keyed_transform(z: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def keyed_transform(z: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 standard normals from int64 counters ``z`` (consumed): hash, then the table lookup.
 
     ``cells``/``steps`` are the table's values and differences (int64, on z's device).  Signed int64
-    right shifts are arithmetic, so every logical shift is masked; multiplications wrap mod 2**64."""
-    z ^= (z >> 30) & _lo(34)
+    right shifts are arithmetic, so every logical shift is masked; multiplications wrap mod 2**64.
+    In-place steps on fresh intermediates only (they spare allocations; torch.compile accepts them)."""
+    z ^= (z >> 30).bitwise_and_(_lo(34))
     z *= _s64(_MUL1)
-    z ^= (z >> 27) & _lo(37)
+    z ^= (z >> 27).bitwise_and_(_lo(37))
     z *= _s64(_MUL2)
-    z ^= (z >> 31) & _lo(33)
+    z ^= (z >> 31).bitwise_and_(_lo(33))
     # 52 bits -> float64 exactly; its exponent is the octave, the top mantissa bits the cell.
     bits = (z & _lo(OCTAVES)).to(torch.float64).view(torch.int64)
-    idx = ((bits >> (52 - SUB_BITS)) - 1023 * (1 << SUB_BITS)).clamp_(min=0)  # r = 0 -> the deepest cell
-    t = (bits >> (52 - SUB_BITS - T_BITS)) & _lo(T_BITS)
-    x = ((steps[idx] * t) >> T_BITS) + cells[idx]  # |steps| < 2**35: no overflow
+    idx = (bits >> (52 - SUB_BITS)).sub_(1023 * (1 << SUB_BITS)).clamp_(min=0)  # r = 0 -> the deepest cell
+    t = (bits >> (52 - SUB_BITS - T_BITS)).bitwise_and_(_lo(T_BITS))
+    x = torch.index_select(steps, 0, idx).mul_(t)  # |steps| < 2**35, t < 2**28: no overflow
+    x >>= T_BITS
+    x += torch.index_select(cells, 0, idx)
     sign = z >> 63  # 0 or -1 from the top bit, which nothing above used
-    x = (x ^ sign) - sign
-    return (x.to(torch.float64) * (2.0 ** -FRAC_BITS)).to(torch.float32)  # exact, exact, one rounding
+    x ^= sign
+    x -= sign
+    scaled = x.to(torch.float64).mul_(2.0 ** -FRAC_BITS)  # exact, exact; then one rounding to fp32
+    if out is None:
+        return scaled.to(torch.float32)
+    return out.copy_(scaled)
 
 
 def _compiled_block(ramp: torch.Tensor, z0: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -239,7 +247,7 @@ def compile_wanted(device_type: str) -> bool:
 
 
 # Eager CPU blocks stay in cache; compiled blocks are larger (one call's overhead over more elements).
-_EAGER_BLOCK = {"cpu": 1 << 13}
+_EAGER_BLOCK = {"cpu": 1 << 14}
 _COMPILED_BLOCK = {"cpu": 1 << 16}
 _DEFAULT_BLOCK = 1 << 24
 _MIN_COMPILED = 16  # smaller fills stay eager (sizes 0 and 1 would make the dynamic kernel recompile)
@@ -330,7 +338,7 @@ class KeyedNoise:
         for s in range(done, n, block):
             m = min(block, n - s)
             z = ramp[:m] + _s64(key + (start + s + 1) * _GAMMA)
-            out[s:s + m].copy_(keyed_transform(z, cells, steps))
+            keyed_transform(z, cells, steps, out[s:s + m])
         if self._compile is None and dev.type == "cpu":
             self._drawn[dev.type] = self._drawn.get(dev.type, 0) + n  # a race only delays the switch
         return out
