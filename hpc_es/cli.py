@@ -1,4 +1,4 @@
-"""``python -m hpc_es``: train (default), eval, fingerprint, replay, submit.
+"""``python -m hpc_es``: train (default), eval, fingerprint, replay, submit, report.
 
 User errors end with one line ``hpc_es: error: ...`` and a non-zero exit; a rank that fails names itself.
 """
@@ -15,6 +15,7 @@ USAGE = """usage: python -m hpc_es [--config FILE] [key=value ...]          trai
        python -m hpc_es fingerprint DIR                           SHA-256 of a model's parameters
        python -m hpc_es replay RUN_DIR [--iteration T] --out DIR  rebuild weights from the ledger
        python -m hpc_es submit [--config FILE] [key=value ...] [--nodes N] [--gpus-per-node G] ...
+       python -m hpc_es report RUN_DIR [RUN_DIR ...] [--out DIR]  figures and a summary from the ledger(s)
 """
 
 
@@ -116,8 +117,14 @@ def cmd_submit(argv: list[str]) -> int:
     return submit_main(argv)
 
 
+def cmd_report(argv: list[str]) -> int:  # issue 15
+    from hpc_es.report import main as report_main
+
+    return report_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "fingerprint": cmd_fingerprint, "replay": cmd_replay,
-            "submit": cmd_submit}
+            "submit": cmd_submit, "report": cmd_report}  # issue 15: report
 _RANK = [0]
 
 

@@ -78,6 +78,11 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # rank 0 also writes TensorBoard scalars to run_dir/tensorboard/ (the 'report' extra)
+
+
+@dataclass
 class Config:
     model: str = "tiny"  # a local HF model directory, or "tiny" for the built-in test model
     task: str = "conciseness"  # countdown | conciseness | module:attr | path/file.py:attr
@@ -94,6 +99,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

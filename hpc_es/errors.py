@@ -34,3 +34,14 @@ class DistributedError(HpcEsError):
     """A rank failed, the world size does not fit the population, or ranks diverged."""
 
     exit_code = 3
+
+
+class ExtraMissing(HpcEsError):
+    """A feature needs an optional dependency group (a pip "extra") that is not installed.
+
+    Checked when the feature is asked for, so the core install (training, eval, replay) never needs it.
+    """
+
+    def __init__(self, feature: str, module: str, extra: str = "report") -> None:
+        super().__init__(f"{feature} needs {module}, which is not installed; install the '{extra}' extra: "
+                         f"pip install -e \".[{extra}]\"")

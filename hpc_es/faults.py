@@ -1,7 +1,8 @@
 """Deterministic fault injection, so that kill/resume, signal and divergence paths are tested for real.
 
 ``HPC_ES_FAULT=point:iteration[:rank][,...]`` arms a point at an iteration (on one rank, or on every rank).
-Points that SIGKILL the process: ``rollout``, ``update``, ``after_ledger``, ``checkpoint_write``.
+Points that SIGKILL the process: ``rollout``, ``update``, ``after_ledger``, ``checkpoint_write``, ``tensorboard``
+(after the ledger save, before the TensorBoard event of that iteration).
 ``signal`` sends this process a real SIGTERM at the start of the iteration (as a scheduler would);
 ``raise`` injects an error into member scoring and ``nudge`` a weight divergence (see ``wants``).
 Nothing is armed unless the variable is set.

@@ -34,6 +34,7 @@ from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.population import Population, Scores
 from hpc_es.progress import Progress, announce
 from hpc_es.tasks import Example, load_task
+from hpc_es.tboard import TensorBoardLog  # issue 15
 
 log = logging.getLogger("hpc_es")
 
@@ -99,6 +100,8 @@ class Trainer:
             if comm.is_main:
                 log.warning("%d ranks but only %d population members: ranks %d..%d idle (dist.allow_idle_ranks)",
                             comm.world_size, self.N, self.N, comm.world_size - 1)
+        # issue 15: rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
+        self.tboard = TensorBoardLog(cfg.run_dir) if cfg.log.tensorboard and comm.is_main else None
         self.devices = local_devices(cfg, comm)
         if comm.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
@@ -165,6 +168,8 @@ class Trainer:
         if self.comm.is_main:
             if self.plan is not None:
                 resume.repair(self.plan, self.cfg.run_dir, self.ledger)
+            if self.tboard is not None:  # issue 15: the event files rebuilt from the ledger rows already done
+                self.tboard.start(self.ledger.rows)
             announce(os.path.basename(os.path.normpath(self.model_path)), self.population.parameter_count(),
                      self.comm.world_size, len(self.devices), self.comm.name, self.cfg.task, self.N,
                      self.cfg.es.sigma, self.cfg.es.alpha, self.start, self.cfg.es.iterations, self.log_path)
@@ -215,6 +220,9 @@ class Trainer:
         self.ledger.append(row)
         if self.comm.is_main:
             self.ledger.save(self.log_path)
+        if self.tboard is not None:  # issue 15: after the ledger holds the row (fault point for the tests)
+            self.fault("tensorboard")
+            self.tboard.write(row)
 
     def check_weights(self, t: int) -> None:
         """Every dist.check_every iterations (and the last, before final/ is saved): same weights everywhere."""
@@ -239,6 +247,8 @@ class Trainer:
         if self.comm.is_main:
             save_model_folder(self.population.model, self.population.tokenizer, final)
             self.save_checkpoint(len(self.ledger))
+        if self.tboard is not None:  # issue 15
+            self.tboard.close()
         self.comm.barrier()
         means = self.ledger.column("reward_mean") if len(self.ledger) else np.array([np.nan])
         return TrainResult(self.cfg.run_dir, final, len(self.ledger), fp, float(means[0]), float(means[-1]))
