@@ -139,6 +139,27 @@ def test_legacy_noise_scheme_reproduces_the_old_golden_trace_and_replays(tmp_pat
 
 
 @pytest.mark.integration
+def test_keyed_runs_replay_on_another_device_type_legacy_runs_do_not(reference_run: Path, tmp_path: Path) -> None:
+    """Keyed noise has the same bits on CPU and CUDA: a run recorded as drawn on CUDA replays on the CPU."""
+    import shutil
+
+    import h5py
+
+    run_dir = tmp_path / "from_gpu"
+    shutil.copytree(reference_run, run_dir)
+    with h5py.File(run_dir / "log.h5", "r+") as f:
+        assert f.attrs["noise_scheme"] == "keyed"
+        f.attrs["noise_device"] = "cuda"
+    run_hpc_es(["replay", str(run_dir), "--out", str(tmp_path / "replayed")], check=True)
+    assert fingerprint_of(tmp_path / "replayed") == fingerprint_of(reference_run / "final")
+    with h5py.File(run_dir / "log.h5", "r+") as f:
+        f.attrs["noise_scheme"] = "legacy"
+    proc = run_hpc_es(["replay", str(run_dir), "--out", str(tmp_path / "refused")])
+    assert proc.returncode != 0
+    assert "the run drew its noise on cuda; replay with --device cuda" in proc.stderr
+
+
+@pytest.mark.integration
 def test_noise_chunk_changes_no_result_under_the_keyed_scheme(reference_run: Path, tmp_path: Path) -> None:
     run_hpc_es(TINY + ["es.noise_chunk=1024", f"run_dir={tmp_path / 'small'}"], check=True)
     assert fingerprint_of(tmp_path / "small" / "final") == fingerprint_of(reference_run / "final")
