@@ -229,12 +229,16 @@ def _table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return t
 
 
+def _compile_env() -> str:
+    return os.environ.get("HPC_ES_NOISE_COMPILE", "auto").strip().lower()
+
+
 def compile_wanted(device_type: str) -> bool:
     """Whether the keyed noise runs as one torch.compile'd kernel (the bits are the same either way).
 
     HPC_ES_NOISE_COMPILE=1/0 forces it; unset, CUDA compiles when Triton is importable and the CPU when
     a C++ compiler is on PATH and the process has drawn enough noise for the compile time to pay off."""
-    env = os.environ.get("HPC_ES_NOISE_COMPILE", "auto").strip().lower()
+    env = _compile_env()
     if env in ("0", "off", "false", "no"):
         return False
     if env in ("1", "on", "true", "yes"):
@@ -289,7 +293,8 @@ class KeyedNoise:
             with self._lock:
                 self._fns[kind] = None
             return None
-        if self._compile is None and kind == "cpu" and self._drawn.get(kind, 0) < CPU_COMPILE_AFTER:
+        auto = self._compile is None and _compile_env() == "auto"
+        if auto and kind == "cpu" and self._drawn.get(kind, 0) < CPU_COMPILE_AFTER:
             return None  # not yet worth it
         if not self._lock.acquire(blocking=False):
             return None  # another thread is compiling: carry on eagerly meanwhile
