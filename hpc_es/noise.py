@@ -260,6 +260,28 @@ _MIN_COMPILED = 16  # smaller fills stay eager (sizes 0 and 1 would make the dyn
 CPU_COMPILE_AFTER = 1 << 30
 
 
+# One compiled kernel per device type and process, shared by every KeyedNoise (each torch.compile wrapper of
+# the same function would trace it again, and past dynamo's recompile limit it silently runs uncompiled).
+_KERNELS: dict[str, Callable[..., torch.Tensor] | None] = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def _build_kernel(device: torch.device, ramp: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """torch.compile of the block function, checked bit for bit against the eager path first.
+
+    Both compute the same exactly defined integer and rounding steps, so they agree by construction; the
+    check guards against a compiler bug (a wrong kernel is refused with a warning and the eager path kept)."""
+    fn = torch.compile(_compiled_block, dynamic=True)
+    cells, steps = _table(device)
+    for base, m in ((0, ramp.numel()), (_s64(0x5DEECE66D << 30 | 7), min(ramp.numel(), 4099))):
+        z0 = torch.tensor(base, dtype=torch.int64, device=device)
+        if not torch.equal(fn(ramp[:m], z0, cells, steps), keyed_transform(ramp[:m] + z0, cells, steps)):
+            warnings.warn(f"hpc_es: torch.compile gives other keyed noise bits than eager on {device.type}; "
+                          "using the eager path", RuntimeWarning, stacklevel=2)
+            return None
+    return fn
+
+
 class KeyedNoise:
     """The keyed scheme: eps(seed, name, i) for any slice, computed block by block, thread-safe."""
 
@@ -271,7 +293,7 @@ class KeyedNoise:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._drawn: dict[str, int] = {}
-        self._fns: dict[str, Callable[..., torch.Tensor] | None] = {}
+        self._want: dict[str, bool] = {}
 
     def _counters(self, device: torch.device, n: int) -> torch.Tensor:
         """i * golden for i < n (mod 2**64), cached per thread and device: the eager counter offsets."""
@@ -285,42 +307,27 @@ class KeyedNoise:
         return c[:n]
 
     def _compiled(self, device: torch.device) -> Callable[..., torch.Tensor] | None:
+        """The process's compiled kernel for this device type, or None (eager) when not wanted or not yet."""
         kind = device.type
-        if kind in self._fns:
-            return self._fns[kind]
-        want = self._compile if self._compile is not None else compile_wanted(kind)
+        want = self._want.get(kind)
+        if want is None:
+            want = self._want[kind] = self._compile if self._compile is not None else compile_wanted(kind)
         if not want:
-            with self._lock:
-                self._fns[kind] = None
             return None
+        if kind in _KERNELS:
+            return _KERNELS[kind]
         auto = self._compile is None and _compile_env() == "auto"
         if auto and kind == "cpu" and self._drawn.get(kind, 0) < CPU_COMPILE_AFTER:
             return None  # not yet worth it
-        if not self._lock.acquire(blocking=False):
+        if not _KERNELS_LOCK.acquire(blocking=False):
             return None  # another thread is compiling: carry on eagerly meanwhile
         try:
-            if kind not in self._fns:
-                self._fns[kind] = self._build(device)
+            if kind not in _KERNELS:
+                block = _COMPILED_BLOCK.get(kind, _DEFAULT_BLOCK)
+                _KERNELS[kind] = _build_kernel(device, self._counters(device, block))
         finally:
-            self._lock.release()
-        return self._fns[kind]
-
-    def _build(self, device: torch.device) -> Callable[..., torch.Tensor] | None:
-        """torch.compile of one fixed-size block, checked bit for bit against the eager path first.
-
-        Both compute the same exactly defined integer and rounding steps, so they agree by construction;
-        the check guards against a compiler bug (a wrong kernel is refused and the eager path kept)."""
-        fn = torch.compile(_compiled_block, dynamic=True)
-        block = _COMPILED_BLOCK.get(device.type, _DEFAULT_BLOCK)
-        cells, steps = _table(device)
-        ramp = self._counters(device, block)
-        for base, m in ((0, block), (_s64(0x5DEECE66D << 30 | 7), min(block, 4099))):
-            z0 = torch.tensor(base, dtype=torch.int64, device=device)
-            if not torch.equal(fn(ramp[:m], z0, cells, steps), keyed_transform(ramp[:m] + z0, cells, steps)):
-                warnings.warn(f"hpc_es: torch.compile gives other keyed noise bits than eager on {device.type}; "
-                              "using the eager path", RuntimeWarning, stacklevel=2)
-                return None
-        return fn
+            _KERNELS_LOCK.release()
+        return _KERNELS[kind]
 
     def fill(self, out: torch.Tensor, seed: int, name: str, start: int) -> torch.Tensor:
         """``out`` (fp32, contiguous, 1-D) <- eps of elements start .. start + out.numel() of ``name``."""

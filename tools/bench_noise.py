@@ -74,7 +74,7 @@ def noise_speed(device: str = "cpu", numel: int = 1 << 20, min_s: float = 0.5,
         b = eager.fill(torch.empty_like(out), 5, "check", 3)
         if not torch.equal(a, b):
             raise SystemExit("bench_noise: compiled and eager keyed noise differ")
-        if fast._compiled(dev) is not None:
+        if fast._compiled(dev) is not None:  # (a compiler that got it wrong was refused)
             res["keyed_compiled"] = _rate(run(fast), sync, min_s)
     res["keyed"] = max(res["keyed_eager"], res.get("keyed_compiled", 0.0))
     res["noise_over_randn"] = res["keyed"] / res["randn"]
