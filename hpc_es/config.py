@@ -28,6 +28,9 @@ class ESConfig:
     noise_chunk: int = 1 << 20  # elements per noise piece: bounds the fp32 scratch; changes results only under legacy
     noise_scheme: str = "keyed"  # keyed: eps = f(seed, name, element) on any device | legacy: randn per chunk
     base_on: str = "device"  # device: one extra copy on the GPU | host: base kept in CPU memory
+    noise: str = "full"  # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
+    rank: int = 1  # es.noise=lowrank: rank r of each member's perturbation A Bᵀ/√r
+    lowrank_scope: str = "frozen"  # es.noise=lowrank: frozen (Linear weights only) | full (+ embeddings, 1-D)
 
 
 @dataclass
@@ -35,6 +38,10 @@ class RolloutConfig:
     max_new_tokens: int = 16
     prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
+    # greedy decoding's repetition penalty: a number > 0 (1.0 = none, plain greedy) or "model" = the model
+    # folder's generation_config value (1.0 when it has none); no other folder generation default ever applies
+    repetition_penalty: str = "1.0"
+    members_per_pass: int = 0  # es.noise=lowrank: members per batched generation; 0 = all of a replica's members
 
 
 @dataclass
@@ -75,6 +82,8 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 0  # iterations between test-split evaluations during training (and the last); 0 = never
     limit: int = 0  # test items per evaluation; 0 = the whole test split
+    kl: str = "auto"  # KL(fine-tuned || base model) on the test completions: auto (on for conciseness) | true | false
+    base_model: str = ""  # `eval` only: the base model folder for the KL; empty = the ledger's, for a run's final/
 
 
 @dataclass
@@ -112,11 +121,25 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "es.shaping": ("zscore", "rank"),
     "es.base_on": ("device", "host"),
     "es.noise_scheme": ("keyed", "legacy"),
+    "es.noise": ("full", "lowrank"),
+    "es.lowrank_scope": ("frozen", "full"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "tiny.arch": ("qwen2", "llama"),
     "dist.backend": ("auto", "mpi", "torch", "none"),
+    "eval.kl": ("auto", "true", "false"),
 }
+
+_BOOL_WORDS = ("eval.kl",)  # string keys whose choices include true/false, which YAML reads as booleans
+
+
+def _penalty_ok(v: str) -> bool:
+    if v == "model":
+        return True
+    try:
+        return 0 < float(v) < float("inf")
+    except ValueError:
+        return False
 
 # key -> (predicate, what is allowed)
 _RANGES: dict[str, tuple[Any, str]] = {
@@ -125,9 +148,12 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "es.alpha": (lambda v: v >= 0, "a number >= 0"),
     "es.iterations": (lambda v: v >= 0, "an integer >= 0"),
     "es.noise_chunk": (lambda v: v >= 1024, "an integer >= 1024"),
+    "es.rank": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.members_per_pass": (lambda v: v >= 0, "an integer >= 0 (0 = all of a replica's members)"),
     "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.prompts_per_iteration": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.batch_size": (lambda v: v >= 0, "an integer >= 0 (0 = all prompts in one batch)"),
+    "rollout.repetition_penalty": (_penalty_ok, "a number > 0 (1.0 = none) or 'model' (the model folder's value)"),
     "data.train_size": (lambda v: v >= 1, "an integer >= 1"),
     "data.test_size": (lambda v: v >= 0, "an integer >= 0 (0 = all the rest)"),
     "data.synthetic_size": (lambda v: v >= 2, "an integer >= 2"),
@@ -204,6 +230,8 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
         raise _unknown_key(key)
     hint = get_type_hints(type(obj))[name]
+    if key in _BOOL_WORDS and isinstance(value, bool):
+        value = "true" if value else "false"
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' is a section; give a mapping or set {key}.<field>")
@@ -296,7 +324,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     return validate(expand_paths(cfg))
 
 
-PATH_KEYS = ("model", "run_dir", "data.path", "tiny.cache_dir")
+PATH_KEYS = ("model", "run_dir", "data.path", "tiny.cache_dir", "eval.base_model")
 
 
 def expand_paths(cfg: Config) -> Config:

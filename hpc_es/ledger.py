@@ -23,9 +23,12 @@ SCALARS = {
     "time_perturb": np.float64, "time_rollout": np.float64, "time_reward": np.float64,
     "time_restore": np.float64, "time_update": np.float64, "time_iteration": np.float64,
     "bytes_sent": np.int64, "world_size": np.int64, "slots": np.int64,
-    # test split (eval.every): NaN in the iterations that were not evaluated
-    "eval_reward": np.float64, "eval_accuracy": np.float64, "time_eval": np.float64,
+    # test split (eval.every): NaN in the iterations that were not evaluated (hpc_es.evaluate.METRICS)
+    "eval_reward": np.float64, "eval_accuracy": np.float64, "eval_accuracy_paper": np.float64,
+    "eval_kl_per_token": np.float64, "eval_kl_per_completion": np.float64, "time_eval": np.float64,
 }
+# columns added after ledgers were first written: a ledger without them loads with NaN there
+LATER_COLUMNS = ("eval_accuracy_paper", "eval_kl_per_token", "eval_kl_per_completion")
 VERSION = 1
 
 
@@ -44,6 +47,7 @@ class Ledger:
         return len(self.rows)
 
     def append(self, row: dict[str, Any]) -> None:
+        row = {**{k: np.nan for k in LATER_COLUMNS}, **row}  # a row made before they existed: NaN there
         missing = (set(MATRIX) | set(SCALARS)) - set(row)
         if missing:
             raise ValueError(f"ledger row lacks {sorted(missing)}")
@@ -100,7 +104,8 @@ class Ledger:
                 n_iter, population = seeds.shape
                 ledger = cls(population, attrs)
                 ledger.events = events
-                cols = {k: f[k][()] for k in list(MATRIX) + list(SCALARS)}
+                cols = {k: f[k][()] if k in f or k not in LATER_COLUMNS else np.full(n_iter, np.nan)
+                        for k in list(MATRIX) + list(SCALARS)}
         except FileNotFoundError:
             raise LedgerError(f"ledger '{path}' does not exist") from None
         except Exception as e:  # noqa: BLE001 - h5py reports damage as OSError, KeyError, ValueError, RuntimeError...

@@ -17,12 +17,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from hpc_es import lowrank
 from hpc_es.config import Config
 from hpc_es.es import Engine, Replica
 from hpc_es.faults import Fault
 from hpc_es.models import fingerprint, load_model, load_tokenizer
 from hpc_es.placement import slot_owner
-from hpc_es.rollout import generate
+from hpc_es.rollout import generate, resolve_repetition_penalty
 from hpc_es.tasks import Example, Task, safe_score
 
 
@@ -44,8 +45,15 @@ class Population:
         self.cfg, self.task = cfg, task
         self.replicas, self.tokenizers = replicas, tokenizers
         self.N = cfg.es.population_size
-        # thread-safe: replicas perturbed side by side share it; issue 12: the noise scheme
-        self.engine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)
+        # thread-safe: replicas share it; issue 12: the noise scheme
+        self.engine: Engine | lowrank.LowRankEngine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)
+        # es.noise=lowrank: no weight is written during scoring; hooks on each replica's model add the members'
+        # low-rank perturbations, and each replica scores its members in batched passes (hpc_es/lowrank.py).
+        self.lowrank: list[lowrank.LowRankModel] = []
+        if cfg.es.noise == "lowrank":
+            low = lowrank.make_engine(cfg)
+            self.lowrank = [low.attach(rep) for rep in replicas]
+            self.engine = low
         self.fault = fault or Fault(rank)
         per = len(replicas)
         # members[j]: the members replica j evaluates, in order
@@ -56,10 +64,12 @@ class Population:
     @classmethod
     def load(cls, cfg: Config, model_path: str, devices: Sequence[torch.device], dtype: torch.dtype, task: Task,
              rank: int = 0, world: int = 1, fault: Fault | None = None) -> "Population":
-        """One replica per entry of ``devices``, each loaded from ``model_path``."""
+        """One replica per entry of ``devices``, each loaded from ``model_path`` (with es.noise=lowrank, the
+        model's own weights are the master: no copy)."""
         replicas, tokenizers = [], []
         for dev in devices:
-            replicas.append(Replica.wrap(load_model(model_path, dtype, str(dev)), cfg.es.base_on))
+            model = load_model(model_path, dtype, str(dev))
+            replicas.append(lowrank.wrap(model) if cfg.es.noise == "lowrank" else Replica.wrap(model, cfg.es.base_on))
             tokenizers.append(load_tokenizer(model_path))
         return cls(cfg, replicas, tokenizers, task, rank, world, fault)
 
@@ -76,6 +86,11 @@ class Population:
         prompts = [ex.prompt for ex in examples]
 
         def members(j: int) -> None:
+            if self.lowrank:  # all of replica j's members in batched passes over its one weight copy
+                lowrank.score_members(self.lowrank[j], self.tokenizers[j], self.members[j], seeds, signs,
+                                      list(examples), self.task, self.cfg, out.rewards,
+                                      out.times if j == 0 else None, self.fault)
+                return
             rep = self.replicas[j]
             for n in self.members[j]:
                 a = time.perf_counter()
@@ -108,8 +123,10 @@ class Population:
 
     def complete(self, j: int, prompts: list[str]) -> list[str]:
         """Replica j's greedy completions of ``prompts`` (new tokens only)."""
-        return generate(self.replicas[j].model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
-                        self.cfg.rollout.batch_size)
+        model = self.replicas[j].model
+        penalty = resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
+        return generate(model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
+                        self.cfg.rollout.batch_size, repetition_penalty=penalty)
 
     def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
         rep = self.replicas[j]

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from hpc_es import resume
+from hpc_es import lowrank, resume
 from hpc_es.checkpoint import save_model_folder
 from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
@@ -23,7 +23,7 @@ from hpc_es.progress import warn
 class _Target:
     """One replica driven by the ledger's rows (what ``resume.replay_rows`` updates)."""
 
-    def __init__(self, rep: Replica, engine: Engine) -> None:
+    def __init__(self, rep: Replica, engine: Engine | lowrank.LowRankEngine) -> None:
         self.rep, self.engine = rep, engine
 
     def update(self, seeds: np.ndarray, signs: np.ndarray, shaped: np.ndarray, alpha: float) -> None:
@@ -39,6 +39,7 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     if note:
         warn(note)
     cfg = config_from_dict(ledger.config)
+    cfg.es.noise_scheme = scheme_of(ledger.attrs)  # issue 12: the ledger's record (none: legacy) decides
     total = len(ledger)
     upto = total if iteration is None else iteration
     if not 0 <= upto <= total:
@@ -52,7 +53,10 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     net = load_model(base, dtype, device)
     resume.check_same_run(f"the run in '{run_dir}'", ledger.attrs.get("base_fingerprint"), None, cfg,
                           fingerprint(net), base, action="replay")
-    engine = Engine(cfg.es.noise_chunk, scheme=scheme_of(ledger.attrs))  # issue 12: the run's noise scheme
-    resume.replay_rows(_Target(Replica.wrap(net, "device"), engine), ledger.rows[:upto])
+    if cfg.es.noise == "lowrank":  # issue 14: the low-rank update, on the model's own weights
+        target = _Target(lowrank.wrap(net), lowrank.make_engine(cfg))
+    else:
+        target = _Target(Replica.wrap(net, "device"), Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme))
+    resume.replay_rows(target, ledger.rows[:upto])
     save_model_folder(net, load_tokenizer(base), out)
     return fingerprint(net)

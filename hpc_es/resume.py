@@ -30,7 +30,9 @@ from hpc_es.progress import say, warn
 
 # Config keys that define the trajectory: a resumed run must agree on all of them.
 TRAJECTORY_KEYS = ("model", "task", "seed", "dtype", "es.population_size", "es.sigma", "es.alpha",
-                   "es.antithetic", "es.shaping", "rollout", "data", "tiny")  # + noise.trajectory_keys
+                   "es.antithetic", "es.shaping", "rollout", "data", "tiny",
+                   "es.noise", "es.rank", "es.lowrank_scope")  # issue 14: the low-rank mode's keys
+# (issue 12: es.noise_scheme and, under legacy noise, es.noise_chunk come from noise.trajectory_keys)
 
 
 class Updates(Protocol):
@@ -63,7 +65,16 @@ class ResumePlan:
     from_weights: bool = False  # set by ``apply``: the checkpoint's weights were used
 
 
+def _with_defaults(default: Any, given: Any) -> Any:
+    """``given`` with the keys it lacks taken from ``default``: a ledger written before a config key
+    existed holds the run that key's default describes (issue 14)."""
+    if not isinstance(default, dict) or not isinstance(given, dict):
+        return given
+    return {**default, **{k: _with_defaults(default.get(k), v) for k, v in given.items()}}
+
+
 def trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    cfg_dict = _with_defaults(Config().to_dict(), cfg_dict)
     out = {}
     for key in TRAJECTORY_KEYS:
         v: Any = cfg_dict

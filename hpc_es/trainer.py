@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from hpc_es import resume
+from hpc_es import lowrank, resume
 from hpc_es.checkpoint import Checkpointer, save_model_folder
 from hpc_es.checks import DivergenceCheck
 from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
@@ -123,7 +123,7 @@ class Trainer:
         self.train_set = list(task.train_examples())
         if not self.train_set:
             raise HpcEsError(f"task '{cfg.task}' has no training examples")
-        self.test_split = TestSplit(cfg, task, comm)
+        self.test_split = TestSplit(cfg, task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
                                           comm.world_size * len(self.devices))
         base_model = os.path.abspath(self.model_path)
@@ -132,6 +132,7 @@ class Trainer:
         self.ledger = Ledger(self.N, {
             "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
             "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
+            **lowrank.ledger_attrs(cfg),  # issue 14: noise kind, rank, scope
             "noise_scheme": cfg.es.noise_scheme})  # issue 12
         self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
         if self.plan is not None:

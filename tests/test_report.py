@@ -193,10 +193,13 @@ def test_report_writes_legible_figures_and_the_ledgers_numbers(evaluated: Path) 
     import matplotlib.image
 
     run, _ = rp.load_run(str(evaluated))
+    # conciseness measures KL to the base model by default (eval.kl=auto): the reward figure gets a KL panel
+    kl = bool(np.isfinite(led["eval_kl_per_token"]).any())
+    assert kl
     for name, build in (("reward.png", rp.reward_figure), ("time.png", rp.time_figure)):
         png = folder / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert matplotlib.image.imread(str(png)).shape == (450, 800, 4)
+        assert matplotlib.image.imread(str(png)).shape == (610 if name == "reward.png" else 450, 800, 4)
         box = plot_area(build(run))
         assert box[1] - box[0] > 200 and box[3] - box[2] > 500
         if name == "reward.png":

@@ -16,7 +16,7 @@ from hpc_es.config import Config
 from hpc_es.errors import DataError, TaskError
 from hpc_es.tasks import Example, Task, load_task, safe_score, split_examples
 from hpc_es.tasks import conciseness, countdown
-from hpc_es.tasks.arith import evaluate, integers_in
+from hpc_es.tasks.arith import compute, integers_in
 
 REPO = Path(__file__).resolve().parents[1]
 N3 = [44, 19, 35]  # target 98 = 44 + 19 + 35
@@ -133,9 +133,9 @@ def test_countdown_task_score_uses_info():
     (" 1+1 ", 2.0), ("2 ** 3", 8.0), ("2**3", 8.0), ("7 // 2", 3.0), ("2 ** -1", 0.5), ("-2 ** 2", -4.0),
     ("2 ** 3 ** 2", 512.0), ("(7 / 2) // 1", 3.0), ("(99 ** 99) / (99 ** 98)", 99.0), ("-7 // 2", -4.0),
 ])
-def test_evaluate_values(expr, value):
-    assert evaluate(expr) == value
-    assert isinstance(evaluate(expr), float)
+def test_compute_values(expr, value):
+    assert compute(expr) == value
+    assert isinstance(compute(expr), float)
 
 
 @pytest.mark.parametrize("expr", [
@@ -143,9 +143,9 @@ def test_evaluate_values(expr, value):
     "(0 - 8) ** (1 / 3)", "2 ** 2 ** 2 ** 2 ** 2", "2 ***3", "1 2", "(1", "1)", "()", "a", "1.5", "07",
     "1 +", "* 2", "2 = 2", "__import__('os')", "(" * 3000 + "1" + ")" * 3000, "9" * 400 + " * " + "9" * 400,
 ])
-def test_evaluate_rejects(expr):
+def test_compute_rejects(expr):
     with pytest.raises(ValueError):
-        evaluate(expr)
+        compute(expr)
 
 
 def _random_expr(rng: random.Random, depth: int = 0) -> str:
@@ -162,7 +162,7 @@ def _random_expr(rng: random.Random, depth: int = 0) -> str:
     return _random_expr(rng, depth + 1) + f" {op} " + _random_expr(rng, depth + 1)
 
 
-def test_evaluate_agrees_with_python_on_random_expressions():
+def test_compute_agrees_with_python_on_random_expressions():
     """What the paper's reward computed with eval, the safe evaluator computes too (or both fail)."""
     rng = random.Random(7)
     agreed = failed = 0
@@ -174,10 +174,10 @@ def test_evaluate_agrees_with_python_on_random_expressions():
                 raise ArithmeticError
         except ArithmeticError:
             with pytest.raises(ValueError):
-                evaluate(expr)
+                compute(expr)
             failed += 1
             continue
-        assert evaluate(expr) == float(want), expr
+        assert compute(expr) == float(want), expr
         agreed += 1
     assert agreed > 2000 and failed > 10  # both branches were exercised
 
@@ -294,7 +294,7 @@ def test_synthetic_solvable_and_in_range():
         assert all(1 <= n <= 99 for n in nums)
         assert isinstance(target, int) and target >= 1
         assert sorted(integers_in(solution)) == sorted(nums)
-        assert evaluate(solution) == target
+        assert compute(solution) == target
         assert countdown.score(f"x</think>\n<answer>{solution}</answer>", nums, target) == pytest.approx(1.1)
         assert e.prompt == countdown.make_prompt(nums, target)
 

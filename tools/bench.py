@@ -494,6 +494,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--chunk", type=int, default=Config().es.noise_chunk, help="es.noise_chunk")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--lowrank", action="store_true", help="also low-rank vs full-rank rows (tools/bench_lowrank.py)")
+    ap.add_argument("--lowrank-n", type=int, default=32, help="population of the low-rank comparison")
 
 
 def resolve(args: argparse.Namespace) -> torch.dtype:
@@ -520,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
               with_baseline=not args.no_baseline)
     print(table(res), flush=True)
     print("\n".join(bench_noise.lines(bench_noise.noise_speed(args.device, min_s=0.3), args.device)), flush=True)
+    if args.lowrank:  # issue 14: low-rank rows, the same model, prompts and token budget
+        import bench_lowrank
+
+        print(bench_lowrank.table(bench_lowrank.from_args(args, arch, dtype, args.lowrank_n)), flush=True)
     return 0
 
 

@@ -1,13 +1,15 @@
 """A safe evaluator for the arithmetic a model writes in a Countdown answer.
 
-Model output is untrusted, so it is never handed to ``eval``: a small recursive-descent parser accepts
+Model output is untrusted, so it is never handed to ``eval``: a small operator-precedence parser accepts
 only integers, ``+ - * /``, parentheses and spaces, and computes with Python's own int and float
 operations in the same order Python would, so results match what the paper's ``eval`` produced.  That
 includes the operators Python reads in those characters: power ``**`` and floor division ``//`` (written
 without a space inside).  A power whose result would exceed ``MAX_POWER_BITS`` bits is refused, where
-Python would run out of time or memory.
+Python would run out of time or memory.  Like Python, more than ``MAX_PAREN_DEPTH`` nested parentheses
+are refused; the parser itself keeps explicit stacks, so no nesting depth can exhaust the call stack.
 
-Grammar (as in Python: ``**`` binds tighter than a unary sign on its left and is right-associative)::
+Precedence, as in Python: ``**`` binds tighter than a unary sign on its left and is right-associative;
+then unary ``+``/``-``; then ``* / //``; then ``+ -`` (both left-associative)::
 
     expr   := term   (("+" | "-") term)*
     term   := factor (("*" | "/" | "//") factor)*
@@ -26,7 +28,11 @@ Number = Union[int, float]
 
 _ALLOWED = frozenset("0123456789+-*/() ")
 MAX_POWER_BITS = 100_000  # 99 ** 99 ** 1 is 656 bits; 99 ** (99 ** 99) would never finish
+MAX_PAREN_DEPTH = 200  # Python's tokenizer refuses the 201st nested parenthesis
 _INT_RE = re.compile(r"\d+")
+
+# binding power of each operator on the stack; unary signs are "u+" / "u-"
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "u+": 3, "u-": 3, "**": 4}
 
 
 def integers_in(expr: str) -> list[int]:
@@ -62,79 +68,88 @@ def _tokenize(expr: str) -> list[str]:
     return tokens
 
 
-class _Parser:
-    def __init__(self, tokens: list[str]) -> None:
-        self.tokens = tokens
-        self.pos = 0
+def _power(base: Number, exponent: Number) -> Number:
+    if base == 0 and exponent < 0:
+        raise ValueError("zero to a negative power")
+    if abs(base) > 1 and exponent > 0 and exponent * math.log2(abs(base)) > MAX_POWER_BITS:
+        raise ValueError(f"power result beyond {MAX_POWER_BITS} bits")
+    value = base ** exponent
+    if isinstance(value, complex):  # a negative base to a fractional power
+        raise ValueError("complex result")
+    return value
 
-    def peek(self) -> str | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
 
-    def take(self) -> str:
-        tok = self.peek()
-        if tok is None:
-            raise ValueError("unexpected end of expression")
-        self.pos += 1
-        return tok
+def _apply(op: str, values: list[Number]) -> None:
+    """Pop an operator's operands from ``values`` and push its result (Python's own int/float arithmetic)."""
+    if op == "u-":
+        values.append(-values.pop())
+        return
+    if op == "u+":
+        values.append(+values.pop())
+        return
+    rhs, lhs = values.pop(), values.pop()
+    if op == "+":
+        values.append(lhs + rhs)
+    elif op == "-":
+        values.append(lhs - rhs)
+    elif op == "*":
+        values.append(lhs * rhs)
+    elif op == "**":
+        values.append(_power(lhs, rhs))
+    elif rhs == 0:
+        raise ValueError("division by zero")
+    else:
+        values.append(lhs / rhs if op == "/" else lhs // rhs)
 
-    def expr(self) -> Number:
-        value = self.term()
-        while self.peek() in ("+", "-"):
-            op = self.take()
-            rhs = self.term()
-            value = value + rhs if op == "+" else value - rhs
-        return value
 
-    def term(self) -> Number:
-        value = self.factor()
-        while self.peek() in ("*", "/", "//"):
-            op = self.take()
-            rhs = self.factor()
-            if op == "*":
-                value = value * rhs
-            elif rhs == 0:
-                raise ValueError("division by zero")
+def _reduce(tokens: list[str]) -> Number:
+    """Shunting-yard over ``tokens``, applying each operator as soon as its operands are complete."""
+    values: list[Number] = []
+    ops: list[str] = []
+    want_operand = True  # the grammar alternates operand / binary operator; signs and "(" keep wanting one
+    depth = 0
+    for tok in tokens:
+        if want_operand:
+            if tok.isdigit():
+                values.append(int(tok))
+                want_operand = False
+            elif tok == "(":
+                depth += 1
+                if depth > MAX_PAREN_DEPTH:
+                    raise ValueError(f"more than {MAX_PAREN_DEPTH} nested parentheses")
+                ops.append(tok)
+            elif tok in ("+", "-"):
+                ops.append("u" + tok)  # a prefix operator: nothing on the stack is complete yet
             else:
-                value = value / rhs if op == "/" else value // rhs
-        return value
-
-    def factor(self) -> Number:
-        if self.peek() == "+":
-            self.take()
-            return +self.factor()
-        if self.peek() == "-":
-            self.take()
-            return -self.factor()
-        return self.power()
-
-    def power(self) -> Number:
-        base = self.atom()
-        if self.peek() != "**":
-            return base
-        self.take()
-        exponent = self.factor()  # right-associative, and 2 ** -1 is allowed
-        if base == 0 and exponent < 0:
-            raise ValueError("zero to a negative power")
-        if abs(base) > 1 and exponent > 0 and exponent * math.log2(abs(base)) > MAX_POWER_BITS:
-            raise ValueError(f"power result beyond {MAX_POWER_BITS} bits")
-        value = base ** exponent
-        if isinstance(value, complex):  # a negative base to a fractional power
-            raise ValueError("complex result")
-        return value
-
-    def atom(self) -> Number:
-        tok = self.take()
-        if tok == "(":
-            value = self.expr()
-            if self.take() != ")":
-                raise ValueError("expected ')'")
-            return value
-        if tok.isdigit():
-            return int(tok)
-        raise ValueError(f"unexpected {tok!r}")
+                raise ValueError(f"unexpected {tok!r} where a number was expected")
+        elif tok == ")":
+            while ops and ops[-1] != "(":
+                _apply(ops.pop(), values)
+            if not ops:
+                raise ValueError("unbalanced ')'")
+            ops.pop()
+            depth -= 1
+        elif tok in _PREC:
+            prec = _PREC[tok]
+            # left-associative: apply stacked operators that bind at least as tightly; "**" (right-assoc)
+            # only strictly tighter ones, and a unary sign below it waits (-2 ** 2 == -(2 ** 2))
+            while ops and ops[-1] != "(" and (_PREC[ops[-1]] > prec or (_PREC[ops[-1]] == prec and tok != "**")):
+                _apply(ops.pop(), values)
+            ops.append(tok)
+            want_operand = True
+        else:
+            raise ValueError(f"unexpected {tok!r} after a complete operand")
+    if want_operand:
+        raise ValueError("unexpected end of expression")
+    while ops:
+        op = ops.pop()
+        if op == "(":
+            raise ValueError("unbalanced '('")
+        _apply(op, values)
+    return values[0]
 
 
-def evaluate(expr: str) -> float:
+def compute(expr: str) -> float:
     """Value of an arithmetic expression over integers with + - * / (and ** //) and parentheses.
 
     Raises ValueError for anything else: other characters, syntax errors, division by zero, overflow.
@@ -142,15 +157,12 @@ def evaluate(expr: str) -> float:
     if not isinstance(expr, str):
         raise ValueError(f"expected a string, got {type(expr).__name__}")
     try:
-        parser = _Parser(_tokenize(expr))
-        if not parser.tokens:
+        tokens = _tokenize(expr)
+        if not tokens:
             raise ValueError("empty expression")
-        value = parser.expr()
-        if parser.peek() is not None:
-            raise ValueError(f"unexpected {parser.peek()!r} after a complete expression")
-        result = float(value)
-    except (ArithmeticError, RecursionError) as e:  # overflow, deep nesting
-        raise ValueError(f"cannot evaluate: {type(e).__name__}: {e}") from None
+        result = float(_reduce(tokens))
+    except ArithmeticError as e:  # overflow
+        raise ValueError(f"cannot compute: {type(e).__name__}: {e}") from None
     if not math.isfinite(result):
         raise ValueError("result is not finite")
     return result

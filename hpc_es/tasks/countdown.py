@@ -1,9 +1,16 @@
 """The paper's Countdown task: reach a target with 3-4 given numbers and + - * /.
 
-Reward and data format follow the paper's public release (see shared/notes/countdown.md):
-``reward = 0.1 * format + answer``. Two deliberate differences: only the completion is scored (the paper's
-script scored prompt + completion by mistake), and answers are evaluated by a safe parser instead of
-``eval``, which also means ``**`` and ``//`` are rejected rather than computed.
+Reward and data format follow the paper's public release: ``reward = 0.1 * format + answer``, with the
+same regular expressions (and so Python's ``$``, which also matches before a final newline).  Answers are
+computed by a safe parser (:mod:`hpc_es.tasks.arith`) instead of ``eval``; it computes what ``eval`` did,
+``**`` and ``//`` included.  The differences kept on purpose (README, "Tasks"; checked against a restatement
+of the published rules in tests/test_countdown_reference.py):
+
+- only the completion is scored (the paper's training script scored prompt + completion by mistake);
+- an answer with an integer literal of over 4,300 digits scores 0 (the published code raised an error);
+- a power too large to compute (over ``arith.MAX_POWER_BITS`` bits) scores 0, where ``eval`` would hang;
+- a chain of thousands of unary signs is computed, where Python's compiler gives up (its depth limit follows
+  the interpreter's recursion limit and call depth, about 3,000).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from fractions import Fraction
 from typing import Any, Sequence
 
 from hpc_es.errors import DataError
-from hpc_es.tasks.arith import evaluate, integers_in
+from hpc_es.tasks.arith import compute, integers_in
 from hpc_es.tasks.base import Example, SplitTask
 
 _FULL_FORMAT = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
@@ -51,11 +58,26 @@ def answer_score(completion: str, numbers: Sequence[int], target: int | float | 
         content = found[-1]
         if not content or not _ANSWER_CHARS.match(content):
             return 0.0
+        # "$" lets one final newline through the character check, and eval() reads "44 + 19\n" as 44 + 19
+        content = content.removesuffix("\n")
         if sorted(integers_in(content)) != sorted(int(n) for n in numbers):
             return 0.0
-        return 1.0 if abs(evaluate(content) - float(target)) < 1e-5 else 0.0
-    except Exception:  # the paper's rule: any error scores 0
+        return 1.0 if abs(compute(content) - float(target)) < 1e-5 else 0.0
+    except Exception:  # the paper's rule: any error scores 0 (here also a literal too long for int())
         return 0.0
+
+
+def correct_by_paper_rule(completion: str, numbers: Sequence[int], target: int | float | str) -> bool:
+    """Correct as the published evaluation counted it: it kept a target only when ``str(target).isdigit()``
+    (reading it with ``int``), and scored every other item 0."""
+    text = target if isinstance(target, str) else str(target)
+    if not text.isdigit():
+        return False
+    try:
+        value = int(text)
+    except ValueError:  # digits int() does not read, e.g. superscripts
+        return False
+    return answer_score(completion, numbers, value) > 0
 
 
 def score(completion: str, numbers: Sequence[int], target: int | float | str) -> float:
@@ -248,3 +270,10 @@ class CountdownTask(SplitTask):
     def is_correct(self, completion: str, example: Example) -> bool:
         """The paper's accuracy: the answer part of the reward is positive."""
         return answer_score(completion, example.info["numbers"], example.info["target"]) > 0
+
+    def is_correct_paper(self, completion: str, example: Example) -> bool:
+        """The published evaluation's rule: as :meth:`is_correct`, but the target is read with ``isdigit()``.
+
+        Negative or non-integer targets (``"-11"``, ``"27.4"``; 58 of the paper's 2,000 test items) never count.
+        """
+        return correct_by_paper_rule(completion, example.info["numbers"], example.info["target"])

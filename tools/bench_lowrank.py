@@ -1,0 +1,253 @@
+#!/usr/bin/env python
+"""Low-rank (es.noise=lowrank) against full-rank ES iterations, same model, prompts and token budget.
+
+A script that prints a table, never a test.  Two copies of one randomly initialised Qwen2-architecture
+model (tools/bench.py builds it) run the trainer's own ``Trainer.evaluate`` and engine update, one
+iteration of each mode in turn so that load from other processes hits both alike; the figure is the
+ratio of median iteration times (``lowrank_over_full``: how many times faster the low-rank iteration is).
+
+    .venv/bin/python tools/bench_lowrank.py                       # N=32, CPU, the bench model
+    .venv/bin/python tools/bench_lowrank.py --json                 # one JSON line on stdout
+    .venv/bin/python tools/bench.py --lowrank                      # the same rows after bench.py's table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (tools/bench.py: model building, the trainer-driven iteration)
+
+from hpc_es import lowrank  # noqa: E402
+from hpc_es.config import Config  # noqa: E402
+from hpc_es.population import Population  # noqa: E402
+
+PHASES = bench.PHASES
+
+
+class LowRankRun(bench.HpcEsRun):
+    """``bench.HpcEsRun`` with es.noise=lowrank: the trainer's ``Population`` in low-rank mode, whose replica
+    is the model itself (no master copy)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: str) -> None:
+        super().__init__(model, cfg, device)
+        for lm in self.population.lowrank:  # the parent wrapped a copy-holding replica: start again without it
+            lm.remove()
+        self.population = Population(cfg, [lowrank.wrap(model)], [bench.tokenizer()], self.population.task)
+        if device.startswith("cuda"):
+            eng = self.population.engine
+            eng.update = self._synced(eng.update)  # type: ignore[method-assign]
+
+
+@dataclass
+class Comparison:
+    arch: bench.Arch
+    params: int
+    device: str
+    n: int
+    prompts: int
+    tokens: int
+    rank: int
+    iterations: int
+    full: dict[str, float]
+    low: dict[str, float]
+    full_tokens: float
+    low_tokens: float
+    plain_tokens: float  # bare model.generate of the same N x prompts rows: the ceiling of any batched scheme
+    load: tuple[float, float]
+    wall: float
+
+    @property
+    def lowrank_over_full(self) -> float:
+        return self.full["iteration"] / max(self.low["iteration"], 1e-12)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"lowrank_over_full": self.lowrank_over_full, "n": self.n, "prompts": self.prompts,
+                "tokens": self.tokens, "rank": self.rank, "params": self.params, "device": self.device,
+                "full_s": self.full, "lowrank_s": self.low, "full_tokens_per_s": self.full_tokens,
+                "lowrank_tokens_per_s": self.low_tokens, "plain_batched_tokens_per_s": self.plain_tokens}
+
+
+def compare(arch: bench.Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 32, prompts: int = 16,
+            tokens: int = 32, iterations: int = 3, warmup: int = 1, warmup_n: int = 2, rank: int = 1,
+            chunk: int = 1 << 20,
+            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Comparison:
+    """Alternate full-rank and low-rank iterations on two copies of one model; medians per phase.
+
+    Warm-up iterations (untimed) use ``warmup_n`` members (0: all)."""
+    t_start = time.perf_counter()
+    load0 = bench._load()
+    logging.getLogger("hpc_es").setLevel(logging.ERROR)
+    cfg = bench.bench_config(n, prompts, tokens, 0.05, 0.01, chunk)  # a sigma that moves a random model
+    lcfg = copy.deepcopy(cfg)
+    lcfg.es.noise, lcfg.es.rank = "lowrank", rank
+    log(f"building {arch.describe()} ({str(dtype).removeprefix('torch.')}, {device})")
+    model = bench.build_model(arch, dtype, device)
+    params = bench.n_params(model)
+    full = bench.HpcEsRun(model, cfg, device)
+    low = LowRankRun(copy.deepcopy(model), lcfg, device)
+    plain = bench.PlainGenerate(model, [ex.prompt for ex in full.examples] * n, tokens, device)
+    rows: dict[str, list[dict[str, float]]] = {"full": [], "low": []}
+    toks = {"full": 0.0, "low": 0.0}
+    for t in range(warmup + iterations):
+        for key, run in (("full", full), ("low", low)):
+            run.counter.tokens = 0
+            r = run.iteration(t, 0 if t >= warmup else warmup_n)
+            log(f"  iteration {t} {key:4s} {sum(r.values()):.2f}s" + ("" if t >= warmup else " (warm-up)"))
+            if t >= warmup:
+                rows[key].append(r)
+                toks[key] += run.counter.tokens
+        if t >= warmup:
+            plain()  # the unperturbed model on the low-rank pass's batch
+    med = {k: _median(v) for k, v in rows.items()}
+    rate = {k: toks[k] / max(sum(r["rollout"] for r in rows[k]), 1e-12) for k in rows}
+    return Comparison(arch, params, device, n, prompts, tokens, rank, iterations, med["full"], med["low"],
+                      rate["full"], rate["low"], plain.tokens / max(plain.seconds, 1e-12), (load0, bench._load()),
+                      time.perf_counter() - t_start)
+
+
+def _median(rows: list[dict[str, float]]) -> dict[str, float]:
+    out = {k: statistics.median(r[k] for r in rows) for k in PHASES}
+    out["iteration"] = statistics.median(sum(r[k] for k in PHASES) for r in rows)
+    return out
+
+
+def table(res: Comparison) -> str:
+    lines = [f"== low-rank vs full-rank ES: {res.arch.describe()}",
+             f"   {res.params / 1e6:.1f}M params, {res.device} | N={res.n}, {res.prompts} prompts, {res.tokens} new "
+             f"tokens, rank {res.rank} | median of {res.iterations} iteration(s) | load avg {res.load[0]:.2f} -> "
+             f"{res.load[1]:.2f} | {res.wall:.0f}s",
+             f"   {'phase (s / iteration)':28s} {'full':>9s} {'lowrank':>9s} {'full/low':>9s}"]
+    for k in PHASES + ("iteration",):
+        f, lo = res.full[k], res.low[k]
+        ratio = f"{f / lo:8.2f}x" if lo > 0 else "        -"
+        lines.append(f"   {k:28s} {f:9.3f} {lo:9.3f} {ratio}")
+    lines.append(f"   rollout tokens/s: full {res.full_tokens:8.0f}  lowrank {res.low_tokens:8.0f}  plain "
+                 f"model.generate of the same {res.n} x {res.prompts} rows {res.plain_tokens:8.0f}")
+    r = res.lowrank_over_full
+    lines.append(f"   lowrank_over_full (iteration speed-up) {r:6.2f}x   (>= 4x) {'PASS' if r >= 4 else 'MISS'}")
+    return "\n".join(lines)
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--rank", type=int, default=1, help="es.rank of the low-rank mode")
+
+
+def from_args(args: argparse.Namespace, arch: bench.Arch, dtype: torch.dtype, n: int) -> Comparison:
+    """The comparison with bench.py's model, prompts, token budget and iteration counts, at population n."""
+    return compare(arch, dtype=dtype, device=args.device, n=n, prompts=args.prompts,
+                   tokens=args.tokens, iterations=args.iterations, warmup=args.warmup,
+                   rank=getattr(args, "rank", 1), chunk=args.chunk)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=7)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--intermediate", type=int, default=0, help="0 = 3 x hidden")
+    ap.add_argument("--json", action="store_true", help="print one JSON line (lowrank_over_full, ...) on stdout")
+    bench.add_args(ap)
+    add_args(ap)
+    ap.set_defaults(n=32, iterations=2)
+    args = ap.parse_args(argv)
+    dtype = bench.resolve(args)
+    arch = bench.Arch("bench", args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate)
+    res = from_args(args, arch, dtype, args.n)
+    print(json.dumps(res.as_json()) if args.json else table(res), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- GPU check (gpu_check.py)
+
+def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, population: int = 256, prompts: int = 64,
+                   tokens: int = 256, members_per_pass: int = 32, passes: int = 2, rank: int = 1,
+                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:
+    """Generated tokens/s of low-rank member passes over plain batched inference of the unperturbed model
+    with the same batch (members_per_pass x prompts rows, the full token budget: EOS does not stop rows).
+
+    Times ``passes`` of the population's population/members_per_pass passes (the rest cost the same)."""
+    from transformers import GenerationConfig
+
+    from hpc_es.noise import KeyedNoise, member_seeds
+
+    t0 = time.perf_counter()
+    model = bench.build_model(arch, dtype, device)
+    tok = bench.tokenizer()
+    sync = bench.syncer(device)
+    texts = [f"Q{i}: using the numbers [{i} {2 * i + 1} {i + 7}], create an equation." for i in range(prompts)]
+    enc = tok(texts, return_tensors="pt", padding=True).to(torch.device(device))
+    rows = members_per_pass * prompts
+    ids, mask = enc["input_ids"].repeat(members_per_pass, 1), enc["attention_mask"].repeat(members_per_pass, 1)
+    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+    def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, int]:
+        sync()
+        a = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - a, int(out.shape[0]) * int(out.shape[1] - ids.shape[1])
+
+    short = GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4, "min_new_tokens": 4})
+    with torch.no_grad():
+        lm = lowrank.LowRankModel(model, "frozen", rank, KeyedNoise(1 << 20))
+        seeds, signs = member_seeds(0, 0, population)
+        log(f"warm-up: {rows} rows x 4 tokens, plain and low-rank")
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=short)
+        with lm.members(seeds[:members_per_pass].tolist(), signs[:members_per_pass].tolist(), 1e-3):
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=short)
+        log(f"timing: {rows} rows x {tokens} tokens")
+        plain_s, plain_n = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=gen))
+        log(f"plain batched inference: {plain_n / plain_s:.0f} tokens/s")
+        low_s, low_n, setup_s = 0.0, 0, 0.0
+        for p in range(min(passes, population // members_per_pass)):
+            sl = slice(p * members_per_pass, (p + 1) * members_per_pass)
+            sync()
+            a = time.perf_counter()
+            with lm.members(seeds[sl].tolist(), signs[sl].tolist(), 1e-3):
+                sync()
+                setup_s += time.perf_counter() - a
+                s, k = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=gen))
+            low_s += s
+            low_n += k
+            log(f"low-rank pass {p}: {k / s:.0f} tokens/s")
+        lm.remove()
+    peak = torch.cuda.max_memory_allocated(torch.device(device)) / 2**30 if device.startswith("cuda") else 0.0
+    frac = (low_n / low_s) / (plain_n / plain_s)
+    return {"arch": arch.name, "population": population, "prompts": prompts, "tokens": tokens,
+            "members_per_pass": members_per_pass, "rows": rows, "passes_timed": passes,
+            "plain_tokens_per_s": plain_n / plain_s, "lowrank_tokens_per_s": low_n / low_s,
+            "lowrank_fraction_of_plain": frac, "factor_setup_s_per_pass": setup_s / max(passes, 1),
+            "peak_gib": peak, "wall_s": time.perf_counter() - t0}
+
+
+def gpu_table(r: dict[str, Any]) -> str:
+    f = r["lowrank_fraction_of_plain"]
+    return "\n".join([
+        f"== low-rank population throughput: {r['arch']}",
+        f"   population {r['population']} ({r['members_per_pass']} members x {r['prompts']} prompts = {r['rows']} rows "
+        f"per pass, {r['passes_timed']} pass(es) timed), {r['tokens']} new tokens",
+        f"   plain batched inference {r['plain_tokens_per_s']:10.0f} tokens/s",
+        f"   low-rank members        {r['lowrank_tokens_per_s']:10.0f} tokens/s   "
+        f"({f:.1%} of plain, target >= 70%: {'PASS' if f >= 0.7 else 'MISS'})",
+        f"   factor set-up {r['factor_setup_s_per_pass']:.2f} s per pass | peak memory {r['peak_gib']:.1f} GiB | "
+        f"{r['wall_s']:.0f}s"])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
