@@ -1,9 +1,10 @@
 """Checkpoints that a kill cannot damage: written under a temporary name, then swapped in by rename.
 
 A checkpoint is ``run_dir/checkpoint/``: ``state.json`` (iteration, fingerprints) and, unless
-``checkpoint.weights=false``, the base weights in ``model.safetensors``, and ``log.h5``, a copy of the
-ledger as of the checkpoint (the fallback when the run's own log.h5 is damaged).  A ledger-only
-checkpoint is kilobytes: resume rebuilds the weights from the base model and the ledger.
+``checkpoint.weights=false``, the master weights in ``model.safetensors`` (fp32 with
+``es.master_dtype=float32``), and ``log.h5``, a copy of the ledger as of the checkpoint (the fallback when
+the run's own log.h5 is damaged).  A ledger-only checkpoint is kilobytes: resume rebuilds the weights from
+the base model and the ledger.
 """
 
 from __future__ import annotations

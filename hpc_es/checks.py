@@ -1,7 +1,8 @@
 """The cross-rank weight check: every ``dist.check_every`` iterations (and the last) the ranks compare
-fingerprints of their weights, so a divergence is found while it is one iteration old and named.
+digests of their weights (master and working weights, computed on the device: ``Population.fingerprints``),
+so a divergence is found while it is one iteration old and named.
 
-Only 16 bytes per rank cross: a flag (1 = this rank's own replicas differ) and 15 bytes of SHA-256.
+Only 16 bytes per rank cross: a flag (1 = this rank's own replicas differ) and 15 bytes of the digest.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -27,7 +28,8 @@ class ESConfig:
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
     noise_chunk: int = 1 << 20  # elements per noise piece: bounds the fp32 scratch; changes results only under legacy
     noise_scheme: str = "keyed"  # keyed: eps = f(seed, name, element) on any device | legacy: randn per chunk
-    base_on: str = "device"  # device: one extra copy on the GPU | host: base kept in CPU memory
+    master_on: str = "device"  # where the master (theta_t) lives: device (one extra copy) | host (CPU memory)
+    master_dtype: str = "model"  # the master's dtype: model (the weights') | float32 (small updates accumulate)
     noise: str = "full"  # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
     rank: int = 1  # es.noise=lowrank: rank r of each member's perturbation A Bᵀ/√r
     lowrank_scope: str = "frozen"  # es.noise=lowrank: frozen (Linear weights only) | full (+ embeddings, 1-D)
@@ -119,7 +121,8 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "es.shaping": ("zscore", "rank"),
-    "es.base_on": ("device", "host"),
+    "es.master_on": ("device", "host"),
+    "es.master_dtype": ("model", "float32"),
     "es.noise_scheme": ("keyed", "legacy"),
     "es.noise": ("full", "lowrank"),
     "es.lowrank_scope": ("frozen", "full"),
@@ -218,8 +221,20 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     raise ConfigError(f"config key '{key}' has an unsupported type")  # pragma: no cover
 
 
+# Old key -> its new name: still read (a run's ledger config from before the rename, old YAML files).
+DEPRECATED_KEYS = {"es.base_on": "es.master_on"}
+_deprecation_noted: set[str] = set()
+
+
 def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set one dotted key, checking that it exists and that the value has the field's type."""
+    if key in DEPRECATED_KEYS:
+        new = DEPRECATED_KEYS[key]
+        if key not in _deprecation_noted:  # once per process, not once per rank's every config read
+            _deprecation_noted.add(key)
+            print(f"hpc_es: warning: config key '{key}' is deprecated; it sets '{new}' (use that name)",
+                  file=sys.stderr, flush=True)
+        key = new
     obj: Any = cfg
     parts = key.split(".")
     for part in parts[:-1]:

@@ -1,9 +1,13 @@
 """The ES engine: exact perturb/restore and an fp32-accumulated update, tensor by tensor.
 
-The base weights are kept apart from the weights the model runs with.  A perturbation writes
-round(base + sign*sigma*eps) into the working weights, so "restore" is a copy of the base and is exact
-in every dtype (the paper's add-then-subtract in bf16 drifts).  The update sums all members' noise
-in fp32 per chunk and rounds once: base <- round(base + (alpha/N) * sum_n Z_n * eps_n).
+The master weights (theta_t, the unperturbed current weights) are kept apart from the weights the model
+runs with.  A perturbation writes round(master + sign*sigma*eps) into the working weights, so "restore" is
+a copy of the master and is exact in every dtype (the paper's add-then-subtract in bf16 drifts).  The
+update sums all members' noise in fp32 per chunk and adds it once: master <- master + (alpha/N) * sum_n
+Z_n * eps_n, rounded to the master's dtype.  The master is in the model's dtype (``es.master_dtype=model``)
+or in fp32 (``float32``): in bf16 an update of ~1e-4 cannot move a weight near 1.0 whose half-step is
+3.9e-3, so an fp32 master lets small updates accumulate until the working weights round differently.
+Replicas on one device share one master.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hpc_es.models import named_params
+from hpc_es.models import fingerprint_named, named_params, weights_digest
 from hpc_es.noise import chunks, noise_source
 
 log = logging.getLogger("hpc_es")
@@ -54,31 +58,67 @@ def shape_rewards(rewards: np.ndarray, method: str) -> np.ndarray:
     return shaped
 
 
+MASTER_DTYPES = ("model", "float32")
+
+
+def master_torch_dtype(master_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the master is kept in: the model's (``model``) or fp32 (``float32``)."""
+    if master_dtype == "model":
+        return model_dtype
+    if master_dtype == "float32":
+        return torch.float32
+    raise ValueError(f"es.master_dtype must be one of {', '.join(MASTER_DTYPES)}, got {master_dtype!r}")
+
+
 @dataclass
 class Replica:
-    """One model copy on one device, with its base weights (on the device, or on the host when
-    memory is short)."""
+    """One model copy on one device.  ``master`` maps each parameter name to its master tensor (theta_t):
+    on the device or in host memory, in the model's dtype or fp32; replicas on one device share one dict."""
 
     model: torch.nn.Module
     device: torch.device
     params: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    master: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def wrap(cls, model: torch.nn.Module, base_on: str = "device") -> "Replica":
+    def wrap(cls, model: torch.nn.Module, master_on: str = "device", master_dtype: str = "model",
+             share: list["Replica"] | None = None) -> "Replica":
+        """Wrap ``model``; its master is copied from its weights, or is the master of a replica in ``share``
+        that lives on the same device (that replica's weights must equal this one's, e.g. both just loaded)."""
         params = [(n, p.data) for n, p in named_params(model)]
         device = params[0][1].device
-        pin = base_on == "host" and device.type == "cuda"
-        base = {}
+        for other in share or ():
+            if other.device == device and [n for n, _ in other.params] == [n for n, _ in params]:
+                return cls(model=model, device=device, params=params, master=other.master)
+        mdtype = master_torch_dtype(master_dtype, params[0][1].dtype)
+        pin = master_on == "host" and device.type == "cuda"
+        master = {}
         for n, p in params:
-            b = p.detach().to("cpu", copy=True) if base_on == "host" else p.detach().clone()
-            base[n] = b.pin_memory() if pin else b
-        return cls(model=model, device=device, params=params, base=base)
+            where = "cpu" if master_on == "host" else p.device
+            m = p.detach().to(where, dtype=mdtype if p.is_floating_point() else p.dtype, copy=True)
+            master[n] = m.pin_memory() if pin else m
+        return cls(model=model, device=device, params=params, master=master)
 
-    def param(self, name: str) -> torch.Tensor:
-        if not hasattr(self, "_by_name"):
-            self._by_name = dict(self.params)
-        return self._by_name[name]
+    def master_fingerprint(self) -> str:
+        """SHA-256 of the master (names, dtypes, shapes, bytes).  With a master in the model's dtype this
+        equals ``fingerprint(model)`` after an update or a restore; with an fp32 master it covers the bits
+        that rounding to the working weights would hide."""
+        return fingerprint_named(sorted(self.master.items()))
+
+    def digest(self) -> str:
+        """A device-side checksum of the master and of the working weights (see models.weights_digest):
+        what the cross-rank check compares, without copying the weights to the host."""
+        return weights_digest([(f"master/{n}", t) for n, t in sorted(self.master.items())]
+                              + [(f"working/{n}", p) for n, p in self.params])
+
+    def load_master(self, weights: dict[str, torch.Tensor]) -> None:
+        """Master <- ``weights`` (a checkpoint's, in the master's dtype or one that converts exactly) and the
+        working weights <- round(master).  For replicas sharing a master, the copy into it is repeated:
+        harmless, the same bits."""
+        with torch.no_grad():
+            for name, p in self.params:
+                self.master[name].copy_(weights[name])
+                p.copy_(self.master[name])
 
 
 class Engine:
@@ -118,37 +158,38 @@ class Engine:
             pass
 
     def _pieces(self, rep: Replica) -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, int]]:
-        return [(name, p.view(-1), rep.base[name].view(-1), i, s, e)
+        return [(name, p.view(-1), rep.master[name].view(-1), i, s, e)
                 for name, p in rep.params for i, s, e in chunks(p.numel(), self.chunk)]
 
     @torch.no_grad()
     def perturb(self, rep: Replica, seed: int, sign: int, sigma: float) -> None:
-        """Working weights <- round(base + sign*sigma*eps(seed)); the base is untouched."""
+        """Working weights <- round(master + sign*sigma*eps(seed)); the master is untouched."""
         scale = float(sign) * sigma
 
-        def piece(name: str, flat: torch.Tensor, base: torch.Tensor, i: int, s: int, e: int) -> None:
+        def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
             eps = self.noise.fill(self._buf(flat.device, e - s, "eps"), seed, name, s)
             eps.mul_(scale)
             # fp32 sum, rounded once to the weights' dtype on the store (the same bits as add_ then copy_)
-            torch.add(eps, base[s:e].to(flat.device, non_blocking=True), out=flat[s:e])
+            torch.add(eps, master[s:e].to(flat.device, non_blocking=True), out=flat[s:e])
 
         self._run(rep.device, self._pieces(rep), piece)
 
     @torch.no_grad()
     def restore(self, rep: Replica) -> None:
-        """Working weights <- base: a copy, so bit-exact in any dtype."""
+        """Working weights <- round(master): a copy (or one rounding of an fp32 master), so bit-exact."""
         for name, p in rep.params:
-            p.copy_(rep.base[name], non_blocking=True)
+            p.copy_(rep.master[name], non_blocking=True)
 
     @torch.no_grad()
     def update(self, replicas: list[Replica], seeds: np.ndarray, signs: np.ndarray,
                shaped: np.ndarray, alpha: float) -> None:
-        """base <- round(base + (alpha/N) * sum_n shaped_n*sign_n*eps(seed_n)), fp32 accumulation.
+        """master <- master + (alpha/N) * sum_n shaped_n*sign_n*eps(seed_n), fp32 accumulation.
 
         Members sharing a seed (antithetic pairs) are folded into one coefficient first.  The sum runs
-        over members in a fixed order, so every rank computes identical bits.  The first replica
-        computes; the others receive copies of its new base (a copy is exact).  Every replica's working
-        weights end equal to the new base, whatever they held before (a perturbation, say).
+        over members in a fixed order, so every rank computes identical bits.  The first replica's master
+        is computed once; every other master (one per device: replicas on a device share theirs) receives
+        a copy (exact), and every replica's working weights end equal to round(new master), whatever they
+        held before (a perturbation, say).
         """
         n = len(shaped)
         coef: dict[int, float] = {}
@@ -157,12 +198,13 @@ class Engine:
         terms = [(s, c) for s, c in coef.items() if c != 0.0]
         scale = alpha / n
         lead = replicas[0]
-        others = [(rep.base, dict(rep.params)) for rep in replicas[1:]]
+        masters = list({id(rep.master): rep.master for rep in replicas if rep.master is not lead.master}.values())
+        workings = [dict(rep.params) for rep in replicas[1:]]
         compute = bool(terms) and scale != 0.0
         on_cpu = lead.device.type == "cpu"  # copy each chunk out while it is in cache; on a GPU, per tensor
         exact_terms = self.noise.scheme != "legacy"
 
-        def piece(name: str, flat: torch.Tensor, base: torch.Tensor, i: int, s: int, e: int) -> None:
+        def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
             if compute:
                 dev = flat.device
                 acc = self._buf(dev, e - s, "acc")
@@ -174,26 +216,28 @@ class Engine:
                     else:  # legacy runs keep their fused multiply-add (and their bits)
                         acc.add_(self.noise.fill(eps, seed, name, s), alpha=c)
                 acc.mul_(scale)
-                if base.device == dev:
-                    base[s:e].add_(acc)  # base + acc in fp32, rounded once to the base dtype
+                if master.device == dev:
+                    master[s:e].add_(acc)  # master + acc in fp32, rounded once to the master's dtype
                 else:
-                    acc.add_(base[s:e].to(dev, non_blocking=True))
-                    base[s:e].copy_(acc)
+                    acc.add_(master[s:e].to(dev, non_blocking=True))
+                    master[s:e].copy_(acc)
             if on_cpu:
-                new = base[s:e]
+                new = master[s:e]
                 flat[s:e].copy_(new)
-                for obase, oparams in others:
-                    obase[name].view(-1)[s:e].copy_(new)
-                    oparams[name].view(-1)[s:e].copy_(new)
+                for other in masters:
+                    other[name].view(-1)[s:e].copy_(new)
+                for work in workings:
+                    work[name].view(-1)[s:e].copy_(new)
 
         self._run(lead.device, self._pieces(lead), piece)
         if not on_cpu:
             for name, p in lead.params:
-                new = lead.base[name]
+                new = lead.master[name]
                 p.copy_(new)
-                for obase, oparams in others:
-                    obase[name].copy_(new)
-                    oparams[name].copy_(new)
+                for other in masters:
+                    other[name].copy_(new)
+                for work in workings:
+                    work[name].copy_(new)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

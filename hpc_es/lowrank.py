@@ -91,8 +91,8 @@ def wrap(model: torch.nn.Module, master_dtype: torch.dtype | None = None) -> Rep
     (fp32 master for a bf16 model) the master is a copy in that dtype, and every update rounds it into
     the model once."""
     params = [(n, p.data) for n, p in named_params(model)]
-    base = {n: (p if master_dtype in (None, p.dtype) else p.detach().to(master_dtype)) for n, p in params}
-    return Replica(model=model, device=params[0][1].device, params=params, base=base)
+    master = {n: (p if master_dtype in (None, p.dtype) else p.detach().to(master_dtype)) for n, p in params}
+    return Replica(model=model, device=params[0][1].device, params=params, master=master)
 
 
 @dataclass
@@ -270,8 +270,8 @@ class LowRankEngine:
     def restore(self, rep: Replica) -> None:
         """Nothing to do: the working weights are the master."""
         for name, p in rep.params:
-            if rep.base[name] is not p:
-                p.copy_(rep.base[name])
+            if rep.master[name] is not p:
+                p.copy_(rep.master[name])
 
     def _plan(self, rep: Replica) -> dict[str, str]:
         got = self._plans.get(id(rep.model))
@@ -296,7 +296,7 @@ class LowRankEngine:
         lead = replicas[0]
         if terms and scale != 0.0:
             for name, kind in self._plan(lead).items():
-                master = lead.base[name]
+                master = lead.master[name]
                 if kind == LOWRANK:
                     self._matrix(master, name, terms, scale / math.sqrt(self.rank))
                 else:
@@ -305,9 +305,9 @@ class LowRankEngine:
             same = rep is lead
             for name, p in rep.params:
                 if not same:
-                    rep.base[name].copy_(lead.base[name])
-                if rep.base[name] is not p:
-                    p.copy_(rep.base[name])
+                    rep.master[name].copy_(lead.master[name])
+                if rep.master[name] is not p:
+                    p.copy_(rep.master[name])
 
     def _vector(self, master: torch.Tensor, name: str, terms: list[tuple[int, float]], scale: float) -> None:
         dev = master.device

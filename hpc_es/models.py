@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -114,19 +115,44 @@ def check_model_dir(path: str) -> None:
 
 
 def load_model(path: str, dtype: torch.dtype | str = "auto", device: str = "cpu") -> torch.nn.Module:
-    """Load a causal LM from a local folder (never the hub), in eval mode, without gradients."""
+    """Load a causal LM from a local folder (never the hub), in eval mode, without gradients.
+
+    On a GPU the weights are read straight onto the device (``device_map``, which transformers serves
+    through ``accelerate``), so 8 ranks of a node do not each stage a 7B model in host RAM first; without
+    ``accelerate`` they go through host memory and a warning says so.  On the CPU nothing changes.
+    """
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
+    direct = torch.device(device).type != "cpu" and _has_accelerate()
+    if torch.device(device).type != "cpu" and not direct:
+        _warn_once("accelerate is not installed: the model is loaded into host memory, then moved to the "
+                   "device (pip install accelerate, or hpc_es[gpu], loads it straight onto the GPU)")
+    extra: dict[str, Any] = {"device_map": {"": str(torch.device(device))}} if direct else {}
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
     except Exception as e:  # transformers raises many types; the user needs the cause in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model from '{path}': {msg}") from None
-    model.to(device)
+    model.to(device)  # a no-op when device_map put it there
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _has_accelerate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        logging.getLogger("hpc_es").warning(msg)
 
 
 def load_tokenizer(path: str) -> Any:
@@ -156,10 +182,84 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 def fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over every parameter's name, dtype, shape and bytes: equal iff bit-identical."""
+    return fingerprint_named(named_params(model))
+
+
+def fingerprint_named(items: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """``fingerprint`` of (name, tensor) pairs in the given order (a model's, or its master's)."""
     h = hashlib.sha256()
-    for name, p in named_params(model):
+    for name, p in items:
         h.update(f"{name}|{str(p.dtype).removeprefix('torch.')}|{tuple(p.shape)}|".encode())
         h.update(tensor_bytes(p))
+    return h.hexdigest()
+
+
+# Weights digest: a checksum computed where the weights live (no copy to the host), exact on any device.
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_M1, _M2, _M3 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # 64-bit odd constants
+DIGEST_CHUNK = 1 << 24  # elements per step: bounds the int64 scratch (8 bytes per element, a few copies)
+
+
+def _wrap64(x: int) -> int:
+    """An integer as the signed 64-bit value with the same low 64 bits."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _mix_sum(words: torch.Tensor, start: int) -> torch.Tensor:
+    """Sum over i of mix(word_i, start + i) modulo 2**64, as an int64 0-d tensor on the words' device.
+
+    Only integer multiply, add, xor and shift: exact and order-free (a wrapping sum is associative), so
+    every device and every reduction order gives the same value.  Each element is mixed with its index
+    before the sum, so a change of one bit anywhere, or two elements swapped, changes the sum except with
+    probability ~2**-64.
+    """
+    x = words.to(torch.int64)
+    x = x * _M1 + (torch.arange(start, start + x.numel(), device=x.device, dtype=torch.int64) + 1) * _M2
+    x = x ^ ((x >> 31) & 0x1FFFFFFFF)  # logical shift: the arithmetic >> of int64, masked
+    x = x * _M3
+    x = x ^ ((x >> 29) & 0x7FFFFFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 32) & 0xFFFFFFFF)
+    return x.sum()
+
+
+def _digest_tensor(t: torch.Tensor, chunk: int) -> torch.Tensor:
+    flat = t.detach().contiguous().view(-1)
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    if flat.numel() == 0:
+        return total
+    words = flat.view(_INT_VIEW[flat.element_size()])
+    for s in range(0, words.numel(), chunk):
+        total += _mix_sum(words[s:s + chunk], s)
+    return total
+
+
+def tensor_digest(t: torch.Tensor, chunk: int = DIGEST_CHUNK) -> int:
+    """A 64-bit checksum of one tensor's bits, computed on its device; the same on CPU and GPU and for
+    any ``chunk``."""
+    return int(_digest_tensor(t, chunk).item())
+
+
+def weights_digest(items: Iterable[tuple[str, torch.Tensor]], chunk: int = DIGEST_CHUNK) -> str:
+    """SHA-256 over each tensor's name, dtype, shape and device-side 64-bit checksum (``tensor_digest``).
+
+    What the cross-rank check compares: from a GPU only one int64 per tensor crosses to the host, in one
+    transfer per device.
+    """
+    items = list(items)
+    sums = [_digest_tensor(t, chunk) for _, t in items]
+    values: dict[int, int] = {}
+    by_device: dict[torch.device, list[int]] = {}
+    for k, v in enumerate(sums):
+        by_device.setdefault(v.device, []).append(k)
+    for idx in by_device.values():
+        for k, v in zip(idx, torch.stack([sums[k] for k in idx]).cpu().tolist()):
+            values[k] = v
+    h = hashlib.sha256()
+    for k, (name, t) in enumerate(items):
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
+        h.update(int(values[k]).to_bytes(8, "little", signed=True))
     return h.hexdigest()
 
 

@@ -3,6 +3,9 @@ which rank and replica evaluate each population member."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, ContextManager
+
 import torch
 
 from hpc_es.comm import Comm
@@ -32,7 +35,20 @@ def local_devices(cfg: Config, comm: Comm) -> list[torch.device]:
     offset = comm.local_rank * per if count >= local_size * per and local_size > 1 else 0
     if offset + per > count:
         raise HpcEsError(f"rank {comm.rank} needs GPUs {offset}..{offset + per - 1} but sees only {count}")
-    return [torch.device("cuda", offset + j) for j in range(per) for _ in range(copies)]
+    devices = [torch.device("cuda", offset + j) for j in range(per) for _ in range(copies)]
+    # This rank's first GPU becomes the process's current device: without it every rank creates a context
+    # on cuda:0 (pin_memory, default streams, torch.cuda calls without a device all use the current one).
+    torch.cuda.set_device(devices[0])
+    return devices
+
+
+def device_scope(device: torch.device) -> ContextManager[Any]:
+    """Make ``device`` the calling thread's current CUDA device for the block (a no-op elsewhere).
+
+    The current device is per thread: a pool thread starts on cuda:0, where it would create a context
+    and put default allocations (pinned staging, streams) of another rank's GPU.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def slot_owner(member: int, world: int, per_rank: int) -> tuple[int, int]:

@@ -19,10 +19,10 @@ import torch
 
 from hpc_es import lowrank
 from hpc_es.config import Config
-from hpc_es.es import Engine, Replica
+from hpc_es.es import Engine, Replica, master_torch_dtype
 from hpc_es.faults import Fault
 from hpc_es.models import fingerprint, load_model, load_tokenizer
-from hpc_es.placement import slot_owner
+from hpc_es.placement import device_scope, slot_owner
 from hpc_es.rollout import generate, resolve_repetition_penalty
 from hpc_es.tasks import Example, Task, safe_score
 
@@ -64,12 +64,17 @@ class Population:
     @classmethod
     def load(cls, cfg: Config, model_path: str, devices: Sequence[torch.device], dtype: torch.dtype, task: Task,
              rank: int = 0, world: int = 1, fault: Fault | None = None) -> "Population":
-        """One replica per entry of ``devices``, each loaded from ``model_path`` (with es.noise=lowrank, the
-        model's own weights are the master: no copy)."""
-        replicas, tokenizers = [], []
+        """One replica per entry of ``devices``, each loaded from ``model_path``; the replicas on one device
+        share one master (θ), so ``dist.replicas_per_device`` adds working weights only (with
+        es.noise=lowrank, each model's own weights are its master: no copy, unless es.master_dtype=float32)."""
+        replicas: list[Replica] = []
+        tokenizers = []
         for dev in devices:
             model = load_model(model_path, dtype, str(dev))
-            replicas.append(lowrank.wrap(model) if cfg.es.noise == "lowrank" else Replica.wrap(model, cfg.es.base_on))
+            if cfg.es.noise == "lowrank":
+                replicas.append(lowrank.wrap(model, master_torch_dtype(cfg.es.master_dtype, dtype)))
+            else:
+                replicas.append(Replica.wrap(model, cfg.es.master_on, cfg.es.master_dtype, share=replicas))
             tokenizers.append(load_tokenizer(model_path))
         return cls(cfg, replicas, tokenizers, task, rank, world, fault)
 
@@ -129,6 +134,10 @@ class Population:
                         self.cfg.rollout.batch_size, repetition_penalty=penalty)
 
     def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
+        with device_scope(self.replicas[j].device):  # a pool thread's current CUDA device: its replica's
+            self._stream_of(j, fn)
+
+    def _stream_of(self, j: int, fn: Callable[[int], None]) -> None:
         rep = self.replicas[j]
         if rep.device.type == "cuda" and len(self.replicas) > 1:  # replicas sharing a GPU overlap on streams
             stream = self._streams.setdefault(j, torch.cuda.Stream(rep.device))
@@ -161,30 +170,39 @@ class Population:
         return sum(p.numel() for _, p in self.replicas[0].params)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """θ by parameter name (what a checkpoint stores)."""
-        return dict(self.replicas[0].base)
+        """θ by parameter name (what a checkpoint stores): the master, fp32 with es.master_dtype=float32."""
+        return dict(self.replicas[0].master)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """θ <- ``weights`` (a checkpoint's master, or the base model's weights), working weights <- round(θ)."""
         from hpc_es.checkpoint import CheckpointError
 
-        with torch.no_grad():
-            for rep in self.replicas:
-                for name, p in rep.params:
-                    if name not in weights:
-                        raise CheckpointError(f"checkpoint lacks parameter '{name}'")
-                    rep.base[name].copy_(weights[name])
-                    p.copy_(weights[name])
+        for rep in self.replicas:
+            for name, _ in rep.params:
+                if name not in weights:
+                    raise CheckpointError(f"checkpoint lacks parameter '{name}'")
+            rep.load_master(weights)
 
     def fingerprint(self) -> str:
+        """The master's fingerprint: what checkpoints record and resume checks.  With a master in the
+        model's dtype it is the model's (``model_fingerprint``); an fp32 master's covers its fp32 bits."""
+        return self.replicas[0].master_fingerprint()
+
+    def model_fingerprint(self) -> str:
+        """The working weights' fingerprint: the base model's at load, final/'s at the end."""
         return fingerprint(self.replicas[0].model)
 
     def fingerprints(self) -> list[str]:
-        return [fingerprint(rep.model) for rep in self.replicas]
+        """Per replica, a digest of its master and working weights, computed on the device (the cross-rank
+        check's input: only one number per tensor reaches the host)."""
+        return [rep.digest() for rep in self.replicas]
 
     def nudge(self) -> None:
-        """Move one weight of every replica (fault injection: a divergence the checks must catch)."""
+        """Move one weight of every replica and of every master (fault injection: a divergence the checks
+        must catch); a master shared by replicas moves once."""
         with torch.no_grad():
+            name = self.replicas[0].params[0][0]
+            for master in {id(rep.master): rep.master for rep in self.replicas}.values():
+                master[name].view(-1)[0] += 1.0
             for rep in self.replicas:
-                name, p = rep.params[0]
-                p.view(-1)[0] += 1.0
-                rep.base[name].view(-1)[0] += 1.0
+                rep.params[0][1].view(-1)[0] += 1.0

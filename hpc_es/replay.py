@@ -1,7 +1,8 @@
 """Rebuild trained weights from the base model and the ledger alone: no rollout, no checkpoint.
 
 It reads the run_dir and checks the base model exactly as a resume does (``hpc_es.resume``), then applies
-the first T recorded updates.
+the first T recorded updates, to an fp32 master when the run had one (``es.master_dtype`` in the ledger's
+config): the saved weights are then round(master), as the run's final/ is.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from hpc_es import lowrank, resume
 from hpc_es.checkpoint import save_model_folder
 from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
-from hpc_es.es import Engine, Replica
+from hpc_es.es import Engine, Replica, master_torch_dtype
 from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
 from hpc_es.noise import scheme_of
 from hpc_es.progress import warn
@@ -54,9 +55,10 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     resume.check_same_run(f"the run in '{run_dir}'", ledger.attrs.get("base_fingerprint"), None, cfg,
                           fingerprint(net), base, action="replay")
     if cfg.es.noise == "lowrank":  # issue 14: the low-rank update, on the model's own weights
-        target = _Target(lowrank.wrap(net), lowrank.make_engine(cfg))
-    else:
-        target = _Target(Replica.wrap(net, "device"), Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme))
+        target = _Target(lowrank.wrap(net, master_torch_dtype(cfg.es.master_dtype, dtype)), lowrank.make_engine(cfg))
+    else:  # an fp32 master when the run had one (issue 12)
+        engine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)  # issue 12: the ledger's noise scheme
+        target = _Target(Replica.wrap(net, "device", cfg.es.master_dtype), engine)
     resume.replay_rows(target, ledger.rows[:upto])
     save_model_folder(net, load_tokenizer(base), out)
     return fingerprint(net)

@@ -31,7 +31,8 @@ from hpc_es.progress import say, warn
 # Config keys that define the trajectory: a resumed run must agree on all of them.
 TRAJECTORY_KEYS = ("model", "task", "seed", "dtype", "es.population_size", "es.sigma", "es.alpha",
                    "es.antithetic", "es.shaping", "rollout", "data", "tiny",
-                   "es.noise", "es.rank", "es.lowrank_scope")  # issue 14: the low-rank mode's keys
+                   "es.noise", "es.rank", "es.lowrank_scope",  # issue 14: the low-rank mode's keys
+                   "es.master_dtype")  # issue 12: an fp32 master is another trajectory
 # (issue 12: es.noise_scheme and, under legacy noise, es.noise_chunk come from noise.trajectory_keys)
 
 
@@ -46,7 +47,7 @@ class Weights(Updates, Protocol):
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
 
-    def fingerprint(self) -> str: ...
+    def fingerprint(self) -> str: ...  # of the master (θ), as checkpoints record it
 
 
 @dataclass

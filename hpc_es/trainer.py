@@ -119,7 +119,7 @@ class Trainer:
         task = load_task(cfg)
         self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, task, comm.rank,
                                           comm.world_size, self.fault)
-        self.base_fingerprint = self.population.fingerprint()
+        self.base_fingerprint = self.population.model_fingerprint()  # issue 12: the model's, not the master's
         self.train_set = list(task.train_examples())
         if not self.train_set:
             raise HpcEsError(f"task '{cfg.task}' has no training examples")
@@ -244,7 +244,7 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         final = os.path.join(self.cfg.run_dir, "final")
-        fp = self.population.fingerprint()
+        fp = self.population.model_fingerprint()  # issue 12: final/'s (the master may be fp32)
         if self.comm.is_main:
             save_model_folder(self.population.model, self.population.tokenizer, final)
             self.save_checkpoint(len(self.ledger))

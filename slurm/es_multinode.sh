@@ -7,7 +7,7 @@
 #   export HPC_ES_RUN_DIR=/scratch/$USER/countdown-7b HPC_ES_PYTHON=$PWD/.venv/bin/python
 #   sbatch slurm/es_multinode.sh                        # from the repository root
 #   sbatch --partition=gpu --account=proj slurm/es_multinode.sh es.iterations=100    # sbatch options, overrides
-#   sbatch --nodes=4 --gpus-per-node=4 --ntasks-per-node=4 slurm/es_multinode.sh   # 4 nodes x 4 GPUs
+#   sbatch --nodes=4 --ntasks-per-node=4 slurm/es_multinode.sh   # 4 nodes x 4 GPUs
 #
 # Settings (environment, exported to the job by sbatch):
 #   HPC_ES_MODEL    model folder (default: $HPC_ES_MODELS/Qwen2.5-7B-Instruct)
@@ -20,14 +20,17 @@
 #   HPC_ES_SRUN_ARGS  extra srun arguments
 # Any config works (HPC_ES_CONFIG); ranks only exchange a few numbers per iteration, so an ordinary
 # network between nodes is enough.  Nodes must see the same model, data and run folders (shared filesystem).
+# Each task (rank) is bound to one GPU of its own (--gpus-per-task=1), the one nearest its CPUs
+# (--gpu-bind=closest): it sees only that GPU, so no rank touches another's; GPUs per node = tasks per node.
 # Arguments after the script are config overrides (key=value).  Bad input (no model folder, a run folder
 # that cannot be written, an unknown config key) stops the job at once, before any rank starts.
 # Time limit or preemption: SIGUSR2 reaches the ranks 180 s before the limit; they finish the iteration,
 # checkpoint and exit 75, and the job requeues itself and resumes from HPC_ES_RUN_DIR.
 #SBATCH --job-name=hpc_es-mn
 #SBATCH --nodes=2
-#SBATCH --gpus-per-node=8
 #SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-task=1
+#SBATCH --gpu-bind=closest
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
 #SBATCH --signal=USR2@180

@@ -114,3 +114,36 @@ def test_exponent_without_a_dot_in_yaml_is_a_number(tmp_path: Path) -> None:
     f.write_text("es:\n  sigma: 1e-3\n  alpha: 5e-4\n")
     cfg = load_config(str(f))
     assert (cfg.es.sigma, cfg.es.alpha) == (1e-3, 5e-4)
+
+
+def test_master_keys_and_their_choices() -> None:
+    cfg = load_config(None, ["es.master_on=host", "es.master_dtype=float32"])
+    assert (cfg.es.master_on, cfg.es.master_dtype) == ("host", "float32")
+    assert (load_config(None, []).es.master_dtype, load_config(None, []).es.master_on) == ("model", "device")
+    with pytest.raises(ConfigError, match="es.master_dtype.*model, float32"):
+        load_config(None, ["es.master_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="es.master_on.*device, host"):
+        load_config(None, ["es.master_on=gpu"])
+
+
+def test_base_on_is_a_deprecated_alias_of_master_on(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import hpc_es.config as config
+
+    monkeypatch.setattr(config, "_deprecation_noted", set())
+    f = tmp_path / "old.yaml"
+    f.write_text("es:\n  base_on: host\n")
+    cfg = load_config(str(f))
+    assert cfg.es.master_on == "host"
+    assert load_config(None, ["es.base_on=host"]).es.master_on == "host"
+    err = capsys.readouterr().err
+    assert err.count("'es.base_on' is deprecated") == 1 and "es.master_on" in err  # one note per process
+    ledger_config = json.loads(cfg.to_json())
+    assert ledger_config["es"]["master_on"] == "host" and "base_on" not in ledger_config["es"]
+    old = json.loads(cfg.to_json())  # a ledger written before the rename still loads
+    old["es"]["base_on"] = old["es"].pop("master_on")
+    del old["es"]["master_dtype"]
+    again = config_from_dict(old)
+    assert (again.es.master_on, again.es.master_dtype) == ("host", "model")
+    with pytest.raises(ConfigError, match="es.master_on"):
+        load_config(None, ["es.base_on=gpu"])

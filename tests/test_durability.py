@@ -316,3 +316,63 @@ def test_corrupt_checkpoint_weights_fall_back_to_ledger(interrupted: Path, ref: 
     result = summary(proc)
     assert "fingerprint" in proc.stderr and "rebuilding the weights" in proc.stderr
     assert_same_as(run_dir, ref, result)
+
+
+# ---- es.master_dtype=float32: the fp32 master survives kills, resumes and replay -------------------
+FP32_MASTER = BF16 + ["es.master_dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def ref_fp32_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("durability") / "ref_fp32_master"
+    summary(train(run_dir, FP32_MASTER))
+    return run_dir
+
+
+@pytest.mark.parametrize("fault, extra", [("update:2", []),
+                                          ("after_ledger:2", ["checkpoint.weights=false", "checkpoint.every=2"])])
+def test_fp32_master_kill_then_resume_is_bit_identical(fault: str, extra: list[str], ref_fp32_master: Path,
+                                                       tmp_path: Path) -> None:
+    """Checkpointed fp32 master weights, or the master rebuilt from the base model and the ledger: the
+    resumed run ends with the uninterrupted run's final weights."""
+    from safetensors import safe_open
+
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, FP32_MASTER + extra, fault=fault)
+    assert proc.returncode == -9, proc.stderr
+    if not extra:
+        with safe_open(str(run_dir / "checkpoint" / "model.safetensors"), "pt") as f:  # the master, in fp32
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
+    proc = train(run_dir, FP32_MASTER + extra)
+    result = summary(proc)
+    assert "resuming" in proc.stderr
+    assert_same_as(run_dir, ref_fp32_master, result)
+
+
+def test_fp32_master_final_is_bf16_and_replay_gives_its_fingerprint(ref_fp32_master: Path, tmp_path: Path) -> None:
+    import torch
+
+    from hpc_es.models import load_model
+
+    assert next(load_model(str(ref_fp32_master / "final")).parameters()).dtype == torch.bfloat16
+    assert replay(ref_fp32_master, tmp_path / "last") == fingerprint_of(ref_fp32_master / "final")
+    state = json.loads((ref_fp32_master / "checkpoint" / "state.json").read_text())
+    assert state["fingerprint"] != fingerprint_of(ref_fp32_master / "final")  # it covers the fp32 master
+    # the fp32 master matters: the same ledger applied to a bf16 master ends elsewhere
+    from hpc_es.es import Engine, Replica
+    from hpc_es.ledger import Ledger
+    from hpc_es.models import fingerprint
+
+    ledger = Ledger.load(str(ref_fp32_master / "log.h5"))
+    net = load_model(ledger.attrs["base_model"], torch.bfloat16)
+    rep, eng = Replica.wrap(net, master_dtype="model"), Engine(json.loads(ledger.attrs["config"])["es"]["noise_chunk"])
+    for row in ledger.rows:
+        eng.update([rep], np.asarray(row["seeds"]), np.asarray(row["signs"]), np.asarray(row["shaped"]),
+                   float(row["alpha"]))
+    assert fingerprint(net) != fingerprint_of(ref_fp32_master / "final")
+
+
+def test_resume_with_another_master_dtype_is_refused(ref_fp32_master: Path, tmp_path: Path) -> None:
+    run_dir = copy_of(ref_fp32_master, tmp_path / "run")
+    proc = train(run_dir, BF16 + ["es.iterations=5"])
+    assert_clean_error(proc, "es.master_dtype")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hpc_es.es import Engine, Replica, centered_ranks, shape_rewards, zscore
-from hpc_es.models import fingerprint, load_model
+from hpc_es.models import fingerprint, load_model, named_params
 from hpc_es.noise import KeyedNoise
 
 
@@ -91,7 +91,7 @@ def test_update_matches_a_straightforward_reference(dtype: torch.dtype) -> None:
             ulp = torch.finfo(dtype).eps * want[n].abs().clamp_min(torch.finfo(dtype).tiny)
             assert ((p.double() - want[n]).abs() <= ulp).all(), n
             assert (p == want[n].to(dtype)).double().mean() > 0.99, n
-        assert torch.equal(rep.base[n], p)
+        assert torch.equal(rep.master[n], p)
     assert not torch.equal(net.a, base["a"])
 
 
@@ -121,10 +121,10 @@ def test_zero_shaped_rewards_leave_weights_unchanged() -> None:
     assert fingerprint(net) == before
 
 
-def test_low_memory_mode_keeps_the_base_on_the_host_and_matches() -> None:
+def test_low_memory_mode_keeps_the_master_on_the_host_and_matches() -> None:
     a, b = Net(torch.bfloat16), Net(torch.bfloat16)
     ra, rb = Replica.wrap(a, "device"), Replica.wrap(b, "host")
-    assert all(t.device.type == "cpu" for t in rb.base.values())
+    assert all(t.device.type == "cpu" for t in rb.master.values())
     for rep in (ra, rb):
         eng = Engine(1024)
         eng.perturb(rep, 1, 1, 0.01)
@@ -160,3 +160,144 @@ def test_replica_on_a_real_tiny_model_restores_exactly(tiny_model_dir: str) -> N
     assert fingerprint(net) != before
     eng.restore(rep)
     assert fingerprint(net) == before
+
+
+# ---- es.master_dtype: the fp32 master ----------------------------------------------------------------
+PAPER_SIGMA, PAPER_ALPHA, PAPER_N = 1e-3, 5e-4, 30
+
+
+def paper_update(eng: Engine, reps: list[Replica], t: int) -> None:
+    """One update at the paper's alpha and N, with fixed shaped rewards (a z-score of fixed rewards)."""
+    seeds = np.arange(100 * t, 100 * t + PAPER_N, dtype=np.int64)
+    shaped = zscore(np.linspace(0.0, 1.0, PAPER_N) ** 2)
+    eng.update(reps, seeds, np.ones(PAPER_N, dtype=np.int8), shaped, PAPER_ALPHA)
+
+
+def norm_names(net: torch.nn.Module) -> list[str]:
+    names = [n for n, _ in named_params(net) if "norm" in n]
+    assert names and all(torch.all(p == 1.0) for n, p in named_params(net) if n in names)  # RMSNorm starts at 1
+    return names
+
+
+def test_bf16_norm_weights_move_only_with_an_fp32_master(tiny_model_dir: str) -> None:
+    """At the paper's sigma, alpha, N an update is ~1e-4 per element while half a bf16 step at 1.0 is
+    >= 2e-3: a bf16 master rounds every update of a norm weight away, an fp32 master keeps them all."""
+    moved = {}
+    for master_dtype in ("model", "float32"):
+        net = load_model(tiny_model_dir, torch.bfloat16)
+        names = norm_names(net)
+        rep, eng = Replica.wrap(net, master_dtype=master_dtype), Engine(4096)
+        assert all(t.dtype == (torch.float32 if master_dtype == "float32" else torch.bfloat16)
+                   for t in rep.master.values())
+        for t in range(3):
+            eng.perturb(rep, 7 + t, 1, PAPER_SIGMA)
+            paper_update(eng, [rep], t)
+        moved[master_dtype] = np.mean([(rep.master[n] != 1.0).float().mean().item() for n in names])
+        for n, p in rep.params:  # the working weights are the rounded master
+            assert torch.equal(p, rep.master[n].to(torch.bfloat16)), n
+    assert moved["model"] == 0.0
+    assert moved["float32"] > 0.99
+
+
+def test_fp32_master_update_is_the_fp32_sum_with_no_rounding_to_the_model_dtype() -> None:
+    net = Net(torch.bfloat16)
+    start = {n: p.detach().float() for n, p in net.named_parameters()}
+    rep, eng = Replica.wrap(net, master_dtype="float32"), Engine(chunk=1024)
+    seeds, signs = np.array([5, 6, 7, 8], dtype=np.int64), np.ones(4, dtype=np.int8)
+    shaped = zscore(np.array([0.1, 0.5, 0.2, 0.9]))
+    eng.update([rep], seeds, signs, shaped, 1e-4)
+    want = reference_update(start, seeds, signs, shaped, 1e-4, 1024)
+    for n, p in net.named_parameters():
+        m = rep.master[n]
+        assert m.dtype == torch.float32
+        # fp32 accumulation, one fp32 rounding: within fp32 ulps of the float64 reference (atol: of the update)
+        torch.testing.assert_close(m.double(), want[n], rtol=2e-7, atol=1e-11)
+        assert torch.equal(p, m.to(torch.bfloat16)), n
+    assert (rep.master["c"] != start["c"]).float().mean() > 0.99  # near 1.0, in fp32: every weight moved
+
+
+def test_fp32_master_with_many_small_updates_moves_the_working_weights() -> None:
+    """Repeating one update: each step is far below half a bf16 step at 1.0, yet the fp32 master adds them
+    up until the working weights round differently; a bf16 master never gets there."""
+    changed = {}
+    for master_dtype in ("model", "float32"):
+        net = Net(torch.bfloat16)
+        before = net.c.detach().clone()
+        rep, eng = Replica.wrap(net, master_dtype=master_dtype), Engine(chunk=1024)
+        for _ in range(40):
+            paper_update(eng, [rep], 0)
+        changed[master_dtype] = (net.c != before).float().mean().item()
+    assert changed["model"] == 0.0
+    assert changed["float32"] > 0.1
+
+
+@pytest.mark.parametrize("master_on", ["device", "host"])
+def test_fp32_master_perturb_is_round_of_master_plus_sigma_eps(master_on: str) -> None:
+    net = Net(torch.bfloat16)
+    rep, eng = Replica.wrap(net, master_on, "float32"), Engine(chunk=1000)
+    paper_update(eng, [rep], 0)
+    master = {n: t.clone() for n, t in rep.master.items()}
+    eng.perturb(rep, 11, -1, 0.01)
+    ns = KeyedNoise(1000)
+    for n, p in net.named_parameters():
+        want = (master[n] + (-0.01) * ns.tensor(11, n, p.shape)).to(torch.bfloat16)
+        assert torch.equal(p, want), n
+        assert torch.equal(rep.master[n], master[n]), n  # untouched
+    eng.restore(rep)
+    for n, p in net.named_parameters():
+        assert torch.equal(p, master[n].to(torch.bfloat16)), n
+
+
+def test_fp32_master_on_host_and_on_device_agree() -> None:
+    a, b = Net(torch.float16), Net(torch.float16)
+    ra, rb = Replica.wrap(a, "device", "float32"), Replica.wrap(b, "host", "float32")
+    for rep in (ra, rb):
+        eng = Engine(1024, workers=2)
+        for t in range(2):
+            eng.perturb(rep, t, 1, 0.01)
+            paper_update(eng, [rep], t)
+    assert ra.master_fingerprint() == rb.master_fingerprint() and fingerprint(a) == fingerprint(b)
+
+
+def test_master_fingerprint_equals_the_model_fingerprint_with_a_model_dtype_master() -> None:
+    """Checkpoints record the master's fingerprint: unchanged from the model's for es.master_dtype=model."""
+    net = Net(torch.bfloat16)
+    rep, eng = Replica.wrap(net), Engine(1024)
+    paper_update(eng, [rep], 0)
+    assert rep.master_fingerprint() == fingerprint(net)
+    fp32 = Replica.wrap(Net(torch.bfloat16), master_dtype="float32")
+    paper_update(eng, [fp32], 0)
+    assert fp32.master_fingerprint() != fingerprint(fp32.model)  # it covers the fp32 bits
+
+
+def test_load_master_restores_fp32_bits_and_rounds_the_working_weights() -> None:
+    net = Net(torch.bfloat16)
+    rep, eng = Replica.wrap(net, master_dtype="float32"), Engine(1024)
+    paper_update(eng, [rep], 0)
+    saved = {n: t.clone() for n, t in rep.master.items()}
+    other = Replica.wrap(Net(torch.bfloat16), master_dtype="float32")
+    other.load_master(saved)
+    assert other.master_fingerprint() == rep.master_fingerprint()
+    assert fingerprint(other.model) == fingerprint(net)
+
+
+# ---- replicas on one device share one master ----------------------------------------------------------
+@pytest.mark.parametrize("master_dtype", ["model", "float32"])
+def test_replicas_on_one_device_share_one_master_and_match_one_replica(master_dtype: str) -> None:
+    nets = [Net(torch.bfloat16) for _ in range(3)]
+    reps: list[Replica] = []
+    for net in nets[:2]:
+        reps.append(Replica.wrap(net, master_dtype=master_dtype, share=reps))
+    assert reps[1].master is reps[0].master
+    assert all(reps[1].master[n] is reps[0].master[n] for n in reps[0].master)
+    alone = Replica.wrap(nets[2], master_dtype=master_dtype)
+    assert alone.master is not reps[0].master
+    for eng_reps in (reps, [alone]):
+        eng = Engine(1000, workers=2)
+        for t in range(2):
+            eng.perturb(eng_reps[0], 40 + t, 1, 0.05)
+            eng.perturb(eng_reps[-1], 50 + t, -1, 0.05)  # a replica sharing the master holds another member
+            paper_update(eng, eng_reps, t)
+    assert fingerprint(nets[0]) == fingerprint(nets[1]) == fingerprint(nets[2])
+    assert reps[0].master_fingerprint() == alone.master_fingerprint()
+    assert reps[0].digest() == reps[1].digest() == alone.digest()

@@ -100,8 +100,8 @@ def test_perturb_is_bitwise_the_reference(dtype: torch.dtype, workers: int, sche
         want = ref_perturb(base, seed, sign, 0.01, scheme)
         for n, p in net.named_parameters():
             assert same_bits(p.detach(), want[n]), (n, seed, sign)
-        for n, b in rep.base.items():
-            assert same_bits(b, base[n]), n  # the base is never touched by a perturbation
+        for n, b in rep.master.items():
+            assert same_bits(b, base[n]), n  # the master is never touched by a perturbation
 
 
 @pytest.mark.parametrize("scheme", ["keyed", "legacy"])
@@ -122,10 +122,10 @@ def test_update_after_a_perturb_is_bitwise_the_reference(dtype: torch.dtype, wor
     for net, rep in zip(nets, reps):
         for n, p in net.named_parameters():
             assert same_bits(p.detach(), want[n]), n
-            assert same_bits(rep.base[n], want[n]), n
+            assert same_bits(rep.master[n], want[n]), n
 
 
-def test_host_base_matches_device_base_with_the_pool() -> None:
+def test_host_master_matches_device_master_with_the_pool() -> None:
     a, b = Net(torch.bfloat16), Net(torch.bfloat16)
     ra, rb = Replica.wrap(a, "device"), Replica.wrap(b, "host")
     for rep in (ra, rb):

@@ -159,9 +159,9 @@ def test_fp32_master_for_a_bf16_model(tiny) -> None:
         eng.update([rep], seeds, signs, shaped * 1e-3, 0.5)
         eng.update([ref], seeds, signs, shaped * 1e-3, 0.5)
     for name, p in named_params(m16):
-        assert rep.base[name].dtype == torch.float32
-        assert torch.equal(rep.base[name], dict(named_params(m32))[name]), name
-        assert torch.equal(p, rep.base[name].to(torch.bfloat16)), name
+        assert rep.master[name].dtype == torch.float32
+        assert torch.equal(rep.master[name], dict(named_params(m32))[name]), name
+        assert torch.equal(p, rep.master[name].to(torch.bfloat16)), name
 
 
 def test_config_keys_are_checked() -> None:

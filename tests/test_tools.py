@@ -6,13 +6,13 @@ working as the engine and trainer change under them.
 
 from __future__ import annotations
 
-import pytest
-
+import json
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import PY, ROOT
@@ -117,3 +117,10 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_architecture() -> None:
     assert re.search(r"gpu_check: \d+s in all", out)
     rows = _phases(out.replace("        -", " 0.0"))
     assert rows["rollout"][0] > 0
+    # the master checks (issue 12): host and device masters agree, only the fp32 master moves norm weights
+    master = json.loads(out.split("gpu_check master: ", 1)[1].splitlines()[0])
+    assert master["ok"] and not master["problems"]
+    got = master["settings"]
+    assert got["device/model"]["norm_moved"] == 0.0 and got["device/float32"]["norm_moved"] == 1.0
+    assert got["host/float32"]["master_digest"] == got["device/float32"]["master_digest"]
+    assert got["device/float32"]["master_bytes"] == 2 * got["device/model"]["master_bytes"]

@@ -184,3 +184,30 @@ def test_the_default_job_learns(tmp_path: Path) -> None:
     first, last = mean[:10].mean(), mean[-10:].mean()
     assert last > first + 5.0, (first, last)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["reward_mean_last"] == pytest.approx(mean[-1])
+
+
+@pytest.mark.parametrize("master_dtype", ["model", "float32"])
+def test_two_replicas_per_device_share_one_master_and_match_one_replica(tmp_path: Path, master_dtype: str) -> None:
+    """dist.replicas_per_device=2 on the CPU: one master for both (the same tensors), and the same final
+    weights (and fp32 master) as one replica."""
+    from hpc_es.comm import Comm
+    from hpc_es.trainer import Trainer
+
+    results = {}
+    for copies in (1, 2):
+        cfg = load_config(None, TINY + ["dtype=bfloat16", f"es.master_dtype={master_dtype}",
+                                        f"dist.replicas_per_device={copies}", f"run_dir={tmp_path / str(copies)}"])
+        trainer = Trainer(cfg, Comm())
+        reps = trainer.population.replicas
+        assert len(reps) == copies
+        if copies == 2:
+            assert reps[1].master is reps[0].master
+            assert all(reps[1].master[n] is t for n, t in reps[0].master.items())
+            assert all(p.data_ptr() != q.data_ptr() for (_, p), (_, q) in zip(reps[0].params, reps[1].params))
+        want = {"model": "bfloat16", "float32": "float32"}[master_dtype]
+        assert {str(t.dtype) for t in reps[0].master.values()} == {f"torch.{want}"}
+        res = trainer.run()
+        results[copies] = (res.fingerprint, reps[0].master_fingerprint(), ledger_arrays(cfg.run_dir)["rewards"])
+        assert reps[-1].digest() == reps[0].digest()
+    assert results[1][:2] == results[2][:2]
+    np.testing.assert_array_equal(results[1][2], results[2][2])

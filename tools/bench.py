@@ -159,7 +159,8 @@ class HpcEsRun:
         self.sync = syncer(device)
         self.counter = CountTokens(model)
         task = load_task(cfg)
-        self.population = Population(cfg, [Replica.wrap(model, cfg.es.base_on)], [tokenizer()], task)
+        rep = Replica.wrap(model, cfg.es.master_on, cfg.es.master_dtype)
+        self.population = Population(cfg, [rep], [tokenizer()], task)
         self.examples = list(task.train_examples())[: cfg.rollout.prompts_per_iteration]
         self.synthetic_updates = 0
         self.terms = 0

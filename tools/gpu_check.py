@@ -13,6 +13,10 @@ ids of the 151936-entry vocabulary decode to nothing, which changes no cost that
 First, per model, the keyed noise: CUDA against CPU bit for bit on a sample of the model's tensors, its
 statistics on the GPU, and a whole-model perturb timed (tools/bench_noise.py).  Results go to --json after
 every phase; the exit status is 1 when any noise bit or statistic is wrong.
+
+After each model: the es.master_dtype / es.master_on checks (master_checks): the same update from the same
+weights with the master on the device and on the host, in the model dtype and in fp32; they must agree,
+the fp32 master must move the RMSNorm weights, and memory is printed by component.  Exit 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (tools/bench.py: model building, both implementations, limits, the table)
 import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise checks and timings)
-from hpc_es.models import named_params  # noqa: E402
+from hpc_es.es import Engine, Replica  # noqa: E402
+from hpc_es.models import named_params, tensor_digest, weights_digest  # noqa: E402
+from hpc_es.noise import member_seeds  # noqa: E402
 
 VOCAB = 151936
 ARCHS = {
@@ -44,6 +51,90 @@ TINY = bench.Arch("tiny Qwen2.5-shaped (CPU check of this script)", hidden=32, l
                   intermediate=96, vocab=VOCAB, tie=True)
 
 
+# ---- master weights: es.master_dtype and es.master_on (issue 12) ---------------------------------------
+MASTER_SETTINGS = [("device", "model"), ("host", "model"), ("device", "float32"), ("host", "float32")]
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def master_checks(arch: bench.Arch, *, dtype: torch.dtype, device: str, n: int, chunk: int,
+                  updates: int = 1, sigma: float = 1e-3, alpha: float = 5e-4) -> dict:
+    """The same updates from the same weights under each (es.master_on, es.master_dtype): host and device
+    masters must give the same master and working-weight digests, an fp32 master must move the RMSNorm
+    weights (which a bf16 master cannot at the paper's sigma and alpha), and the device-side digest must
+    equal the CPU's on sample tensors.  Prints memory by component; returns what it found (``ok``)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    mem = (lambda: torch.cuda.memory_allocated(dev)) if cuda else (lambda: 0)
+    model = bench.build_model(arch, dtype, device)
+    weights_bytes = sum(p.numel() * p.element_size() for _, p in named_params(model))
+    start = {name: p.detach().to("cpu", copy=True) for name, p in named_params(model)}
+    norms = [name for name in start if "norm" in name]
+    out: dict = {"arch": arch.name, "weights": weights_bytes, "settings": {}, "problems": []}
+    print(f"-- master checks: {arch.name}, {updates} update(s) at sigma={sigma:g} alpha={alpha:g} N={n}; "
+          f"weights {_gib(weights_bytes)}", flush=True)
+    for master_on, master_dtype in MASTER_SETTINGS:
+        with torch.no_grad():
+            for name, p in named_params(model):
+                p.copy_(start[name])
+        base_mem = mem()
+        rep = Replica.wrap(model, master_on, master_dtype)
+        master_bytes = sum(t.numel() * t.element_size() for t in rep.master.values())
+        master_dev = mem() - base_mem
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        eng = Engine(chunk)
+        t0 = time.perf_counter()
+        for t in range(updates):
+            seeds, signs = member_seeds(12, t, n)
+            eng.perturb(rep, int(seeds[0]), 1, sigma)
+            shaped = (np.arange(n, dtype=np.float64) - (n - 1) / 2) / n
+            eng.update([rep], seeds, signs, shaped, alpha)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - t0
+        scratch = (torch.cuda.max_memory_allocated(dev) - mem()) if cuda else 0
+        moved = float(np.mean([(rep.master[name] != start[name].to(rep.master[name].dtype)).float().mean().item()
+                               for name in norms])) if norms else float("nan")
+        got = {"master_digest": weights_digest(sorted(rep.master.items())),
+               "working_digest": weights_digest(rep.params), "norm_moved": moved,
+               "master_bytes": master_bytes, "master_on_device": master_dev, "update_scratch_peak": scratch,
+               "seconds": elapsed}
+        # the device digest against the CPU's, on the first and the largest tensors
+        for name, p in (rep.params[0], max(rep.params, key=lambda kv: kv[1].numel())):
+            if tensor_digest(p) != tensor_digest(p.to("cpu")):
+                out["problems"].append(f"{master_on}/{master_dtype}: device digest of {name} differs from the CPU's")
+        out["settings"][f"{master_on}/{master_dtype}"] = got
+        print(f"   master_on={master_on:6s} master_dtype={master_dtype:7s} master {_gib(master_bytes)} "
+              f"({'on the device' if master_on == 'device' else 'host'}; +{_gib(master_dev)} device), update scratch "
+              f"peak {_gib(scratch)}, {elapsed:.1f} s; norm weights moved: {moved:.1%}; "
+              f"digest {got['master_digest'][:12]}", flush=True)
+        del rep, eng
+        if cuda:
+            torch.cuda.empty_cache()
+    s = out["settings"]
+    for kind in ("model", "float32"):
+        a, b = s[f"device/{kind}"], s[f"host/{kind}"]
+        for key in ("master_digest", "working_digest"):
+            if a[key] != b[key]:
+                out["problems"].append(f"master_dtype={kind}: master_on=host gives another {key} than device")
+    if dtype != torch.float32:  # in fp32 models both settings are one
+        if s["device/model"]["norm_moved"] != 0.0:
+            out["problems"].append("a model-dtype master moved norm weights: the rounding analysis is wrong")
+        if not s["device/float32"]["norm_moved"] > 0.9:
+            out["problems"].append(f"an fp32 master moved only {s['device/float32']['norm_moved']:.1%} of norm weights")
+    out["ok"] = not out["problems"]
+    for p in out["problems"]:
+        print(f"   MISMATCH: {p}", flush=True)
+    del model, start
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="run on CPU with a tiny architecture (a dry run)")
@@ -51,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_args(ap)
     ap.set_defaults(dtype="bfloat16", device="cuda", n=30, prompts=16, tokens=32, iterations=1, warmup=1)
     ap.add_argument("--warmup-n", type=int, default=2, help="members per warm-up iteration")
-    ap.add_argument("--json", default="gpu_check.json", help="results file, rewritten after every phase")
+    ap.add_argument("--json", default=None,
+                    help="results file, rewritten after every phase (default: gpu_check.json; none with --tiny)")
     ap.add_argument("--no-noise", action="store_true", help="skip the keyed noise checks")
     ap.set_defaults(chunk=1 << 26)  # keyed noise: the chunk changes no bit; big pieces keep the GPU busy
+    ap.add_argument("--master-updates", type=int, default=1, help="updates per es.master_* setting (0: skip)")
     ap.add_argument("--no-lowrank", action="store_true", help="skip the low-rank population throughput check")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -66,14 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         archs = [ARCHS[k] for k in (args.only or ["1.5B", "7B"])]
     dtype = bench.resolve(args)
     t0 = time.perf_counter()
+    failed = False
     if args.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name(torch.device(args.device))}, torch {torch.__version__}",
               flush=True)
     out: dict = {"device": args.device, "torch": torch.__version__, "models": {}}
     failures: list[str] = []
 
+    path = args.json or (None if args.tiny else "gpu_check.json")
+
     def save() -> None:
-        with open(args.json, "w") as f:
+        if path is None:
+            return
+        with open(path, "w") as f:
             json.dump(out | {"failures": failures}, f, indent=1)
 
     for arch in archs:
@@ -114,12 +212,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(torch.device(args.device))
+        if args.master_updates:
+            found = master_checks(arch, dtype=dtype, device=args.device, n=args.n, chunk=args.chunk,
+                                  updates=args.master_updates)
+            print("gpu_check master: " + json.dumps(found, sort_keys=True), flush=True)
+            failed = failed or not found["ok"]
+            out["models"].setdefault(arch.name, {})["master"] = found
+            save()
     if not args.no_lowrank:
         check_lowrank(args.tiny, args.device)
     print(f"gpu_check: {time.perf_counter() - t0:.0f}s in all", flush=True)
     for f in failures:
         print(f"gpu_check: MISMATCH {f}", flush=True)
-    return 1 if failures else 0
+    failed = failed or bool(failures)
+    if failed:
+        print("gpu_check: MISMATCH (see above)", file=sys.stderr, flush=True)
+    return 1 if failed else 0
 
 
 def check_lowrank(tiny: bool, device: str) -> None:
