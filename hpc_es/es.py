@@ -125,8 +125,8 @@ class Engine:
     """Perturb, restore and update a set of replicas that must stay bit-identical.
 
     Work is split into (tensor, chunk) pieces whose results depend on nothing else, so on the CPU the
-    pieces run on a small thread pool (torch.randn is single-threaded; every chunk has its own seed, so
-    drawing chunks side by side gives the same bits as one after another).  On a GPU they run in order.
+    pieces run on a small thread pool (a piece's noise depends on its elements' keys only, so drawing
+    chunks side by side gives the same bits as one after another).  On a GPU they run in order.
     """
 
     def __init__(self, chunk: int, workers: int = 0, scheme: str = "keyed") -> None:
