@@ -145,7 +145,7 @@ def perturb_timing(shapes: list[tuple[str, tuple[int, ...]]], device: str, dtype
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     params = [(n, torch.zeros(s, dtype=dtype, device=dev)) for n, s in shapes]
     rep = Replica(model=torch.nn.Module(), device=dev, params=params,
-                  base={n: torch.zeros(s, dtype=dtype, device=dev) for n, s in shapes})
+                  master={n: torch.zeros(s, dtype=dtype, device=dev) for n, s in shapes})
     total = sum(p.numel() for _, p in params)
     eng = Engine(chunk, scheme="keyed")
     eng.perturb(rep, 1, 1, 1e-3)  # warm-up: compiles, allocates the scratch
