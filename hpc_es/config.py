@@ -44,6 +44,9 @@ class RolloutConfig:
     # folder's generation_config value (1.0 when it has none); no other folder generation default ever applies
     repetition_penalty: str = "1.0"
     members_per_pass: int = 0  # es.noise=lowrank: members per batched generation; 0 = all of a replica's members
+    # auto: the fast engine (hpc_es.fastgen) where the model allows it, else hf with a notice | fast: fast or a
+    # config error | hf: HF generate.  Both give the same tokens; part of the trajectory like all of rollout.
+    engine: str = "auto"
 
 
 @dataclass
@@ -130,6 +133,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "tiny.arch": ("qwen2", "llama"),
     "dist.backend": ("auto", "mpi", "torch", "none"),
+    "rollout.engine": ("auto", "fast", "hf"),
     "eval.kl": ("auto", "true", "false"),
 }
 

@@ -28,7 +28,7 @@ from hpc_es.errors import ConfigError, HpcEsError
 from hpc_es.kl import completion_kl, summarize
 from hpc_es.models import load_model, load_tokenizer, resolve_dtype
 from hpc_es.placement import local_devices, resolve_model_path
-from hpc_es.rollout import generate_ids, resolve_repetition_penalty
+from hpc_es.rollout import generate_ids, resolve_engine, resolve_repetition_penalty
 from hpc_es.schedule import Every
 from hpc_es.tasks import Example, Task, load_task, safe_score
 
@@ -77,19 +77,21 @@ def my_items(n: int, batch_size: int, rank: int, world: int) -> list[int]:
 
 def score_items(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], max_new_tokens: int,
                 batch_size: int, comm: Comm, on_batch: Callable[[int, int], None] | None = None, *,
-                repetition_penalty: str | float = 1.0, kl_base: str | None = None) -> dict[str, float]:
+                repetition_penalty: str | float = 1.0, kl_base: str | None = None,
+                engine: str = "hf") -> dict[str, float]:
     """The test metrics over ``examples`` (see :data:`METRICS`), this rank generating its share; a
     collective: every rank calls it.  ``on_batch(done, mine)`` reports progress.
 
     ``repetition_penalty`` is ``rollout.repetition_penalty`` (a number or ``model``); ``kl_base`` a base model
-    folder: when given, the KL of ``model`` to it on the completions (loaded for the call, then freed)."""
+    folder: when given, the KL of ``model`` to it on the completions (loaded for the call, then freed);
+    ``engine`` the rollout engine (rollout.resolve_engine)."""
     n = len(examples)
     mine = my_items(n, batch_size, comm.rank, comm.world_size)
     prompts = [examples[i].prompt for i in mine]
     penalty = resolve_repetition_penalty(str(repetition_penalty), model)
     ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
                        on_batch=None if on_batch is None else lambda done: on_batch(done, len(mine)),
-                       repetition_penalty=penalty)
+                       repetition_penalty=penalty, engine=engine)
     completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
     correct = getattr(task, "is_correct", None)
     paper = getattr(task, "is_correct_paper", None)
@@ -171,8 +173,9 @@ class TestSplit:
         if not self.schedule.due(done):
             return self.skipped()
         a = time.perf_counter()
+        engine = resolve_engine(self.cfg.rollout.engine, model, notice=False)  # issue 11: as the rollouts
         got = score_items(model, tokenizer, self.task, self.examples, self.cfg.rollout.max_new_tokens,
-                          eval_batch_size(self.cfg), self.comm, **self.options)
+                          eval_batch_size(self.cfg), self.comm, engine=engine, **self.options)
         seconds = time.perf_counter() - a
         if self.comm.is_main:
             acc = f", accuracy {got['accuracy']:.4f}" if "accuracy" in got else ""
@@ -196,6 +199,7 @@ def evaluate(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
         device = local_devices(cfg, comm)[0]
         model = load_model(path, resolve_dtype(cfg.dtype, device.type), str(device))
         state.update(path=path, kl_base=kl_base, model=model, tok=load_tokenizer(path), task=load_task(cfg))
+        state["engine"] = resolve_engine(cfg.rollout.engine, model, comm.is_main)  # issue 11: fast, or hf
 
     agree(comm, attempt(build) if comm.is_main else None)
     agree(comm, attempt(load))
@@ -210,7 +214,7 @@ def evaluate(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
 
     scores = score_items(state["model"], state["tok"], state["task"], examples, cfg.rollout.max_new_tokens,
                          eval_batch_size(cfg), comm, progress, repetition_penalty=cfg.rollout.repetition_penalty,
-                         kl_base=state["kl_base"])
+                         kl_base=state["kl_base"], engine=state["engine"])
     out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples), **scores}
     if state["kl_base"] is not None:
         out["kl_base_model"] = state["kl_base"]

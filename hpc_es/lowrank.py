@@ -365,8 +365,8 @@ def check_config(cfg: Any) -> None:
     if cfg.es.noise != "lowrank":
         return
     engine = getattr(cfg.rollout, "engine", "hf")
-    if engine not in ("hf",):
-        raise ConfigError(f"es.noise=lowrank runs on rollout.engine=hf only (got {engine!r})")
+    if engine not in ("hf", "auto"):  # issue 11: auto resolves to hf on a model with the low-rank hooks
+        raise ConfigError(f"es.noise=lowrank runs on rollout.engine=hf only (got {engine!r}; auto runs hf here)")
 
 
 def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: np.ndarray, signs: np.ndarray,

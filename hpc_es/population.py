@@ -23,7 +23,7 @@ from hpc_es.es import Engine, Replica, master_torch_dtype
 from hpc_es.faults import Fault
 from hpc_es.models import fingerprint, load_model, load_tokenizer
 from hpc_es.placement import device_scope, slot_owner
-from hpc_es.rollout import generate, resolve_repetition_penalty
+from hpc_es.rollout import generate, resolve_engine, resolve_repetition_penalty
 from hpc_es.tasks import Example, Task, safe_score
 
 
@@ -55,6 +55,8 @@ class Population:
             self.lowrank = [low.attach(rep) for rep in replicas]
             self.engine = low
         self.fault = fault or Fault(rank)
+        # issue 11: fast or hf (after the low-rank hooks are attached: a hooked model runs on hf); rank 0 notices
+        self.rollout_engine = resolve_engine(cfg.rollout.engine, replicas[0].model, rank == 0)
         per = len(replicas)
         # members[j]: the members replica j evaluates, in order
         self.members = [[n for n in range(self.N) if slot_owner(n, world, per) == (rank, j)] for j in range(per)]
@@ -131,7 +133,7 @@ class Population:
         model = self.replicas[j].model
         penalty = resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
         return generate(model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
-                        self.cfg.rollout.batch_size, repetition_penalty=penalty)
+                        self.cfg.rollout.batch_size, repetition_penalty=penalty, engine=self.rollout_engine)
 
     def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
         with device_scope(self.replicas[j].device):  # a pool thread's current CUDA device: its replica's

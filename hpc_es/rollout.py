@@ -4,18 +4,62 @@ Decoding is greedy with an optional repetition penalty (``rollout.repetition_pen
 model folder's generation defaults (temperature, top_p, top_k, do_sample, repetition_penalty, no_repeat_ngram
 ...) never apply.  transformers fills every field a caller leaves unset from ``model.generation_config``, so
 setting fields is not enough; :func:`clean_generation_defaults` also swaps in a default-free config for the call.
+
+Two engines produce the same token ids (issue 11): ``hf`` (``model.generate``, the reference) and ``fast``
+(hpc_es.fastgen, for Qwen2/Llama); ``rollout.engine: auto`` runs ``fast`` where the model allows it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
 
+from hpc_es import fastgen
 from hpc_es.errors import ConfigError
+
+log = logging.getLogger("hpc_es")
+ENGINES = ("auto", "fast", "hf")
+_NOTICED: set[str] = set()
+
+
+def resolve_engine(requested: str, model: torch.nn.Module, notice: bool = True) -> str:
+    """``fast`` or ``hf`` for ``model``: ``auto`` falls back to ``hf`` (one notice per reason and process,
+    when ``notice``: rank 0 says it for all); an explicit ``fast`` that cannot run is a config error."""
+    if requested == "hf":
+        return "hf"
+    if requested not in ENGINES:
+        raise ConfigError(f"rollout.engine = {requested!r} is not allowed; choose one of {', '.join(ENGINES)}")
+    why = fastgen.unsupported(model)
+    if why is None:
+        return "fast"
+    if requested == "fast":
+        raise ConfigError(f"rollout.engine=fast cannot run this model: unsupported {why} "
+                          "(use rollout.engine=auto or hf)")
+    if notice and why not in _NOTICED:
+        _NOTICED.add(why)
+        log.warning("rollout engine: fast does not support %s; using hf", why)
+    return "hf"
+
+
+class _ForceEOS:
+    """HF logits processor for a per-row length schedule: row i must emit EOS as its ``lengths[i]``-th
+    new token (benchmarks and tests; the fast engine honours the same schedule)."""
+
+    def __init__(self, lengths: Sequence[int], prompt_len: int, eos: int) -> None:
+        self.last = torch.tensor([int(n) - 1 for n in lengths])
+        self.prompt_len, self.eos = prompt_len, eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_len
+        force = (self.last.to(scores.device) == step)[:, None]
+        row = torch.full_like(scores[0], float("-inf"))
+        row[self.eos] = 0.0
+        return torch.where(force, row, scores)
 
 
 def resolve_repetition_penalty(value: str, model: torch.nn.Module) -> float:
@@ -82,22 +126,36 @@ def clean_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                  batch_size: int = 0, on_batch: Callable[[int], None] | None = None,
-                 repetition_penalty: float = 1.0) -> list[list[int]]:
+                 repetition_penalty: float = 1.0, *, engine: str = "hf",
+                 length_schedule: Sequence[int] | None = None) -> list[list[int]]:
     """The completions' token ids (new tokens only, up to and including the first EOS), for ``prompts`` in order.
 
     ``on_batch(done)`` is called after each generate() call with the number of prompts done so far.
+    ``engine``: ``hf``, ``fast`` or ``auto`` (see resolve_engine); the token ids are the same.
+    ``length_schedule`` (benchmarks, tests): prompt i's completion ends with EOS by its
+    ``length_schedule[i]``-th new token.
     """
+    engine = resolve_engine(engine, model)
     gen_cfg = generation_config(model, tokenizer, max_new_tokens, repetition_penalty)
-    stop = set(eos_ids(model, tokenizer))
+    eos = eos_ids(model, tokenizer)
+    stop = set(eos)
+    pad = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else eos[0]
     device = next(model.parameters()).device
     size = batch_size or len(prompts)
     out: list[list[int]] = []
     for start in range(0, len(prompts), size):
         batch = list(prompts[start:start + size])
         enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-        with clean_generation_defaults(model):
-            ids = cast(Any, model).generate(**enc, generation_config=gen_cfg)
-        for row in ids[:, enc["input_ids"].shape[1]:].tolist():
+        sched = None if length_schedule is None else list(length_schedule[start:start + size])
+        if engine == "fast":  # issue 11: the same ids as the hf branch
+            new = fastgen.generate_ids(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, eos, pad,
+                                       repetition_penalty=repetition_penalty, length_schedule=sched)
+        else:
+            procs = [_ForceEOS(sched, enc["input_ids"].shape[1], eos[0])] if sched is not None else None
+            with clean_generation_defaults(model):
+                ids = cast(Any, model).generate(**enc, generation_config=gen_cfg, logits_processor=procs)
+            new = ids[:, enc["input_ids"].shape[1]:]
+        for row in new.tolist():
             end = next((i + 1 for i, tok in enumerate(row) if tok in stop), len(row))
             out.append(row[:end])  # what follows the first EOS is padding
         if on_batch is not None:
@@ -107,10 +165,12 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tok
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int = 0, on_batch: Callable[[int], None] | None = None,
-             repetition_penalty: float = 1.0) -> list[str]:
-    """Completions (new tokens only, special tokens dropped) for ``prompts``, in order.
+             repetition_penalty: float = 1.0, *, engine: str = "hf",
+             length_schedule: Sequence[int] | None = None) -> list[str]:
+    """Completions (new tokens only, special tokens dropped) for ``prompts``, in order (see generate_ids).
 
     ``on_batch(done)`` is called after each generate() call with the number of prompts done so far.
     """
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch, repetition_penalty)
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch, repetition_penalty,
+                       engine=engine, length_schedule=length_schedule)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

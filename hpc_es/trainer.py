@@ -133,6 +133,7 @@ class Trainer:
             "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
             "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
             **lowrank.ledger_attrs(cfg),  # issue 14: noise kind, rank, scope
+            "rollout_engine": self.population.rollout_engine,  # issue 11: the engine that ran (auto resolved)
             "noise_scheme": cfg.es.noise_scheme})  # issue 12
         self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
         if self.plan is not None:
@@ -173,7 +174,8 @@ class Trainer:
                 self.tboard.start(self.ledger.rows)
             announce(os.path.basename(os.path.normpath(self.model_path)), self.population.parameter_count(),
                      self.comm.world_size, len(self.devices), self.comm.name, self.cfg.task, self.N,
-                     self.cfg.es.sigma, self.cfg.es.alpha, self.start, self.cfg.es.iterations, self.log_path)
+                     self.cfg.es.sigma, self.cfg.es.alpha, self.start, self.cfg.es.iterations, self.log_path,
+                     engine=self.population.rollout_engine)  # issue 11
         self.comm.bytes_sent = 0
         self.bar = Progress(self.cfg.es.iterations, self.start, enabled=self.comm.is_main and self.cfg.progress)
 

@@ -99,7 +99,7 @@ def _phases(table: str) -> dict[str, list[float]]:
 @pytest.mark.integration
 def test_bench_prints_both_implementations_and_every_target() -> None:
     out = _run("bench.py", ["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--n", "2",
-                            "--prompts", "2", "--tokens", "4", "--iterations", "1", "--warmup", "0"])
+                            "--prompts", "2", "--tokens", "4", "--iterations", "1", "--warmup", "0", "--json"])
     rows = _phases(out)
     assert rows["restore"][0] == 0.0 and rows["restore"][1] > 0  # hpc_es needs no restore pass; baseline does
     assert all(v > 0 for v in rows["rollout"] + rows["update"] + rows["perturb"])
@@ -107,6 +107,16 @@ def test_bench_prints_both_implementations_and_every_target() -> None:
                    "rollout tokens/s vs plain", "whole iteration hpc_es/baseline", "keyed vs torch.randn"):
         assert target in out, target
     assert "N=2, 2 prompts, 4 new tokens" in out
+    # the rollout engines (tools/bench_rollout.py) and the one JSON line that ends the output
+    assert "== rollout engines" in out and "fast_over_hf_ragged" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    for key in ("es_overhead_over_baseline", "overhead_share", "iteration_over_baseline", "noise_over_randn"):
+        assert summary[key] > 0, key
+    assert set(summary["rollout_tokens_per_s"]) == {"ragged", "uniform"}
+    assert all(v > 0 for r in summary["rollout_tokens_per_s"].values() for v in (r["hf"], r["fast"]))
+    assert set(summary["fast_over_hf"]) == {"ragged", "uniform", "iteration"}
+    assert {"fast_over_hf_ragged", "fast_over_hf_uniform", "fast_over_hf_iteration",
+            "overhead_share"} <= set(summary["pass"]) and all(isinstance(v, bool) for v in summary["pass"].values())
 
 
 @pytest.mark.integration
@@ -115,6 +125,9 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_architecture() -> None:
                                 "--no-baseline"])
     assert "tiny Qwen2.5-shaped" in out and "bfloat16, cpu" in out and "N=2, 2 prompts, 2 new tokens" in out
     assert re.search(r"gpu_check: \d+s in all", out)
+    # the engines phases, on the CPU: fast == hf token for token, and one member timed with each
+    assert "exactness (fp32, fast vs hf, identical token ids): {'ragged': True, 'uniform': True}" in out
+    assert re.search(r"engines tiny: hf [\d.]+s/member, fast [\d.]+s/member .* rows identical to hf 100%", out)
     rows = _phases(out.replace("        -", " 0.0"))
     assert rows["rollout"][0] > 0
     # the master checks (issue 12): host and device masters agree, only the fp32 master moves norm weights

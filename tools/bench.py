@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import statistics
@@ -147,6 +148,7 @@ def bench_config(n: int, prompts: int, tokens: int, sigma: float, alpha: float, 
     cfg.data.train_size = max(cfg.data.train_size, prompts)
     cfg.data.synthetic_size = max(cfg.data.synthetic_size, prompts + 100)
     cfg.progress = False
+    cfg.rollout.engine = "hf"  # this table's rows compare with plain model.generate; bench_rollout compares engines
     return cfg
 
 
@@ -514,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--intermediate", type=int, default=0, help="0 = 3 x hidden")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line of the figures and targets")
+    ap.add_argument("--no-rollout", action="store_true", help="skip the rollout engines' comparison")
     add_args(ap)
     args = ap.parse_args(argv)
     dtype = resolve(args)
@@ -527,6 +531,14 @@ def main(argv: list[str] | None = None) -> int:
         import bench_lowrank
 
         print(bench_lowrank.table(bench_lowrank.from_args(args, arch, dtype, args.lowrank_n)), flush=True)
+    import bench_rollout  # issue 11: the rollout engines (tools/bench_rollout.py), and the --json line
+    roll = None if args.no_rollout else bench_rollout.run(arch, dtype=dtype, device=args.device, n=args.n,
+                                                          iter_prompts=args.prompts, iter_tokens=args.tokens,
+                                                          iter_reps=args.iterations, chunk=args.chunk)
+    if roll is not None:
+        print(bench_rollout.table(roll), flush=True)
+    if args.json:
+        print(json.dumps(bench_rollout.summary(res, roll)), flush=True)
     return 0
 
 

@@ -1,8 +1,18 @@
 #!/usr/bin/env python
-"""GPU check: tools/bench.py's table for randomly initialised Qwen2.5-1.5B and Qwen2.5-7B architectures.
+"""GPU check: the rollout engines and tools/bench.py's table for random Qwen2.5-1.5B and 7B architectures.
 
-bf16, N=30, 16 prompts x 32 new tokens, one timed iteration of hpc_es and of the published-code baseline
-each (after a 2-member warm-up), on one GPU; meant to finish within 8 minutes on an H100/H200.  The
+Rollout engines first (issue 11), the JSON file (``--out``) rewritten after each phase:
+
+1. ``exactness``: a small fp32 model on the GPU, the fast engine (CUDA graphs, row compaction, ragged
+   schedule) against HF generate: token ids must be identical.
+2. ``engines`` per model (bf16): one member's rollout as the paper runs it -- 200 prompts of 100-140
+   tokens, completion lengths from the schedule (exponential, mean 300, capped at 1024, one row at 1024):
+   seconds per member for hf and fast (fast: the first call captures the graphs, the second is timed too),
+   decode-step time at 200 rows, peak memory against weights + master + KV cache + 4 GiB.
+
+Then the ES table: bf16, N=30, 16 prompts x 32 new tokens, one timed iteration of hpc_es and of the
+published-code baseline each (after a 2-member warm-up), on one GPU; meant to finish within 8 minutes on an
+H100/H200 (--no-es, --master-updates 0, --no-lowrank trim it).  The
 architectures are written out below (no download); the tokenizer is hpc_es's tiny one, so most sampled
 ids of the 151936-entry vocabulary decode to nothing, which changes no cost that is timed.
 
@@ -11,7 +21,7 @@ ids of the 151936-entry vocabulary decode to nothing, which changes no cost that
     .venv/bin/python tools/gpu_check.py --tiny          # the same script on CPU, tiny architecture
 
 First, per model, the keyed noise: CUDA against CPU bit for bit on a sample of the model's tensors, its
-statistics on the GPU, and a whole-model perturb timed (tools/bench_noise.py).  Results go to --json after
+statistics on the GPU, and a whole-model perturb timed (tools/bench_noise.py).  Results go to --out after
 every phase; the exit status is 1 when any noise bit or statistic is wrong.
 
 After each model: the es.master_dtype / es.master_on checks (master_checks): the same update from the same
@@ -27,6 +37,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +48,12 @@ import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise checks and 
 from hpc_es.es import Engine, Replica  # noqa: E402
 from hpc_es.models import named_params, tensor_digest, weights_digest  # noqa: E402
 from hpc_es.noise import member_seeds  # noqa: E402
+import bench_rollout  # noqa: E402  (tools/bench_rollout.py: the length schedule)
+
+from hpc_es import fastgen  # noqa: E402
+from hpc_es.rollout import _ForceEOS, generation_config  # noqa: E402
+
+TARGET_SPEEDUP = {"1.5B": 4.0, "7B": 2.0}
 
 VOCAB = 151936
 ARCHS = {
@@ -135,6 +152,138 @@ def master_checks(arch: bench.Arch, *, dtype: torch.dtype, device: str, n: int, 
     return out
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def _prompts(rows: int, lo: int, hi: int, vocab: int, pad: int, eos: int, device: str, seed: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts of lo..hi tokens (no pad or EOS inside)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (rows,), generator=g)
+    P = int(lens.max())
+    ids = torch.randint(0, vocab, (rows, P), generator=g)
+    ids[(ids == pad) | (ids == eos)] = 2
+    mask = torch.zeros(rows, P, dtype=torch.long)
+    for i, n in enumerate(lens.tolist()):
+        mask[i, P - n:] = 1
+        ids[i, : P - n] = pad
+    return ids.to(device), mask.to(device)
+
+
+def _decode(engine: str, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int,
+            sched: list[int] | None, gen_cfg: Any, eos: int, pad: int) -> tuple[torch.Tensor, float]:
+    dev = str(ids.device)
+    _sync(dev)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if engine == "fast":
+            out = fastgen.generate_ids(model, ids, mask, new, eos, pad, length_schedule=sched)
+        else:
+            gen_cfg.max_new_tokens = new
+            procs = [_ForceEOS(sched, ids.shape[1], eos)] if sched is not None else None
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                 logits_processor=procs)[:, ids.shape[1]:]
+    _sync(dev)
+    return out, time.perf_counter() - t0
+
+
+def exactness(device: str) -> dict[str, Any]:
+    """fp32 on the device: fast (graphs, compaction, schedule) == HF, token for token."""
+    arch = bench.Arch("exactness", hidden=64, layers=2, heads=4, kv_heads=1, intermediate=128)
+    model = bench.build_model(arch, torch.float32, device)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(6.0)  # sharpened logits: no float near-ties
+    tok = bench.tokenizer()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    gen_cfg = generation_config(model, tok, 64)
+    ids, mask = _prompts(37, 1, 40, model.config.vocab_size, pad, eos, device, seed=1)
+    sched = bench_rollout.length_schedule(37, 12.0, 64, seed=1)
+    out = {}
+    for name, s in (("ragged", sched), ("uniform", None)):
+        want, _ = _decode("hf", model, ids, mask, 64, s, gen_cfg, eos, pad)
+        got1, _ = _decode("fast", model, ids, mask, 64, s, gen_cfg, eos, pad)
+        got2, _ = _decode("fast", model, ids, mask, 64, s, gen_cfg, eos, pad)  # replayed graphs
+        out[name] = bool(torch.equal(want, got1) and torch.equal(want, got2))
+    return out
+
+
+class _Mem:
+    """CUDA memory statistics (zeros on the CPU, where --tiny runs the same phases)."""
+
+    def __init__(self, device: str) -> None:
+        self.dev = torch.device(device)
+        self.cuda = self.dev.type == "cuda"
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.dev)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.dev) if self.cuda else 0
+
+    def now(self) -> int:
+        return torch.cuda.memory_allocated(self.dev) if self.cuda else 0
+
+
+def engines(key: str, arch: bench.Arch, dtype: torch.dtype, device: str, rows: int, cap: int,
+            mean: float) -> dict[str, Any]:
+    """One member's rollout at the paper's scale with each engine, and the fast engine's memory."""
+    mem = _Mem(device)
+    model = bench.build_model(arch, dtype, device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tok = bench.tokenizer()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    gen_cfg = generation_config(model, tok, cap)
+    ids, mask = _prompts(rows, 100, 140, arch.vocab, pad, eos, device)
+    sched = bench_rollout.length_schedule(rows, mean, cap)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    slots = -(-(ids.shape[1] + cap) // 256) * 256
+    kv = cfg.num_hidden_layers * 2 * rows * cfg.num_key_value_heads * slots * head_dim * torch.finfo(dtype).bits // 8
+    res: dict[str, Any] = {"rows": rows, "prompt_len": int(ids.shape[1]), "tokens": int(sum(sched)),
+                           "weights_gib": weights / 2**30, "kv_cache_gib": kv / 2**30}
+    mem.reset()
+    base = mem.now()
+    fast1, res["fast_first_s"] = _decode("fast", model, ids, mask, cap, sched, gen_cfg, eos, pad)  # + capture
+    fast2, res["fast_s"] = _decode("fast", model, ids, mask, cap, sched, gen_cfg, eos, pad)
+    res["fast_peak_gib"] = mem.peak() / 2**30
+    res["fast_extra_gib"] = (mem.peak() - base) / 2**30
+    # peak <= weights + master (the ES copy, not allocated here) + KV cache + 4 GiB
+    res["memory_bound_gib"] = (2 * weights + kv) / 2**30 + 4
+    res["memory_ok"] = res["fast_peak_gib"] + weights / 2**30 <= res["memory_bound_gib"]
+    _, t1 = _decode("fast", model, ids, mask, 1, None, gen_cfg, eos, pad)
+    _, t33 = _decode("fast", model, ids, mask, 33, [33] * rows, gen_cfg, eos, pad)
+    res["fast_decode_step_ms"] = (t33 - t1) / 32 * 1e3
+    mem.reset()
+    hf, res["hf_s"] = _decode("hf", model, ids, mask, cap, sched, gen_cfg, eos, pad)
+    res["hf_peak_gib"] = mem.peak() / 2**30
+    _, h1 = _decode("hf", model, ids, mask, 1, None, gen_cfg, eos, pad)
+    _, h17 = _decode("hf", model, ids, mask, 17, [17] * rows, gen_cfg, eos, pad)
+    res["hf_decode_step_ms"] = (h17 - h1) / 16 * 1e3
+    width = min(hf.shape[1], fast2.shape[1])
+    # bf16: the kernels differ from HF's, so near-ties may break differently; the share of identical rows
+    res["rows_identical_to_hf"] = float((hf[:, :width] == fast2[:, :width]).all(1).float().mean())
+    res["fast_replay_identical"] = bool(torch.equal(fast1, fast2))
+    res["speedup"] = res["hf_s"] / res["fast_s"]
+    res["target_speedup"] = TARGET_SPEEDUP.get(key)
+    res["pass"] = {"speedup": res["speedup"] >= (res["target_speedup"] or 0), "memory": res["memory_ok"]}
+    del model
+    if mem.cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def _write(path: str | None, report: dict[str, Any]) -> None:
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="run on CPU with a tiny architecture (a dry run)")
@@ -142,41 +291,59 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_args(ap)
     ap.set_defaults(dtype="bfloat16", device="cuda", n=30, prompts=16, tokens=32, iterations=1, warmup=1)
     ap.add_argument("--warmup-n", type=int, default=2, help="members per warm-up iteration")
-    ap.add_argument("--json", default=None,
-                    help="results file, rewritten after every phase (default: gpu_check.json; none with --tiny)")
     ap.add_argument("--no-noise", action="store_true", help="skip the keyed noise checks")
     ap.set_defaults(chunk=1 << 26)  # keyed noise: the chunk changes no bit; big pieces keep the GPU busy
     ap.add_argument("--master-updates", type=int, default=1, help="updates per es.master_* setting (0: skip)")
     ap.add_argument("--no-lowrank", action="store_true", help="skip the low-rank population throughput check")
+    ap.add_argument("--out", default=None, help="JSON report, rewritten after each phase (default: "
+                    "gpu_check.json on a GPU, none with --tiny)")
+    ap.add_argument("--rows", type=int, default=200, help="prompts per member in the engines phase")
+    ap.add_argument("--cap", type=int, default=1024, help="max new tokens in the engines phase")
+    ap.add_argument("--no-es", action="store_true", help="skip the ES iteration table")
     args = ap.parse_args(argv)
     if args.tiny:
         args.device = "cpu"
         archs = [TINY]
+        engine_archs = {"tiny": TINY}
+        args.rows, args.cap = min(args.rows, 8), min(args.cap, 24)
     else:
         if not torch.cuda.is_available() and args.device.startswith("cuda"):
             print("gpu_check: torch sees no GPU (use --tiny for a CPU dry run)", file=sys.stderr)
             return 2
         archs = [ARCHS[k] for k in (args.only or ["1.5B", "7B"])]
+        engine_archs = {k: ARCHS[k] for k in (args.only or ["1.5B", "7B"])}
+        args.out = args.out or "gpu_check.json"
     dtype = bench.resolve(args)
     t0 = time.perf_counter()
     failed = False
-    if args.device.startswith("cuda"):
-        print(f"device: {torch.cuda.get_device_name(torch.device(args.device))}, torch {torch.__version__}",
-              flush=True)
-    out: dict = {"device": args.device, "torch": torch.__version__, "models": {}}
-    failures: list[str] = []
+    failures: list[str] = []  # issue 12: keyed noise mismatches
+    import transformers
 
-    path = args.json or (None if args.tiny else "gpu_check.json")
-
-    def save() -> None:
-        if path is None:
-            return
-        with open(path, "w") as f:
-            json.dump(out | {"failures": failures}, f, indent=1)
-
+    report: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                              "date": time.strftime("%Y-%m-%d"), "device": args.device}
+    report["device_name"] = (torch.cuda.get_device_name(torch.device(args.device))
+                             if args.device.startswith("cuda") else "cpu")
+    print(f"device: {report['device_name']}, torch {torch.__version__}, transformers {transformers.__version__}",
+          flush=True)
+    report["exactness"] = exactness(args.device)
+    print(f"exactness (fp32, fast vs hf, identical token ids): {report['exactness']}", flush=True)
+    _write(args.out, report)
+    # the engines at the paper's scale (--tiny: a few rows of the tiny architecture)
+    for key, arch in engine_archs.items():
+        r = engines(key, arch, dtype, args.device, args.rows, args.cap, 300.0 if not args.tiny else 8.0)
+        report.setdefault("engines", {})[key] = r
+        print(f"engines {key}: hf {r['hf_s']:.1f}s/member, fast {r['fast_s']:.1f}s/member (first call "
+              f"{r['fast_first_s']:.1f}s) = {r['speedup']:.2f}x (target {r['target_speedup']}x); decode step "
+              f"at {r['rows']} rows: hf {r['hf_decode_step_ms']:.1f} ms, fast {r['fast_decode_step_ms']:.1f} ms;"
+              f" peak {r['fast_peak_gib']:.1f} GiB (bound {r['memory_bound_gib']:.1f}); rows identical to hf "
+              f"{r['rows_identical_to_hf']:.0%}", flush=True)
+        _write(args.out, report)
+    if args.no_es:
+        archs = []
+    report["noise_failures"] = failures
     for arch in archs:
         if not args.no_noise:  # issue 12: keyed noise, CPU vs device bits, statistics, perturb time
-            rec = out["models"].setdefault(arch.name, {})
+            rec = report.setdefault("noise", {}).setdefault(arch.name, {})
             meta = bench.build_model(arch, dtype, "meta")
             shapes = [(n, tuple(p.shape)) for n, p in named_params(meta)]
             del meta
@@ -185,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     stats_elems=1 << (18 if small else 24))
             failures += [f"{arch.name}: {m}" for m in rec["noise"]["mismatches"]]
             failures += [f"{arch.name}: noise {k} out of bounds" for k in rec["noise"]["stats_out_of_bounds"]]
-            save()
+            _write(args.out, report)
             print(f"   keyed noise {arch.name}: {rec['noise']['elements_compared']} elements of "
                   f"{rec['noise']['tensors']} tensors compared with the CPU, {len(rec['noise']['mismatches'])} "
                   f"mismatches; statistics {rec['noise']['stats']}", flush=True)
@@ -193,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = rec["perturb"] = bench_noise.perturb_timing(shapes, args.device, dtype, args.chunk)
                 t["perturb_pass"] = t["perturb_s"] < 0.1
                 t["noise_pass"] = t["noise_over_randn"] >= 0.5
-                save()
+                _write(args.out, report)
                 print(f"   perturb {t['perturb_s']:.3f}s (< 0.1s: {'PASS' if t['perturb_pass'] else 'MISS'}); "
                       f"keyed {t['keyed_elems_per_s'] / 1e9:.2f} G/s vs torch.randn "
                       f"{t['randn_elems_per_s'] / 1e9:.2f} G/s = {t['noise_over_randn']:.2f}x "
@@ -202,12 +369,13 @@ def main(argv: list[str] | None = None) -> int:
                         iterations=args.iterations, warmup=args.warmup, warmup_n=args.warmup_n,
                         chunk=args.chunk, with_baseline=not args.no_baseline)
         print(bench.table(res), flush=True)
-        out["models"].setdefault(arch.name, {})["bench"] = {"hpc_es": res.hpc, "baseline": res.base,
-                                                             "table": bench.table(res)}
-        save()
+        peak = None
         if args.device.startswith("cuda"):
             peak = torch.cuda.max_memory_allocated(torch.device(args.device)) / 2**30
             print(f"   peak GPU memory {peak:.1f} GiB", flush=True)
+        report.setdefault("es", {})[arch.name] = {"hpc": res.hpc, "base": res.base, "peak_gib": peak,
+                                                  "rollout_tokens_per_s": res.hpc_tokens}
+        _write(args.out, report)
         del res
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -217,10 +385,12 @@ def main(argv: list[str] | None = None) -> int:
                                   updates=args.master_updates)
             print("gpu_check master: " + json.dumps(found, sort_keys=True), flush=True)
             failed = failed or not found["ok"]
-            out["models"].setdefault(arch.name, {})["master"] = found
-            save()
+            report.setdefault("master", {})[arch.name] = found
+            _write(args.out, report)
     if not args.no_lowrank:
         check_lowrank(args.tiny, args.device)
+    report["wall_s"] = time.perf_counter() - t0
+    _write(args.out, report)
     print(f"gpu_check: {time.perf_counter() - t0:.0f}s in all", flush=True)
     for f in failures:
         print(f"gpu_check: MISMATCH {f}", flush=True)
