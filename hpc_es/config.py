@@ -28,7 +28,8 @@ class ESConfig:
     iterations: int = 80
     antithetic: bool = False  # members 2k, 2k+1 share a seed with opposite signs
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
-    noise_chunk: int = 1 << 20  # elements per generator call: bounds the fp32 scratch memory
+    noise_chunk: int = 1 << 20  # elements per noise piece: bounds the fp32 scratch; changes results only under legacy
+    noise_scheme: str = "keyed"  # keyed: eps = f(seed, name, element) on any device | legacy: randn per chunk
     master_on: str = "device"  # where the master (theta_t) lives: device (one extra copy) | host (CPU memory)
     master_dtype: str = "model"  # the master's dtype: model (the weights') | float32 (small updates accumulate)
     noise: str = "full"  # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
@@ -130,6 +131,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "es.shaping": ("zscore", "rank"),
     "es.master_on": ("device", "host"),
     "es.master_dtype": ("model", "float32"),
+    "es.noise_scheme": ("keyed", "legacy"),
     "es.noise": ("full", "lowrank"),
     "es.lowrank_scope": ("frozen", "full"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),

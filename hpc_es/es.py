@@ -23,7 +23,7 @@ import torch
 
 from hpc_es.errors import DistributedError
 from hpc_es.models import fingerprint_named, named_params, weights_digest
-from hpc_es.noise import NoiseSource, chunks
+from hpc_es.noise import chunks, noise_source
 
 log = logging.getLogger("hpc_es")
 
@@ -126,12 +126,12 @@ class Engine:
     """Perturb, restore and update a set of replicas that must stay bit-identical.
 
     Work is split into (tensor, chunk) pieces whose results depend on nothing else, so on the CPU the
-    pieces run on a small thread pool (torch.randn is single-threaded; every chunk has its own seed, so
-    drawing chunks side by side gives the same bits as one after another).  On a GPU they run in order.
+    pieces run on a small thread pool (a piece's noise depends on its elements' keys only, so drawing
+    chunks side by side gives the same bits as one after another).  On a GPU they run in order.
     """
 
-    def __init__(self, chunk: int, workers: int = 0) -> None:
-        self.noise = NoiseSource(chunk)
+    def __init__(self, chunk: int, workers: int = 0, scheme: str = "keyed") -> None:
+        self.noise = noise_source(scheme, chunk)  # es.noise_scheme
         self.chunk = chunk
         self.workers = workers  # CPU threads for noise; 0 = torch.get_num_threads() at the time of use
         self._local = threading.local()
@@ -168,7 +168,7 @@ class Engine:
         scale = float(sign) * sigma
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
-            eps = self.noise.fill(self._buf(flat.device, e - s, "eps"), seed, name, i)
+            eps = self.noise.fill(self._buf(flat.device, e - s, "eps"), seed, name, s)
             eps.mul_(scale)
             # fp32 sum, rounded once to the weights' dtype on the store (the same bits as add_ then copy_)
             torch.add(eps, master[s:e].to(flat.device, non_blocking=True), out=flat[s:e])
@@ -203,6 +203,7 @@ class Engine:
         workings = [dict(rep.params) for rep in replicas[1:]]
         compute = bool(terms) and scale != 0.0
         on_cpu = lead.device.type == "cpu"  # copy each chunk out while it is in cache; on a GPU, per tensor
+        exact_terms = self.noise.scheme != "legacy"
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
             if compute:
@@ -211,7 +212,10 @@ class Engine:
                 acc.zero_()
                 eps = self._buf(dev, e - s, "eps")
                 for seed, c in terms:
-                    acc.add_(self.noise.fill(eps, seed, name, i), alpha=c)
+                    if exact_terms:  # c*eps, then the sum: two exactly rounded ops, the same bits on CPU and CUDA
+                        acc.add_(self.noise.fill(eps, seed, name, s).mul_(c))
+                    else:  # legacy runs keep their fused multiply-add (and their bits)
+                        acc.add_(self.noise.fill(eps, seed, name, s), alpha=c)
                 acc.mul_(scale)
                 if master.device == dev:
                     master[s:e].add_(acc)  # master + acc in fp32, rounded once to the master's dtype

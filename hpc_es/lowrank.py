@@ -37,7 +37,7 @@ import torch
 from hpc_es.errors import ConfigError
 from hpc_es.es import Replica, _cpu_pool
 from hpc_es.models import named_params
-from hpc_es.noise import NoiseSource
+from hpc_es.noise import NoiseSource, noise_source
 
 SCOPES = ("frozen", "full")
 LOWRANK, FULLRANK = "lowrank", "fullrank"
@@ -248,8 +248,9 @@ def perturbed_weights(model: torch.nn.Module, scope: str, rank: int, noise: Nois
 class LowRankEngine:
     """The update of the low-rank mode, with the ``Engine`` interface the trainer and replay call."""
 
-    def __init__(self, chunk: int, rank: int, scope: str, block: int = 1 << 16, workers: int = 0) -> None:
-        self.noise = NoiseSource(chunk)
+    def __init__(self, chunk: int, rank: int, scope: str, block: int = 1 << 16, workers: int = 0,
+                 scheme: str = "keyed") -> None:  # issue 12: + scheme
+        self.noise = noise_source(scheme, chunk)  # issue 12: es.noise_scheme
         self.chunk, self.rank, self.scope = chunk, rank, scope
         self.block = block  # fp32 elements per accumulation block (L2-sized on the CPU); no effect on the bits
         self.workers = workers
@@ -411,7 +412,8 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
 def make_engine(cfg: Any) -> LowRankEngine:
     """The low-rank engine a config asks for (es.noise=lowrank)."""
     check_config(cfg)
-    return LowRankEngine(cfg.es.noise_chunk, cfg.es.rank, cfg.es.lowrank_scope)
+    # issue 12: + the noise scheme
+    return LowRankEngine(cfg.es.noise_chunk, cfg.es.rank, cfg.es.lowrank_scope, scheme=cfg.es.noise_scheme)
 
 
 def ledger_attrs(cfg: Any) -> dict[str, Any]:

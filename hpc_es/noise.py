@@ -1,20 +1,44 @@
-"""Seed table and Gaussian noise keyed by (member seed, parameter name, chunk).
+"""Seed table and Gaussian noise keyed by (member seed, parameter name, element).
 
 Nothing here depends on loop order, rank or shard: any process regenerates any member's noise for any
-tensor slice from three numbers and a name.  (The paper's code reseeded every tensor with the member
+tensor slice from two numbers and a name.  (The paper's code reseeded every tensor with the member
 seed alone, so same-shape tensors got identical noise.)
+
+Two noise schemes (``es.noise_scheme``; the ledger attr ``noise_scheme`` records which one a run used, and a
+ledger without it is ``legacy``):
+
+* ``keyed`` (the default): eps of element i of tensor ``name`` for member seed s is a pure function of
+  (s, name, i), the same bits for any chunking, any thread count and on CPU and CUDA.  A 64-bit counter
+  hash (key(s, name) + (i+1)*golden, through a 64-bit finaliser with two multiplies) gives 64 random bits;
+  the sign takes one, and 52 more give a tail probability p = r / 2**52 whose exponent (octave) and top six
+  mantissa bits pick a cell of a quantile table of |x| = Phi^-1(1 - p/2) (64 cells per octave, 52 octaves,
+  so |x| reaches 8.2).  The value is interpolated linearly in p inside the cell in 40-bit fixed point.
+  Only integer operations, one exact int64 -> float64 conversion, an exact scaling by 2**-40 and one
+  float64 -> float32 rounding are used: every one of them is exactly defined, so CPU vectorisation, CUDA
+  kernels and compiled (fused) code give identical bits.  No log, cos or FMA is involved.
+* ``legacy``: ``torch.randn`` from a generator reseeded per (seed, name, chunk index) of ``es.noise_chunk``
+  elements: the bits depend on the chunk size and the device type (and on CUDA on the GPU model once a
+  chunk is larger than ~220k elements).  Kept so that runs made with it resume and replay exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import math
+import os
+import shutil
 import threading
-from typing import Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 import torch
 
 _MASK63 = (1 << 63) - 1
+NOISE_SCHEMES = ("keyed", "legacy")
 
 
 def _hash64(*parts: object) -> int:
@@ -37,24 +61,44 @@ def member_seeds(run_seed: int, iteration: int, n: int, antithetic: bool = False
     return seeds, signs
 
 
-def chunk_key(seed: int, name: str, chunk: int) -> int:
-    """The generator seed of one chunk of one tensor's noise."""
-    return _hash64("noise", int(seed), name, chunk)
-
-
 def chunks(numel: int, chunk: int) -> Iterator[tuple[int, int, int]]:
-    """(index, start, end) of the fixed-size chunks of a flattened tensor; the boundaries are part of the key."""
+    """(index, start, end) of the fixed-size chunks of a flattened tensor (under ``legacy`` the boundaries
+    are part of the key; under ``keyed`` they only bound the scratch memory)."""
     for i, start in enumerate(range(0, numel, chunk)):
         yield i, start, min(start + chunk, numel)
 
 
-class NoiseSource:
+def trajectory_keys(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The noise settings that define a run's trajectory, from a config dict (as stored in a ledger).
+
+    A config written before ``es.noise_scheme`` existed used the legacy scheme.  Under ``keyed`` the chunk
+    size changes no result, so it is no part of the trajectory."""
+    es = cfg_dict.get("es", {})
+    scheme = es.get("noise_scheme", "legacy")
+    return {"es.noise_scheme": scheme, "es.noise_chunk": es.get("noise_chunk") if scheme == "legacy" else None}
+
+
+def scheme_of(attrs: dict[str, Any]) -> str:
+    """The noise scheme a ledger's attrs record (none recorded: a run from before the keyed scheme)."""
+    return str(attrs.get("noise_scheme", "legacy"))
+
+
+# ---- legacy: torch.randn per chunk ----------------------------------------------------------------
+
+
+def chunk_key(seed: int, name: str, chunk: int) -> int:
+    """The generator seed of one chunk of one tensor's legacy noise."""
+    return _hash64("noise", int(seed), name, chunk)
+
+
+class LegacyNoise:
     """Fills fp32 buffers with a chunk's noise, one torch.Generator per device and thread, reseeded per chunk.
 
-    Noise is drawn in fp32 on the tensor's device; the stream is a function of the device type
-    (CPU and CUDA generators differ), which the ledger records.  Every chunk reseeds its generator, so a
-    generator carries nothing from one chunk to the next: threads may fill different chunks at once.
+    The stream is a function of the device type (CPU and CUDA generators differ), which the ledger records.
+    Every chunk reseeds its generator, so threads may fill different chunks at once.
     """
+
+    scheme = "legacy"
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
@@ -69,9 +113,12 @@ class NoiseSource:
             g = gens[device] = torch.Generator(device=device)
         return g
 
-    def fill(self, out: torch.Tensor, seed: int, name: str, chunk_index: int) -> torch.Tensor:
+    def fill(self, out: torch.Tensor, seed: int, name: str, start: int) -> torch.Tensor:
+        """The noise of elements start.. of ``name``; ``start`` must be a chunk boundary."""
+        if start % self.chunk:
+            raise ValueError(f"legacy noise starts at chunk boundaries (multiples of {self.chunk}), not {start}")
         g = self._gen(out.device)
-        g.manual_seed(chunk_key(seed, name, chunk_index))
+        g.manual_seed(chunk_key(seed, name, start // self.chunk))
         return torch.randn(out.shape, generator=g, out=out, dtype=torch.float32, device=out.device)
 
     def tensor(self, seed: int, name: str, shape: torch.Size | tuple[int, ...],
@@ -79,6 +126,252 @@ class NoiseSource:
         """The whole fp32 noise tensor (for tests and references; the engine works chunk by chunk)."""
         numel = int(np.prod(shape)) if len(shape) else 1
         flat = torch.empty(numel, dtype=torch.float32, device=device)
-        for i, s, e in chunks(numel, self.chunk):
-            self.fill(flat[s:e], seed, name, i)
+        for _, s, e in chunks(numel, self.chunk):
+            self.fill(flat[s:e], seed, name, s)
         return flat.view(shape)
+
+
+# ---- keyed: counter hash + quantile table ---------------------------------------------------------
+
+SUB_BITS = 6  # 2**6 table cells per octave of the tail probability
+OCTAVES = 52  # r = 52 random bits: p = r / 2**52, octave g holds p in [2**(g-52), 2**(g-51))
+T_BITS = 28  # bits of the interpolation fraction inside a cell
+FRAC_BITS = 40  # table values are |x| * 2**40, rounded to integers
+_GAMMA = 0x9E3779B97F4A7C15  # the counter step: 2**64 / golden ratio, odd
+_MUL1 = 0xBF58476D1CE4E5B9  # the finaliser's multipliers (Stafford's mix 13)
+_MUL2 = 0x94D049BB133111EB
+
+
+def _s64(v: int) -> int:
+    """``v`` mod 2**64 as a signed int64 (torch's int64 arithmetic wraps the same way)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _lo(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def keyed_table_float64() -> list[float]:
+    """|x| = Phi^-1(1 - p/2) at the cell edges p = 2**(g-52) * (1 + j/64), g = 0..51, j = 0..63, then p = 1.
+
+    Computed in float64; hpc_es/_noise_table.py ships these values rounded to 2**-40 as integers (so the
+    table does not depend on the libm of the machine), and a test checks it against this function."""
+    nd = NormalDist()
+    out = []
+    for g in range(OCTAVES):
+        for j in range(1 << SUB_BITS):
+            p = math.ldexp(1.0 + j / (1 << SUB_BITS), g - OCTAVES)
+            out.append(-nd.inv_cdf(p / 2))
+    out.append(0.0)
+    return out
+
+
+def noise_key(seed: int, name: str) -> int:
+    """The 64-bit key of one member's noise for one tensor (the counter's offset)."""
+    return _hash64("keyed-noise", int(seed), name)
+
+
+def counter_base(seed: int, name: str, start: int) -> int:
+    """The counter of element ``start`` as a signed int64: key + (start + 1) * golden, mod 2**64."""
+    return _s64(noise_key(seed, name) + (start + 1) * _GAMMA)
+
+
+def keyed_transform(z: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 standard normals from int64 counters ``z`` (consumed): hash, then the table lookup.
+
+    ``cells``/``steps`` are the table's values and differences (int64, on z's device).  Signed int64
+    right shifts are arithmetic, so every logical shift is masked; multiplications wrap mod 2**64.
+    In-place steps on fresh intermediates only (they spare allocations; torch.compile accepts them)."""
+    z ^= (z >> 30).bitwise_and_(_lo(34))
+    z *= _s64(_MUL1)
+    z ^= (z >> 27).bitwise_and_(_lo(37))
+    z *= _s64(_MUL2)
+    z ^= (z >> 31).bitwise_and_(_lo(33))
+    # 52 bits -> float64 exactly; its exponent is the octave, the top mantissa bits the cell.
+    bits = (z & _lo(OCTAVES)).to(torch.float64).view(torch.int64)
+    idx = (bits >> (52 - SUB_BITS)).sub_(1023 * (1 << SUB_BITS)).clamp_(min=0)  # r = 0 -> the deepest cell
+    t = (bits >> (52 - SUB_BITS - T_BITS)).bitwise_and_(_lo(T_BITS))
+    x = torch.index_select(steps, 0, idx).mul_(t)  # |steps| < 2**35, t < 2**28: no overflow
+    x >>= T_BITS
+    x += torch.index_select(cells, 0, idx)
+    sign = z >> 63  # 0 or -1 from the top bit, which nothing above used
+    x ^= sign
+    x -= sign
+    scaled = x.to(torch.float64).mul_(2.0 ** -FRAC_BITS)  # exact, exact; then one rounding to fp32
+    if out is None:
+        return scaled.to(torch.float32)
+    return out.copy_(scaled)
+
+
+def _compiled_block(ramp: torch.Tensor, z0: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One block from counter z0 (a 0-d int64 tensor) and the counter offsets ``ramp``: what torch.compile
+    fuses.  (The offsets come in as a tensor: an in-kernel ``arange * golden`` miscompiled on the CPU with
+    torch 2.13, and the bit-for-bit check in KeyedNoise._build caught it.)"""
+    return keyed_transform(ramp + z0, cells, steps)
+
+
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def _table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    with _TABLES_LOCK:
+        t = _TABLES.get(device)
+        if t is None:
+            from hpc_es._noise_table import QUANTILES
+
+            q = torch.tensor(QUANTILES, dtype=torch.int64)
+            steps = q[1:] - q[:-1]
+            assert int(steps.abs().max()) < 1 << (63 - T_BITS)
+            t = _TABLES[device] = (q[:-1].contiguous().to(device), steps.to(device))
+        return t
+
+
+def _compile_env() -> str:
+    return os.environ.get("HPC_ES_NOISE_COMPILE", "auto").strip().lower()
+
+
+def compile_wanted(device_type: str) -> bool:
+    """Whether the keyed noise runs as one torch.compile'd kernel (the bits are the same either way).
+
+    HPC_ES_NOISE_COMPILE=1/0 forces it; unset, CUDA compiles when Triton is importable and the CPU when
+    a C++ compiler is on PATH and the process has drawn enough noise for the compile time to pay off."""
+    env = _compile_env()
+    if env in ("0", "off", "false", "no"):
+        return False
+    if env in ("1", "on", "true", "yes"):
+        return True
+    if device_type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    if device_type == "cpu":
+        return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    return False
+
+
+# Eager CPU blocks stay in cache; compiled blocks are larger (one call's overhead over more elements).
+_EAGER_BLOCK = {"cpu": 1 << 14}
+_COMPILED_BLOCK = {"cpu": 1 << 16}
+_DEFAULT_BLOCK = 1 << 24
+_MIN_COMPILED = 16  # smaller fills stay eager (sizes 0 and 1 would make the dynamic kernel recompile)
+# Under auto, the CPU compiles only after this many eager elements (~10-60 s of eager work, more than the
+# compile takes), so short CPU runs (the demo, the tests) never pay for a compile.
+CPU_COMPILE_AFTER = 1 << 30
+
+
+# One compiled kernel per device type and process, shared by every KeyedNoise (each torch.compile wrapper of
+# the same function would trace it again, and past dynamo's recompile limit it silently runs uncompiled).
+_KERNELS: dict[str, Callable[..., torch.Tensor] | None] = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def _build_kernel(device: torch.device, ramp: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """torch.compile of the block function, checked bit for bit against the eager path first.
+
+    Both compute the same exactly defined integer and rounding steps, so they agree by construction; the
+    check guards against a compiler bug (a wrong kernel is refused with a warning and the eager path kept)."""
+    fn = torch.compile(_compiled_block, dynamic=True)
+    cells, steps = _table(device)
+    for base, m in ((0, ramp.numel()), (_s64(0x5DEECE66D << 30 | 7), min(ramp.numel(), 4099))):
+        z0 = torch.tensor(base, dtype=torch.int64, device=device)
+        if not torch.equal(fn(ramp[:m], z0, cells, steps), keyed_transform(ramp[:m] + z0, cells, steps)):
+            warnings.warn(f"hpc_es: torch.compile gives other keyed noise bits than eager on {device.type}; "
+                          "using the eager path", RuntimeWarning, stacklevel=2)
+            return None
+    return fn
+
+
+class KeyedNoise:
+    """The keyed scheme: eps(seed, name, i) for any slice, computed block by block, thread-safe."""
+
+    scheme = "keyed"
+
+    def __init__(self, chunk: int = 1 << 20, compile: bool | None = None) -> None:
+        self.chunk = chunk  # only used by ``tensor``: the results do not depend on it
+        self._compile = compile  # None: compile_wanted(device type)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._drawn: dict[str, int] = {}
+        self._want: dict[str, bool] = {}
+
+    def _counters(self, device: torch.device, n: int) -> torch.Tensor:
+        """i * golden for i < n (mod 2**64), cached per thread and device: the eager counter offsets."""
+        cache = getattr(self._local, "steps", None)
+        if cache is None:
+            cache = self._local.steps = {}
+        c = cache.get(device)
+        if c is None or c.numel() < n:
+            ramp = (np.arange(n, dtype=np.uint64) * np.uint64(_GAMMA)).view(np.int64)
+            c = cache[device] = torch.from_numpy(ramp).to(device)
+        return c[:n]
+
+    def _compiled(self, device: torch.device) -> Callable[..., torch.Tensor] | None:
+        """The process's compiled kernel for this device type, or None (eager) when not wanted or not yet."""
+        kind = device.type
+        want = self._want.get(kind)
+        if want is None:
+            want = self._want[kind] = self._compile if self._compile is not None else compile_wanted(kind)
+        if not want:
+            return None
+        if kind in _KERNELS:
+            return _KERNELS[kind]
+        auto = self._compile is None and _compile_env() == "auto"
+        if auto and kind == "cpu" and self._drawn.get(kind, 0) < CPU_COMPILE_AFTER:
+            return None  # not yet worth it
+        if not _KERNELS_LOCK.acquire(blocking=False):
+            return None  # another thread is compiling: carry on eagerly meanwhile
+        try:
+            if kind not in _KERNELS:
+                block = _COMPILED_BLOCK.get(kind, _DEFAULT_BLOCK)
+                _KERNELS[kind] = _build_kernel(device, self._counters(device, block))
+        finally:
+            _KERNELS_LOCK.release()
+        return _KERNELS[kind]
+
+    def fill(self, out: torch.Tensor, seed: int, name: str, start: int) -> torch.Tensor:
+        """``out`` (fp32, contiguous, 1-D) <- eps of elements start .. start + out.numel() of ``name``."""
+        dev = out.device
+        n = out.numel()
+        cells, steps = _table(dev)
+        key = noise_key(seed, name)
+        fn = self._compiled(dev)
+        done = 0
+        if fn is not None and n >= _MIN_COMPILED:  # the fused kernel, one call per block: the same bits
+            block = _COMPILED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
+            ramp = self._counters(dev, min(block, n))
+            for s in range(0, n, block):
+                m = min(block, n - s)
+                z0 = torch.tensor(_s64(key + (start + s + 1) * _GAMMA), dtype=torch.int64, device=dev)
+                out[s:s + m].copy_(fn(ramp[:m], z0, cells, steps))
+            done = n
+        block = _EAGER_BLOCK.get(dev.type, _DEFAULT_BLOCK)
+        ramp = self._counters(dev, min(block, n - done))
+        for s in range(done, n, block):
+            m = min(block, n - s)
+            z = ramp[:m] + _s64(key + (start + s + 1) * _GAMMA)
+            keyed_transform(z, cells, steps, out[s:s + m])
+        if self._compile is None and dev.type == "cpu":
+            self._drawn[dev.type] = self._drawn.get(dev.type, 0) + n  # a race only delays the switch
+        return out
+
+    def tensor(self, seed: int, name: str, shape: torch.Size | tuple[int, ...],
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        """The whole fp32 noise tensor (for tests and references; the engine works chunk by chunk)."""
+        numel = int(np.prod(shape)) if len(shape) else 1
+        flat = torch.empty(numel, dtype=torch.float32, device=device)
+        for _, s, e in chunks(numel, self.chunk):
+            self.fill(flat[s:e], seed, name, s)
+        return flat.view(shape)
+
+
+NoiseSource = KeyedNoise | LegacyNoise
+
+
+def noise_source(scheme: str, chunk: int) -> NoiseSource:
+    """The noise of ``scheme`` (see NOISE_SCHEMES) with pieces of ``chunk`` elements."""
+    if scheme == "keyed":
+        return KeyedNoise(chunk)
+    if scheme == "legacy":
+        return LegacyNoise(chunk)
+    raise ValueError(f"unknown noise scheme {scheme!r} (one of {', '.join(NOISE_SCHEMES)})")

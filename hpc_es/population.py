@@ -45,7 +45,8 @@ class Population:
         self.cfg, self.task = cfg, task
         self.replicas, self.tokenizers = replicas, tokenizers
         self.N = cfg.es.population_size
-        self.engine: Engine | lowrank.LowRankEngine = Engine(cfg.es.noise_chunk)  # thread-safe: replicas share it
+        # thread-safe: replicas share it; issue 12: the noise scheme
+        self.engine: Engine | lowrank.LowRankEngine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)
         # es.noise=lowrank: no weight is written during scoring; hooks on each replica's model add the members'
         # low-rank perturbations, and each replica scores its members in batched passes (hpc_es/lowrank.py).
         self.lowrank: list[lowrank.LowRankModel] = []

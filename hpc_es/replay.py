@@ -18,6 +18,7 @@ from hpc_es.errors import HpcEsError
 from hpc_es.es import Engine, Replica, master_torch_dtype
 from hpc_es.fsio import check_model_out
 from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
+from hpc_es.noise import scheme_of
 from hpc_es.progress import warn
 
 
@@ -43,13 +44,14 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     if note:
         warn(note)
     cfg = config_from_dict(ledger.config)
+    cfg.es.noise_scheme = scheme_of(ledger.attrs)  # issue 12: the ledger's record (none: legacy) decides
     total = len(ledger)
     upto = total if iteration is None else iteration
     if not 0 <= upto <= total:
         raise HpcEsError(f"--iteration {upto} is outside the ledger's 0..{total} completed iterations")
     base = model or ledger.attrs["base_model"]
-    drawn_on = resume.noise_device(ledger)
-    if drawn_on != device.split(":")[0]:
+    drawn_on = resume.noise_device(ledger)  # issue 12: "" for keyed noise (any device)
+    if drawn_on and drawn_on != device.split(":")[0]:
         raise HpcEsError(f"the run drew its noise on {drawn_on}; replay with --device {drawn_on} "
                          "(CPU and CUDA generators differ)")
     dtype = resolve_dtype(ledger.attrs.get("model_dtype", cfg.dtype), device)
@@ -59,7 +61,8 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     if cfg.es.noise == "lowrank":  # issue 14: the low-rank update, on the model's own weights
         target = _Target(lowrank.wrap(net, master_torch_dtype(cfg.es.master_dtype, dtype)), lowrank.make_engine(cfg))
     else:  # an fp32 master when the run had one (issue 12)
-        target = _Target(Replica.wrap(net, "device", cfg.es.master_dtype), Engine(cfg.es.noise_chunk))
+        engine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)  # issue 12: the ledger's noise scheme
+        target = _Target(Replica.wrap(net, "device", cfg.es.master_dtype), engine)
     resume.replay_rows(target, ledger.rows[:upto])
     save_model_folder(net, load_tokenizer(base), out)
     return fingerprint(net)

@@ -25,13 +25,15 @@ import torch
 from hpc_es import checkpoint as ckpt
 from hpc_es.config import Config
 from hpc_es.ledger import Ledger, LedgerError
+from hpc_es.noise import scheme_of, trajectory_keys
 from hpc_es.progress import say, warn
 
 # Config keys that define the trajectory: a resumed run must agree on all of them.
 TRAJECTORY_KEYS = ("model", "task", "seed", "dtype", "es.population_size", "es.sigma", "es.alpha",
-                   "es.antithetic", "es.shaping", "es.noise_chunk", "rollout", "data", "tiny",
+                   "es.antithetic", "es.shaping", "rollout", "data", "tiny",
                    "es.noise", "es.rank", "es.lowrank_scope",  # issue 14: the low-rank mode's keys
                    "es.master_dtype")  # issue 12: an fp32 master is another trajectory
+# (issue 12: es.noise_scheme and, under legacy noise, es.noise_chunk come from noise.trajectory_keys)
 
 
 class Updates(Protocol):
@@ -80,6 +82,7 @@ def trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         for part in key.split("."):
             v = v[part]
         out[key] = v
+    out.update(trajectory_keys(cfg_dict))  # issue 12: es.noise_scheme (absent = legacy); es.noise_chunk under legacy
     return out
 
 
@@ -105,12 +108,15 @@ def check_same_run(what: str, base_fingerprint: Any, config: str | dict[str, Any
 
 
 def noise_device(ledger: Ledger) -> str:
-    """The device type the run drew its noise on (CPU and CUDA generators differ)."""
+    """The device type the run's noise is tied to (legacy: CPU and CUDA generators differ); "" for none (keyed
+    noise has the same bits on every device)."""
+    if scheme_of(ledger.attrs) != "legacy":  # issue 12
+        return ""
     return str(ledger.attrs.get("noise_device", "cpu"))
 
 
 def check_noise_device(where: str, recorded: str, device_type: str) -> None:
-    if recorded != device_type:
+    if recorded and recorded != device_type:  # issue 12: "" = keyed noise, any device
         raise ckpt.CheckpointError(
             f"{where} drew its noise on {recorded} but this run is on {device_type}; replaying its ledger "
             "needs the same device type (CPU and CUDA generators differ)")

@@ -150,7 +150,8 @@ class Trainer:
             "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
             "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
             **lowrank.ledger_attrs(cfg),  # issue 14: noise kind, rank, scope
-            "rollout_engine": self.population.rollout_engine})  # issue 11: the engine that ran (auto resolved)
+            "rollout_engine": self.population.rollout_engine,  # issue 11: the engine that ran (auto resolved)
+            "noise_scheme": cfg.es.noise_scheme})  # issue 12
         self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
         if self.plan is not None:
             resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)

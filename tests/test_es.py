@@ -8,7 +8,7 @@ import torch
 
 from hpc_es.es import Engine, Replica, centered_ranks, shape_rewards, zscore
 from hpc_es.models import fingerprint, load_model, named_params
-from hpc_es.noise import NoiseSource
+from hpc_es.noise import KeyedNoise
 
 
 class Net(torch.nn.Module):
@@ -44,7 +44,7 @@ def test_perturbation_is_base_plus_sigma_eps_rounded_once(dtype: torch.dtype) ->
     base = snapshot(net)
     rep, eng = Replica.wrap(net), Engine(chunk=1000)
     eng.perturb(rep, 11, -1, 0.01)
-    ns = NoiseSource(1000)
+    ns = KeyedNoise(1000)
     for n, p in net.named_parameters():
         want = (base[n].float() + (-0.01) * ns.tensor(11, n, p.shape)).to(dtype)
         assert torch.equal(p, want), n
@@ -61,7 +61,7 @@ def test_bf16_weights_near_one_do_move() -> None:
 
 def reference_update(base: dict[str, torch.Tensor], seeds, signs, shaped, alpha, chunk) -> dict:
     """theta + alpha * (1/N) * sum_n Z_n eps_n, member by member, in float64."""
-    ns = NoiseSource(chunk)
+    ns = KeyedNoise(chunk)
     out = {}
     for n, w in base.items():
         acc = torch.zeros(w.shape, dtype=torch.float64)
@@ -238,7 +238,7 @@ def test_fp32_master_perturb_is_round_of_master_plus_sigma_eps(master_on: str) -
     paper_update(eng, [rep], 0)
     master = {n: t.clone() for n, t in rep.master.items()}
     eng.perturb(rep, 11, -1, 0.01)
-    ns = NoiseSource(1000)
+    ns = KeyedNoise(1000)
     for n, p in net.named_parameters():
         want = (master[n] + (-0.01) * ns.tensor(11, n, p.shape)).to(torch.bfloat16)
         assert torch.equal(p, want), n

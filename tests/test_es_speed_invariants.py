@@ -1,8 +1,9 @@
 """The engine's speed-ups change no bit: thread-pooled chunks, fused stores, no restore before the update.
 
 Each test compares the Engine with a plain chunk-by-chunk reference that spells out the documented
-arithmetic (noise keyed by seed/name/chunk in fp32; perturb = round(base + sign*sigma*eps); update =
-round(base + (alpha/N) * fp32 sum of c_n*eps_n)), or two Engine configurations with each other.
+arithmetic (noise keyed by seed/name/element, or by seed/name/chunk under legacy, in fp32; perturb =
+round(base + sign*sigma*eps); update = round(base + (alpha/N) * fp32 sum of c_n*eps_n)), under both noise
+schemes, or two Engine configurations with each other.
 No timings are asserted here (tools/bench.py measures speed).
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from hpc_es.es import Engine, Replica
 from hpc_es.models import fingerprint
-from hpc_es.noise import chunk_key, chunks
+from hpc_es.noise import KeyedNoise, chunk_key, chunks
 
 CHUNK = 1000
 
@@ -31,25 +32,29 @@ class Net(torch.nn.Module):
         self.z = torch.nn.Parameter(torch.tensor([0.0, -0.0, 0.0, -0.0], dtype=dtype))
 
 
-def eps(seed: int, name: str, i: int, n: int) -> torch.Tensor:
+def eps(seed: int, name: str, i: int, start: int, n: int, scheme: str) -> torch.Tensor:
+    if scheme == "keyed":
+        return KeyedNoise(compile=False).fill(torch.empty(n), seed, name, start)
     g = torch.Generator().manual_seed(chunk_key(seed, name, i))
     return torch.randn(n, generator=g, dtype=torch.float32)
 
 
-def ref_perturb(base: dict[str, torch.Tensor], seed: int, sign: int, sigma: float) -> dict[str, torch.Tensor]:
+def ref_perturb(base: dict[str, torch.Tensor], seed: int, sign: int, sigma: float,
+                scheme: str = "keyed") -> dict[str, torch.Tensor]:
     out = {}
     for name, b in base.items():
         flat = b.reshape(-1)
         parts = []
         for i, s, e in chunks(flat.numel(), CHUNK):
-            x = eps(seed, name, i, e - s)
+            x = eps(seed, name, i, s, e - s, scheme)
             x.mul_(float(sign) * sigma).add_(flat[s:e])
             parts.append(x.to(b.dtype))
         out[name] = torch.cat(parts).view(b.shape)
     return out
 
 
-def ref_update(base: dict[str, torch.Tensor], seeds, signs, shaped, alpha: float) -> dict[str, torch.Tensor]:
+def ref_update(base: dict[str, torch.Tensor], seeds, signs, shaped, alpha: float,
+               scheme: str = "keyed") -> dict[str, torch.Tensor]:
     coef: dict[int, float] = {}
     for s, sg, z in zip(seeds.tolist(), signs.tolist(), shaped.tolist()):
         coef[s] = coef.get(s, 0.0) + float(sg) * float(z)
@@ -61,7 +66,11 @@ def ref_update(base: dict[str, torch.Tensor], seeds, signs, shaped, alpha: float
         for i, s, e in chunks(flat.numel(), CHUNK):
             acc = torch.zeros(e - s)
             for seed, c in terms:
-                acc.add_(eps(seed, name, i, e - s), alpha=c)
+                x = eps(seed, name, i, s, e - s, scheme)
+                if scheme == "keyed":  # c*eps rounded, then added: no fused multiply-add
+                    acc.add_(x.mul_(c))
+                else:
+                    acc.add_(x, alpha=c)
             acc.mul_(alpha / len(shaped)).add_(flat[s:e])
             parts.append(acc.to(b.dtype))
         out[name] = torch.cat(parts).view(b.shape)
@@ -79,35 +88,37 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.mark.parametrize("scheme", ["keyed", "legacy"])
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_perturb_is_bitwise_the_reference(dtype: torch.dtype, workers: int) -> None:
+def test_perturb_is_bitwise_the_reference(dtype: torch.dtype, workers: int, scheme: str) -> None:
     net = Net(dtype)
     base = params(net)
-    rep, eng = Replica.wrap(net), Engine(CHUNK, workers=workers)
+    rep, eng = Replica.wrap(net), Engine(CHUNK, workers=workers, scheme=scheme)
     for seed, sign in ((3, 1), (4, -1), (3, -1)):
         eng.perturb(rep, seed, sign, 0.01)
-        want = ref_perturb(base, seed, sign, 0.01)
+        want = ref_perturb(base, seed, sign, 0.01, scheme)
         for n, p in net.named_parameters():
             assert same_bits(p.detach(), want[n]), (n, seed, sign)
         for n, b in rep.master.items():
             assert same_bits(b, base[n]), n  # the master is never touched by a perturbation
 
 
+@pytest.mark.parametrize("scheme", ["keyed", "legacy"])
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_update_after_a_perturb_is_bitwise_the_reference(dtype: torch.dtype, workers: int) -> None:
+def test_update_after_a_perturb_is_bitwise_the_reference(dtype: torch.dtype, workers: int, scheme: str) -> None:
     """No restore before the update: it reads the base only and leaves every replica's weights at the new base."""
     nets = [Net(dtype) for _ in range(3)]
     reps = [Replica.wrap(n) for n in nets]
     base = params(nets[0])
-    eng = Engine(CHUNK, workers=workers)
+    eng = Engine(CHUNK, workers=workers, scheme=scheme)
     eng.perturb(reps[0], 9, 1, 0.05)
     eng.perturb(reps[2], 10, -1, 0.05)
     seeds, signs = np.array([5, 5, 6, 7]), np.array([1, -1, 1, 1], dtype=np.int8)
     shaped = np.array([1.2, -0.3, 0.0, -0.9])
     eng.update(reps, seeds, signs, shaped, 0.02)
-    want = ref_update(base, seeds, signs, shaped, 0.02)
+    want = ref_update(base, seeds, signs, shaped, 0.02, scheme)
     for net, rep in zip(nets, reps):
         for n, p in net.named_parameters():
             assert same_bits(p.detach(), want[n]), n

@@ -17,7 +17,7 @@ from hpc_es import lowrank
 from hpc_es.config import load_config
 from hpc_es.errors import ConfigError
 from hpc_es.models import load_model, load_tokenizer, named_params
-from hpc_es.noise import NoiseSource, member_seeds
+from hpc_es.noise import KeyedNoise, member_seeds
 from hpc_es.rollout import generate
 
 PROMPTS = ["Q: what is 3 plus 4?\nA:", "What colour is the sky?", "Using the numbers [44 19 35]"]
@@ -28,7 +28,7 @@ def tiny(tiny_model_dir: str) -> tuple[torch.nn.Module, object]:
     return load_model(tiny_model_dir, torch.float32, "cpu"), load_tokenizer(tiny_model_dir)
 
 
-def explicit(model: torch.nn.Module, scope: str, rank: int, noise: NoiseSource, seed: int, sign: int,
+def explicit(model: torch.nn.Module, scope: str, rank: int, noise: KeyedNoise, seed: int, sign: int,
              sigma: float) -> torch.nn.Module:
     """A copy of ``model`` whose weights are member (seed, sign)'s, written out."""
     ref = copy.deepcopy(model)
@@ -43,7 +43,7 @@ def explicit(model: torch.nn.Module, scope: str, rank: int, noise: NoiseSource, 
 def test_batched_forward_equals_explicit_weights_per_member(tiny, scope: str, rank: int) -> None:
     model, tok = tiny
     model = copy.deepcopy(model)
-    noise = NoiseSource(4096)
+    noise = KeyedNoise(4096)
     seeds, signs = member_seeds(7, 0, 4, antithetic=True)  # 2 pairs: +/- the same factors
     sigma = 0.05  # the demo's: perturbations larger than the weights, yet not chaotic (fp32 error ~1e-6)
     lm = lowrank.LowRankModel(model, scope, rank, noise)
@@ -82,7 +82,7 @@ def test_scope_decides_which_parameters_take_part(tiny) -> None:
     assert len(full) == len(named_params(model))
 
 
-def direct_update(model: torch.nn.Module, scope: str, rank: int, noise: NoiseSource, seeds: np.ndarray,
+def direct_update(model: torch.nn.Module, scope: str, rank: int, noise: KeyedNoise, seeds: np.ndarray,
                   signs: np.ndarray, shaped: np.ndarray, alpha: float) -> dict[str, torch.Tensor]:
     """W + (α/N)/√r Σ Z s A Bᵀ (1-D: (α/N) Σ Z s ε), in float64, member by member."""
     p = lowrank.plan(model, scope)
@@ -107,7 +107,7 @@ def test_update_equals_direct_computation_and_is_block_independent(tiny, scope: 
     seeds, signs = member_seeds(3, 5, 6, antithetic)
     shaped = np.array([0.9, -1.3, 0.2, 1.1, -0.4, -0.5])
     alpha = 0.7
-    want = direct_update(model, scope, rank, NoiseSource(4096), seeds, signs, shaped, alpha)
+    want = direct_update(model, scope, rank, KeyedNoise(4096), seeds, signs, shaped, alpha)
     results = []
     for block, threads in ((1 << 16, 1), (100, 2)):  # block rows and thread count must not change a bit
         m = copy.deepcopy(model)

@@ -1,11 +1,14 @@
-"""Seed table and noise: pure functions of (run seed, iteration) and (member seed, name, chunk)."""
+"""Seed table and legacy noise: pure functions of (run seed, iteration) and (member seed, name, chunk).
+
+The keyed scheme (the default) is tested in test_noise_keyed.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from hpc_es.noise import NoiseSource, chunk_key, chunks, member_seeds
+from hpc_es.noise import LegacyNoise as NoiseSource
+from hpc_es.noise import chunk_key, chunks, member_seeds
 
 
 def test_seed_table_is_a_pure_function_of_seed_and_iteration() -> None:
@@ -46,8 +49,9 @@ def test_noise_is_independent_of_generation_order_and_chunk_slicing() -> None:
     flat = forward["p3"].flatten()
     idx, s, e = list(chunks(flat.numel(), 1024))[2]
     part = torch.empty(e - s)
-    ns.fill(part, 9, "p3", idx)
+    ns.fill(part, 9, "p3", s)
     assert torch.equal(part, flat[s:e])
+    assert idx == 2 and s == 2048
 
 
 def test_noise_is_standard_normal_fp32() -> None:

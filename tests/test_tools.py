@@ -80,7 +80,7 @@ def test_baseline_restore_drifts_in_bf16_and_misses_weights_at_one() -> None:
 
 
 def _run(script: str, args: list[str]) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HPC_ES_NOISE_COMPILE="0")  # no compile time in a test
     proc = subprocess.run([PY, str(ROOT / "tools" / script)] + args, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -104,7 +104,7 @@ def test_bench_prints_both_implementations_and_every_target() -> None:
     assert rows["restore"][0] == 0.0 and rows["restore"][1] > 0  # hpc_es needs no restore pass; baseline does
     assert all(v > 0 for v in rows["rollout"] + rows["update"] + rows["perturb"])
     for target in ("ES overhead vs baseline", "ES overhead share of iteration", "noise vs 1-stream randn limit",
-                   "rollout tokens/s vs plain", "whole iteration hpc_es/baseline"):
+                   "rollout tokens/s vs plain", "whole iteration hpc_es/baseline", "keyed vs torch.randn"):
         assert target in out, target
     assert "N=2, 2 prompts, 4 new tokens" in out
     # the rollout engines (tools/bench_rollout.py) and the one JSON line that ends the output

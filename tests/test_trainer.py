@@ -15,6 +15,7 @@ from hpc_es.noise import member_seeds
 from hpc_es.trainer import iteration_examples
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_trace.json"
+GOLDEN_LEGACY = Path(__file__).parent / "golden" / "tiny_trace_legacy.json"  # written before the keyed scheme
 
 
 @pytest.mark.integration
@@ -108,6 +109,61 @@ def test_golden_trace(reference_run: Path) -> None:
     assert want["overrides"] == TINY, "TINY changed: regenerate the golden trace"
     assert trace["rewards"] == want["rewards"]
     assert trace["fingerprint"] == want["fingerprint"]
+
+
+@pytest.mark.integration
+def test_legacy_noise_scheme_reproduces_the_old_golden_trace_and_replays(tmp_path: Path) -> None:
+    """A run made before the keyed scheme (its ledger has no noise_scheme): same rewards, same weights."""
+    import h5py
+
+    run_dir = tmp_path / "legacy"
+    run_hpc_es(TINY + ["es.noise_scheme=legacy", f"run_dir={run_dir}"], check=True)
+    led = ledger_arrays(run_dir)
+    assert led["attrs"]["noise_scheme"] == "legacy"
+    want = json.loads(GOLDEN_LEGACY.read_text())
+    assert want["overrides"] == TINY
+    assert led["rewards"].tolist() == want["rewards"]
+    assert fingerprint_of(run_dir / "final") == want["fingerprint"]
+    # make the ledger look like one from before the keyed scheme, then rebuild the weights from it
+    with h5py.File(run_dir / "log.h5", "r+") as f:
+        del f.attrs["noise_scheme"]
+        cfg = json.loads(f.attrs["config"])
+        del cfg["es"]["noise_scheme"]
+        f.attrs["config"] = json.dumps(cfg, sort_keys=True)
+    run_hpc_es(["replay", str(run_dir), "--out", str(tmp_path / "replayed")], check=True)
+    assert fingerprint_of(tmp_path / "replayed") == want["fingerprint"]
+    # continuing it under the default (keyed) scheme would change its noise: refused, saying why
+    proc = run_hpc_es(TINY + ["es.iterations=4", f"run_dir={run_dir}"])
+    assert proc.returncode != 0
+    assert "a run with different es.noise_scheme" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.integration
+def test_keyed_runs_replay_on_another_device_type_legacy_runs_do_not(reference_run: Path, tmp_path: Path) -> None:
+    """Keyed noise has the same bits on CPU and CUDA: a run recorded as drawn on CUDA replays on the CPU."""
+    import shutil
+
+    import h5py
+
+    run_dir = tmp_path / "from_gpu"
+    shutil.copytree(reference_run, run_dir)
+    with h5py.File(run_dir / "log.h5", "r+") as f:
+        assert f.attrs["noise_scheme"] == "keyed"
+        f.attrs["noise_device"] = "cuda"
+    run_hpc_es(["replay", str(run_dir), "--out", str(tmp_path / "replayed")], check=True)
+    assert fingerprint_of(tmp_path / "replayed") == fingerprint_of(reference_run / "final")
+    with h5py.File(run_dir / "log.h5", "r+") as f:
+        f.attrs["noise_scheme"] = "legacy"
+    proc = run_hpc_es(["replay", str(run_dir), "--out", str(tmp_path / "refused")])
+    assert proc.returncode != 0
+    assert "the run drew its noise on cuda; replay with --device cuda" in proc.stderr
+
+
+@pytest.mark.integration
+def test_noise_chunk_changes_no_result_under_the_keyed_scheme(reference_run: Path, tmp_path: Path) -> None:
+    run_hpc_es(TINY + ["es.noise_chunk=1024", f"run_dir={tmp_path / 'small'}"], check=True)
+    assert fingerprint_of(tmp_path / "small" / "final") == fingerprint_of(reference_run / "final")
+    np.testing.assert_array_equal(ledger_arrays(tmp_path / "small")["rewards"], ledger_arrays(reference_run)["rewards"])
 
 
 def test_iteration_prompts_are_a_pure_function_of_seed_and_iteration() -> None:

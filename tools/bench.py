@@ -42,6 +42,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
         sys.path.insert(0, _p)
 
 import baseline  # noqa: E402  (tools/baseline.py)
+import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise vs torch.randn, alone)
 from hpc_es.config import Config  # noqa: E402
 from hpc_es.es import Replica, shape_rewards  # noqa: E402
 from hpc_es.models import DTYPES, _train_tokenizer, named_params  # noqa: E402
@@ -525,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
               iterations=args.iterations, warmup=args.warmup, chunk=args.chunk,
               with_baseline=not args.no_baseline)
     print(table(res), flush=True)
+    print("\n".join(bench_noise.lines(bench_noise.noise_speed(args.device, min_s=0.3), args.device)), flush=True)
     if args.lowrank:  # issue 14: low-rank rows, the same model, prompts and token budget
         import bench_lowrank
 
@@ -542,4 +544,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # keyed noise: compile from the start (a long run switches by itself; the warm-up absorbs the compile)
+    os.environ.setdefault("HPC_ES_NOISE_COMPILE", "1")
     sys.exit(main())

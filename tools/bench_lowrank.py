@@ -182,7 +182,7 @@ def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, populat
     Times ``passes`` of the population's population/members_per_pass passes (the rest cost the same)."""
     from transformers import GenerationConfig
 
-    from hpc_es.noise import NoiseSource, member_seeds
+    from hpc_es.noise import KeyedNoise, member_seeds
 
     t0 = time.perf_counter()
     model = bench.build_model(arch, dtype, device)
@@ -204,7 +204,7 @@ def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, populat
 
     short = GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4, "min_new_tokens": 4})
     with torch.no_grad():
-        lm = lowrank.LowRankModel(model, "frozen", rank, NoiseSource(1 << 20))
+        lm = lowrank.LowRankModel(model, "frozen", rank, KeyedNoise(1 << 20))
         seeds, signs = member_seeds(0, 0, population)
         log(f"warm-up: {rows} rows x 4 tokens, plain and low-rank")
         model.generate(input_ids=ids, attention_mask=mask, generation_config=short)

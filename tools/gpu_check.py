@@ -20,6 +20,10 @@ ids of the 151936-entry vocabulary decode to nothing, which changes no cost that
     .venv/bin/python tools/gpu_check.py --only 1.5B --chunk 67108864
     .venv/bin/python tools/gpu_check.py --tiny          # the same script on CPU, tiny architecture
 
+First, per model, the keyed noise: CUDA against CPU bit for bit on a sample of the model's tensors, its
+statistics on the GPU, and a whole-model perturb timed (tools/bench_noise.py).  Results go to --out after
+every phase; the exit status is 1 when any noise bit or statistic is wrong.
+
 After each model: the es.master_dtype / es.master_on checks (master_checks): the same update from the same
 weights with the master on the device and on the host, in the model dtype and in fp32; they must agree,
 the fp32 master must move the RMSNorm weights, and memory is printed by component.  Exit 1 on a mismatch.
@@ -40,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (tools/bench.py: model building, both implementations, limits, the table)
+import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise checks and timings)
 from hpc_es.es import Engine, Replica  # noqa: E402
 from hpc_es.models import named_params, tensor_digest, weights_digest  # noqa: E402
 from hpc_es.noise import member_seeds  # noqa: E402
@@ -286,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_args(ap)
     ap.set_defaults(dtype="bfloat16", device="cuda", n=30, prompts=16, tokens=32, iterations=1, warmup=1)
     ap.add_argument("--warmup-n", type=int, default=2, help="members per warm-up iteration")
+    ap.add_argument("--no-noise", action="store_true", help="skip the keyed noise checks")
+    ap.set_defaults(chunk=1 << 26)  # keyed noise: the chunk changes no bit; big pieces keep the GPU busy
     ap.add_argument("--master-updates", type=int, default=1, help="updates per es.master_* setting (0: skip)")
     ap.add_argument("--no-lowrank", action="store_true", help="skip the low-rank population throughput check")
     ap.add_argument("--out", default=None, help="JSON report, rewritten after each phase (default: "
@@ -309,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = bench.resolve(args)
     t0 = time.perf_counter()
     failed = False
+    failures: list[str] = []  # issue 12: keyed noise mismatches
     import transformers
 
     report: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -332,7 +340,31 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, report)
     if args.no_es:
         archs = []
+    report["noise_failures"] = failures
     for arch in archs:
+        if not args.no_noise:  # issue 12: keyed noise, CPU vs device bits, statistics, perturb time
+            rec = report.setdefault("noise", {}).setdefault(arch.name, {})
+            meta = bench.build_model(arch, dtype, "meta")
+            shapes = [(n, tuple(p.shape)) for n, p in named_params(meta)]
+            del meta
+            small = args.tiny
+            rec["noise"] = bench_noise.device_check(shapes, args.device, per_slice=1 << (14 if small else 20),
+                                                    stats_elems=1 << (18 if small else 24))
+            failures += [f"{arch.name}: {m}" for m in rec["noise"]["mismatches"]]
+            failures += [f"{arch.name}: noise {k} out of bounds" for k in rec["noise"]["stats_out_of_bounds"]]
+            _write(args.out, report)
+            print(f"   keyed noise {arch.name}: {rec['noise']['elements_compared']} elements of "
+                  f"{rec['noise']['tensors']} tensors compared with the CPU, {len(rec['noise']['mismatches'])} "
+                  f"mismatches; statistics {rec['noise']['stats']}", flush=True)
+            if small or "7B" in arch.name:
+                t = rec["perturb"] = bench_noise.perturb_timing(shapes, args.device, dtype, args.chunk)
+                t["perturb_pass"] = t["perturb_s"] < 0.1
+                t["noise_pass"] = t["noise_over_randn"] >= 0.5
+                _write(args.out, report)
+                print(f"   perturb {t['perturb_s']:.3f}s (< 0.1s: {'PASS' if t['perturb_pass'] else 'MISS'}); "
+                      f"keyed {t['keyed_elems_per_s'] / 1e9:.2f} G/s vs torch.randn "
+                      f"{t['randn_elems_per_s'] / 1e9:.2f} G/s = {t['noise_over_randn']:.2f}x "
+                      f"(>= 0.5x: {'PASS' if t['noise_pass'] else 'MISS'})", flush=True)
         res = bench.run(arch, dtype=dtype, device=args.device, n=args.n, prompts=args.prompts, tokens=args.tokens,
                         iterations=args.iterations, warmup=args.warmup, warmup_n=args.warmup_n,
                         chunk=args.chunk, with_baseline=not args.no_baseline)
@@ -353,11 +385,16 @@ def main(argv: list[str] | None = None) -> int:
                                   updates=args.master_updates)
             print("gpu_check master: " + json.dumps(found, sort_keys=True), flush=True)
             failed = failed or not found["ok"]
+            report.setdefault("master", {})[arch.name] = found
+            _write(args.out, report)
     if not args.no_lowrank:
         check_lowrank(args.tiny, args.device)
     report["wall_s"] = time.perf_counter() - t0
     _write(args.out, report)
     print(f"gpu_check: {time.perf_counter() - t0:.0f}s in all", flush=True)
+    for f in failures:
+        print(f"gpu_check: MISMATCH {f}", flush=True)
+    failed = failed or bool(failures)
     if failed:
         print("gpu_check: MISMATCH (see above)", file=sys.stderr, flush=True)
     return 1 if failed else 0
