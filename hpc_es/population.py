@@ -62,6 +62,9 @@ class Population:
         self.members = [[n for n in range(self.N) if slot_owner(n, world, per) == (rank, j)] for j in range(per)]
         self.pool = ThreadPoolExecutor(per) if per > 1 else None
         self._streams: dict[int, Any] = {}  # replica index -> its CUDA stream (replicas that share a GPU)
+        # Benchmarks and tests only: EOS forced at these completion lengths (prompt i ends by its i-th entry),
+        # so that speed is measured on ragged completions with a random-weight model.  None in training.
+        self.length_schedule: Sequence[int] | None = None
 
     @classmethod
     def load(cls, cfg: Config, model_path: str, devices: Sequence[torch.device], dtype: torch.dtype, task: Task,
@@ -135,7 +138,8 @@ class Population:
         model = self.replicas[j].model
         penalty = resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
         return generate(model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
-                        self.cfg.rollout.batch_size, repetition_penalty=penalty, engine=self.rollout_engine)
+                        self.cfg.rollout.batch_size, repetition_penalty=penalty, engine=self.rollout_engine,
+                        length_schedule=self.length_schedule)
 
     def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
         with device_scope(self.replicas[j].device):  # a pool thread's current CUDA device: its replica's

@@ -28,9 +28,9 @@ def announce(model_name: str, params: int, world: int, per_rank: int, backend: s
     todo = f"iterations {start + 1}..{total}" if start < total else f"all {total} iterations already done"
     backend = "one process" if backend == "none" else backend
     rollout = f"; rollout engine {engine}" if engine else ""
-    log.info("%s: %.1fM parameters, %d rank(s) x %d replica(s) (%s); task %s, N=%d, sigma=%g, alpha=%g%s; "
-             "%s; ledger %s", model_name, params / 1e6, world, per_rank, backend, task, n, sigma, alpha, rollout,
-             todo, ledger_path)
+    log.info("%s: %.1fM parameters, %d rank(s) x %d replica(s) (%s); task %s, N=%d, sigma=%g, alpha=%g; "
+             "%s; ledger %s%s", model_name, params / 1e6, world, per_rank, backend, task, n, sigma, alpha,
+             todo, ledger_path, rollout)
 
 
 class Progress:

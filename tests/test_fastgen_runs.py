@@ -17,7 +17,7 @@ def test_demo_five_iterations_hf_and_fast_identical(tmp_path: Path) -> None:
     for engine in ("hf", "fast"):
         run_dir = tmp_path / engine
         proc = run_hpc_es(["es.iterations=5", f"rollout.engine={engine}", f"run_dir={run_dir}"], check=True)
-        assert f"rollout engine {engine};" in proc.stderr
+        assert f"; rollout engine {engine}\n" in proc.stderr
         runs[engine] = (ledger_arrays(run_dir), fingerprint_of(run_dir / "final"))
     (hf, fp_hf), (fast, fp_fast) = runs["hf"], runs["fast"]
     assert hf["attrs"]["rollout_engine"] == "hf" and fast["attrs"]["rollout_engine"] == "fast"

@@ -526,11 +526,14 @@ def main(argv: list[str] | None = None) -> int:
               iterations=args.iterations, warmup=args.warmup, chunk=args.chunk,
               with_baseline=not args.no_baseline)
     print(table(res), flush=True)
-    print("\n".join(bench_noise.lines(bench_noise.noise_speed(args.device, min_s=0.3), args.device)), flush=True)
+    noise = bench_noise.noise_speed(args.device, min_s=0.3)  # keyed noise against torch.randn, one buffer
+    print("\n".join(bench_noise.lines(noise, args.device)), flush=True)
+    low = None
     if args.lowrank:  # issue 14: low-rank rows, the same model, prompts and token budget
         import bench_lowrank
 
-        print(bench_lowrank.table(bench_lowrank.from_args(args, arch, dtype, args.lowrank_n)), flush=True)
+        low = bench_lowrank.from_args(args, arch, dtype, args.lowrank_n)
+        print(bench_lowrank.table(low), flush=True)
     import bench_rollout  # issue 11: the rollout engines (tools/bench_rollout.py), and the --json line
     roll = None if args.no_rollout else bench_rollout.run(arch, dtype=dtype, device=args.device, n=args.n,
                                                           iter_prompts=args.prompts, iter_tokens=args.tokens,
@@ -538,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     if roll is not None:
         print(bench_rollout.table(roll), flush=True)
     if args.json:
-        print(json.dumps(bench_rollout.summary(res, roll)), flush=True)
+        print(json.dumps(bench_rollout.summary(res, roll, noise, low)), flush=True)
     return 0
 
 

@@ -10,7 +10,8 @@ processes hits both alike, with
   EOS forced where the schedule ends, the way a population's completions end at different lengths;
 * ``uniform`` lengths: every row runs to max_new_tokens;
 
-and whole ES iterations (the trainer's own ``Trainer.evaluate`` + ``Engine.update``) with each engine.
+and whole ES iterations (the trainer's own ``Population.score`` + ``Population.update``) with each engine,
+every member's completions on the ragged schedule.
 Tokens/s counts the tokens of the completions (EOS included, padding after it not).
 
     .venv/bin/python tools/bench_rollout.py
@@ -114,9 +115,10 @@ def measure(eng: Engines, sched: list[int] | None, reps: int) -> dict[str, Any]:
 
 
 def iterations(arch: Any, dtype: torch.dtype, device: str, n: int, prompts: int, tokens: int, reps: int,
-               chunk: int) -> dict[str, Any]:
-    """Whole ES iterations (Trainer.evaluate + Engine.update) with each engine, alternating; the fastest
-    iteration of each (see measure)."""
+               chunk: int, mean: float | None = None) -> dict[str, Any]:
+    """Whole ES iterations (Population.score + Population.update) with each engine, alternating; the
+    fastest iteration of each (see measure).  With ``mean``, every member's completions end on the ragged
+    length schedule (as a population's do); without it, where the random model happens to stop."""
     import bench
 
     cfg = {e: bench.bench_config(n, prompts, tokens, 1e-3, 5e-4, chunk) for e in ("hf", "fast")}
@@ -124,6 +126,8 @@ def iterations(arch: Any, dtype: torch.dtype, device: str, n: int, prompts: int,
     for e in ("hf", "fast"):
         cfg[e].rollout.engine = e
         runs[e] = bench.HpcEsRun(bench.build_model(arch, dtype, device), cfg[e], device)
+        if mean is not None:
+            runs[e].population.length_schedule = length_schedule(prompts, mean, tokens)
     rows: dict[str, list[float]] = {"hf": [], "fast": []}
     for t in range(reps + 1):
         for e in (("hf", "fast") if t % 2 else ("fast", "hf")):
@@ -135,7 +139,7 @@ def iterations(arch: Any, dtype: torch.dtype, device: str, n: int, prompts: int,
 
 
 def run(arch: Any, *, dtype: torch.dtype, device: str = "cpu", prompts: int = 32, max_new: int = 96,
-        mean: float = 30.0, reps: int = 3, n: int = 8, iter_prompts: int = 16, iter_tokens: int = 32,
+        mean: float = 30.0, reps: int = 3, n: int = 8, iter_prompts: int = 16, iter_tokens: int = 96,
         iter_reps: int = 3, chunk: int = 1 << 20, log: Any = None) -> dict[str, Any]:
     """The rollout figures: tokens/s per engine on ragged and uniform lengths, and whole iterations."""
     import bench
@@ -154,8 +158,10 @@ def run(arch: Any, *, dtype: torch.dtype, device: str = "cpu", prompts: int = 32
     say(f"rollout engines: {prompts} prompts, {max_new} new tokens; ragged (mean {mean:g}) and uniform")
     ragged = measure(eng, sched, reps)
     uniform = measure(eng, [max_new] * prompts, reps)
-    say(f"rollout engines: whole iterations, N={n}, {iter_prompts} prompts x {iter_tokens} tokens")
-    it = iterations(arch, dtype, device, n, iter_prompts, iter_tokens, iter_reps, chunk)
+    iter_mean = mean * iter_tokens / max_new
+    say(f"rollout engines: whole iterations, N={n}, {iter_prompts} prompts x {iter_tokens} tokens, ragged "
+        f"(mean {iter_mean:g})")
+    it = iterations(arch, dtype, device, n, iter_prompts, iter_tokens, iter_reps, chunk, iter_mean)
     ratios = {"ragged": ragged["fast_over_hf"], "uniform": uniform["fast_over_hf"], "iteration": it["fast_over_hf"]}
     return {"ragged": ragged, "uniform": uniform, "iteration": it, "fast_over_hf": ratios,
             "pass": {k: ratios[k.removeprefix("fast_over_hf_")] >= v for k, v in TARGETS.items()},
@@ -182,8 +188,10 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summary(res: Any, roll: dict[str, Any] | None) -> dict[str, Any]:
-    """tools/bench.py's --json line: its own figures (a bench.Result) and, when run, the engines'."""
+def summary(res: Any, roll: dict[str, Any] | None, keyed: dict[str, float] | None = None,
+            low: Any = None) -> dict[str, Any]:
+    """tools/bench.py's --json line: its own figures (a bench.Result) and, when run, the engines', the keyed
+    noise against torch.randn (tools/bench_noise.py) and low-rank against full-rank (tools/bench_lowrank.py)."""
     h, b, lim = res.hpc, res.base, res.limits
     noise = (res.n + res.terms) * res.params / max(h["perturb"] + h["update"], 1e-12)
     out: dict[str, Any] = {
@@ -203,6 +211,14 @@ def summary(res: Any, roll: dict[str, Any] | None) -> dict[str, Any]:
         out["fast_over_hf"] = roll["fast_over_hf"]
         out["iteration_seconds"] = roll["iteration"]["seconds"]
         passed.update(roll["pass"])
+    if keyed is not None:
+        out["keyed_noise_over_randn"] = keyed["noise_over_randn"]
+        out["noise_m_per_s"] = {k: keyed[k] / 1e6 for k in ("randn", "keyed_eager", "keyed_compiled", "keyed")
+                                if k in keyed}
+        passed["keyed_noise_over_randn"] = keyed["noise_over_randn"] >= 0.7
+    if low is not None:
+        out["lowrank_over_full"] = low.lowrank_over_full
+        passed["lowrank_over_full"] = low.lowrank_over_full >= 4.0
     out["pass"] = passed
     return out
 
