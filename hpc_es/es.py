@@ -52,6 +52,15 @@ def centered_ranks(rewards: np.ndarray) -> np.ndarray:
     return ranks / (n - 1) - 0.5
 
 
+def update_terms(seeds: np.ndarray, signs: np.ndarray, shaped: np.ndarray) -> list[tuple[int, float]]:
+    """(seed, coefficient) of each noise draw the update sums, in member order: members that share a seed
+    (antithetic pairs) fold into one coefficient, so each draw is generated once; zero terms are dropped."""
+    coef: dict[int, float] = {}
+    for s, sg, z in zip(seeds.tolist(), signs.tolist(), shaped.tolist()):
+        coef[s] = coef.get(s, 0.0) + float(sg) * float(z)
+    return [(s, c) for s, c in coef.items() if c != 0.0]
+
+
 def shape_rewards(rewards: np.ndarray, method: str) -> np.ndarray:
     shaped = zscore(rewards) if method == "zscore" else centered_ranks(rewards)
     if len(rewards) > 1 and np.all(shaped == 0.0):
@@ -193,10 +202,7 @@ class Engine:
         held before (a perturbation, say).
         """
         n = len(shaped)
-        coef: dict[int, float] = {}
-        for s, sg, z in zip(seeds.tolist(), signs.tolist(), shaped.tolist()):
-            coef[s] = coef.get(s, 0.0) + float(sg) * float(z)
-        terms = [(s, c) for s, c in coef.items() if c != 0.0]
+        terms = update_terms(seeds, signs, shaped)
         scale = alpha / n
         lead = replicas[0]
         masters = list({id(rep.master): rep.master for rep in replicas if rep.master is not lead.master}.values())

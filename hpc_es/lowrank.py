@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from hpc_es.errors import ConfigError
-from hpc_es.es import Replica, _cpu_pool
+from hpc_es.es import Replica, _cpu_pool, update_terms
 from hpc_es.models import named_params
 from hpc_es.noise import NoiseSource, noise_source
 
@@ -288,10 +288,7 @@ class LowRankEngine:
         first replica computes; the others (and working weights that are not the master) get copies.
         """
         n = len(shaped)
-        coef: dict[int, float] = {}
-        for s, sg, z in zip(seeds.tolist(), signs.tolist(), shaped.tolist()):
-            coef[s] = coef.get(s, 0.0) + float(sg) * float(z)
-        terms = [(s, c) for s, c in coef.items() if c != 0.0]
+        terms = update_terms(seeds, signs, shaped)
         scale = alpha / n
         lead = replicas[0]
         if terms and scale != 0.0:

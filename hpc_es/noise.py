@@ -91,7 +91,25 @@ def chunk_key(seed: int, name: str, chunk: int) -> int:
     return _hash64("noise", int(seed), name, chunk)
 
 
-class LegacyNoise:
+class _WholeTensor:
+    """``tensor``: a whole parameter's noise, filled chunk by chunk (tests, references, low-rank factors)."""
+
+    chunk: int
+
+    def fill(self, out: torch.Tensor, seed: int, name: str, start: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensor(self, seed: int, name: str, shape: torch.Size | tuple[int, ...],
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        """The whole fp32 noise tensor (for tests and references; the engine works chunk by chunk)."""
+        numel = int(np.prod(shape)) if len(shape) else 1
+        flat = torch.empty(numel, dtype=torch.float32, device=device)
+        for _, s, e in chunks(numel, self.chunk):
+            self.fill(flat[s:e], seed, name, s)
+        return flat.view(shape)
+
+
+class LegacyNoise(_WholeTensor):
     """Fills fp32 buffers with a chunk's noise, one torch.Generator per device and thread, reseeded per chunk.
 
     The stream is a function of the device type (CPU and CUDA generators differ), which the ledger records.
@@ -120,15 +138,6 @@ class LegacyNoise:
         g = self._gen(out.device)
         g.manual_seed(chunk_key(seed, name, start // self.chunk))
         return torch.randn(out.shape, generator=g, out=out, dtype=torch.float32, device=out.device)
-
-    def tensor(self, seed: int, name: str, shape: torch.Size | tuple[int, ...],
-               device: torch.device | str = "cpu") -> torch.Tensor:
-        """The whole fp32 noise tensor (for tests and references; the engine works chunk by chunk)."""
-        numel = int(np.prod(shape)) if len(shape) else 1
-        flat = torch.empty(numel, dtype=torch.float32, device=device)
-        for _, s, e in chunks(numel, self.chunk):
-            self.fill(flat[s:e], seed, name, s)
-        return flat.view(shape)
 
 
 # ---- keyed: counter hash + quantile table ---------------------------------------------------------
@@ -282,7 +291,7 @@ def _build_kernel(device: torch.device, ramp: torch.Tensor) -> Callable[..., tor
     return fn
 
 
-class KeyedNoise:
+class KeyedNoise(_WholeTensor):
     """The keyed scheme: eps(seed, name, i) for any slice, computed block by block, thread-safe."""
 
     scheme = "keyed"
@@ -354,15 +363,6 @@ class KeyedNoise:
         if self._compile is None and dev.type == "cpu":
             self._drawn[dev.type] = self._drawn.get(dev.type, 0) + n  # a race only delays the switch
         return out
-
-    def tensor(self, seed: int, name: str, shape: torch.Size | tuple[int, ...],
-               device: torch.device | str = "cpu") -> torch.Tensor:
-        """The whole fp32 noise tensor (for tests and references; the engine works chunk by chunk)."""
-        numel = int(np.prod(shape)) if len(shape) else 1
-        flat = torch.empty(numel, dtype=torch.float32, device=device)
-        for _, s, e in chunks(numel, self.chunk):
-            self.fill(flat[s:e], seed, name, s)
-        return flat.view(shape)
 
 
 NoiseSource = KeyedNoise | LegacyNoise

@@ -485,6 +485,19 @@ def table(res: Result) -> str:
     return "\n".join(lines)
 
 
+def add_arch_args(ap: argparse.ArgumentParser) -> None:
+    """The bench model's shape (defaults: the 21.4M-parameter Qwen2-architecture bench model)."""
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=7)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--intermediate", type=int, default=0, help="0 = 3 x hidden")
+
+
+def arch_of(args: argparse.Namespace) -> Arch:
+    return Arch("bench", args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate)
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                     help="model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
@@ -511,17 +524,13 @@ def resolve(args: argparse.Namespace) -> torch.dtype:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=7)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--intermediate", type=int, default=0, help="0 = 3 x hidden")
+    add_arch_args(ap)
     ap.add_argument("--json", action="store_true", help="end with one JSON line of the figures and targets")
     ap.add_argument("--no-rollout", action="store_true", help="skip the rollout engines' comparison")
     add_args(ap)
     args = ap.parse_args(argv)
     dtype = resolve(args)
-    arch = Arch("bench", args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate)
+    arch = arch_of(args)
     res = run(arch, dtype=dtype, device=args.device, n=args.n, prompts=args.prompts, tokens=args.tokens,
               iterations=args.iterations, warmup=args.warmup, chunk=args.chunk,
               with_baseline=not args.no_baseline)
@@ -535,9 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         low = bench_lowrank.from_args(args, arch, dtype, args.lowrank_n)
         print(bench_lowrank.table(low), flush=True)
     import bench_rollout  # issue 11: the rollout engines (tools/bench_rollout.py), and the --json line
+    # whole iterations on the rollout rows' ragged schedule (96 new tokens at most, mean 30), N and prompts
+    # as in the table above
     roll = None if args.no_rollout else bench_rollout.run(arch, dtype=dtype, device=args.device, n=args.n,
-                                                          iter_prompts=args.prompts, iter_tokens=args.tokens,
-                                                          iter_reps=args.iterations, chunk=args.chunk)
+                                                          iter_prompts=args.prompts, iter_reps=args.iterations,
+                                                          chunk=args.chunk)
     if roll is not None:
         print(bench_rollout.table(roll), flush=True)
     if args.json:

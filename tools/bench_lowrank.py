@@ -154,18 +154,14 @@ def from_args(args: argparse.Namespace, arch: bench.Arch, dtype: torch.dtype, n:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=7)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--intermediate", type=int, default=0, help="0 = 3 x hidden")
+    bench.add_arch_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON line (lowrank_over_full, ...) on stdout")
     bench.add_args(ap)
     add_args(ap)
     ap.set_defaults(n=32, iterations=2)
     args = ap.parse_args(argv)
     dtype = bench.resolve(args)
-    arch = bench.Arch("bench", args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate)
+    arch = bench.arch_of(args)
     res = from_args(args, arch, dtype, args.n)
     print(json.dumps(res.as_json()) if args.json else table(res), flush=True)
     return 0
