@@ -441,9 +441,9 @@ def table(res: Result) -> str:
     lines.append(f"   {'phase (s / iteration)':28s} {'hpc_es':>9s} {'baseline':>9s} {'hpc/base':>9s}")
     for k in PHASES + ("es", "iteration"):
         label = {"es": "ES overhead (p+r+u)", "iteration": "iteration"}.get(k, k)
-        bv = f"{b[k]:9.3f}" if b else f"{'-':>9s}"
+        bv = f"{b[k]:9.4f}" if b else f"{'-':>9s}"
         rv = _fmt_ratio(h[k], b[k]) if b else ""
-        lines.append(f"   {label:28s} {h[k]:9.3f} {bv} {rv}")
+        lines.append(f"   {label:28s} {h[k]:9.4f} {bv} {rv}")
     share_h = h["es"] / h["iteration"]
     share_b = f"{b['es'] / b['iteration']:8.1%}" if b else f"{'-':>8s}"
     lines.append(f"   {'ES overhead share':28s} {share_h:8.1%}  {share_b}")
