@@ -222,19 +222,7 @@ class BaselineRun:
 
 def _rate(fn: Callable[[], int], sync: Callable[[], None], min_s: float = 0.3, reps: int = 3) -> float:
     """Best of ``reps`` runs of elements/s, each run repeating ``fn`` (returns elements) for >= min_s."""
-    fn()
-    sync()
-    best = 0.0
-    for _ in range(reps):
-        done, t0 = 0, time.perf_counter()
-        while True:
-            done += fn()
-            sync()
-            dt = time.perf_counter() - t0
-            if dt >= min_s:
-                break
-        best = max(best, done / dt)
-    return best
+    return bench_noise.rate(lambda _k: fn(), sync, min_s, reps)
 
 
 def machine_limits(device: str, numel: int, chunk: int, workers: int) -> dict[str, float]:

@@ -31,12 +31,13 @@ from hpc_es.noise import KeyedNoise, LegacyNoise, compile_wanted  # noqa: E402
 TARGET = 0.7  # issue 12: keyed noise >= 0.7x torch.randn's elements/s on the CPU (0.5x on a GPU)
 
 
-def _rate(fn: Callable[[int], int], sync: Callable[[], None], min_s: float) -> float:
-    """Best of three runs of elements/s, each repeating fn(k) (returns elements) for >= min_s."""
+def rate(fn: Callable[[int], int], sync: Callable[[], None], min_s: float, reps: int = 3) -> float:
+    """Best of ``reps`` runs of elements/s, each repeating fn(k) (k counts calls; returns elements) for
+    >= min_s, after one warm-up call.  tools/bench.py times its machine limits with it too."""
     fn(0)
     sync()
     best, k = 0.0, 1
-    for _ in range(3):
+    for _ in range(reps):
         done, t0 = 0, time.perf_counter()
         while True:
             done += fn(k)
@@ -67,7 +68,7 @@ def noise_speed(device: str = "cpu", numel: int = 1 << 20, min_s: float = 0.5,
             return numel
         return fn
 
-    res = {"randn": _rate(run(legacy), sync, min_s), "keyed_eager": _rate(run(eager), sync, min_s)}
+    res = {"randn": rate(run(legacy), sync, min_s), "keyed_eager": rate(run(eager), sync, min_s)}
     if compiled if compiled is not None else compile_wanted(dev.type):
         fast = KeyedNoise(numel, compile=True)
         a = fast.fill(torch.empty_like(out), 5, "check", 3)
@@ -75,7 +76,7 @@ def noise_speed(device: str = "cpu", numel: int = 1 << 20, min_s: float = 0.5,
         if not torch.equal(a, b):
             raise SystemExit("bench_noise: compiled and eager keyed noise differ")
         if fast._compiled(dev) is not None:  # (a compiler that got it wrong was refused)
-            res["keyed_compiled"] = _rate(run(fast), sync, min_s)
+            res["keyed_compiled"] = rate(run(fast), sync, min_s)
     res["keyed"] = max(res["keyed_eager"], res.get("keyed_compiled", 0.0))
     res["noise_over_randn"] = res["keyed"] / res["randn"]
     return res
