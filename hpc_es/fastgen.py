@@ -18,6 +18,9 @@ runs the same arithmetic as the HF Qwen2 / Llama modules, op for op where it mat
   model and replayed for every later member (the graphs read the parameter storage, whose contents the
   ES engine rewrites in place; a change of storage address forces a new capture).  Prefill stays eager.
   On the CPU the same step runs eagerly.
+* es.noise=lowrank natively (:class:`LowRankPass`): every linear call adds, for each row, its member's
+  σ s/√r · (x B) Aᵀ term (and 1-D parameters their full-rank noise), the same functions the ``hf`` engine's
+  hooks call, so the two engines give the same tokens.  Rows keep their member while the batch compacts.
 
 The entry points are :func:`unsupported` (why a model cannot use it, or None) and :func:`generate_ids`.
 """
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -156,6 +159,96 @@ def _mlp(h: torch.Tensor, L: _Layer) -> torch.Tensor:
     return F.linear(F.silu(F.linear(h, L.wg, L.bg)) * F.linear(h, L.wu, L.bu), L.wd, L.bd)
 
 
+# -------------------------------------------------------------------------------------- low-rank members
+
+@dataclass
+class Factors:
+    """One matrix W (out x in) for every member of a pass: the columns g*r .. g*r+r-1 belong to member g."""
+
+    b: torch.Tensor  # (in, G r): B of each member, side by side
+    a_t: torch.Tensor  # (G r, out): Aᵀ of each member, stacked
+    a: torch.Tensor | None = None  # (out, G r): embeddings only (rows gathered by token id)
+    b_t: torch.Tensor | None = None  # (G r, in): embeddings only
+
+
+@dataclass
+class Rows:
+    """The rows of one forward call in a low-rank pass: their members, and the scale mask per position."""
+
+    grp: torch.Tensor  # (n,): each row's member (group) in the pass
+    mask: torch.Tensor  # (n * tokens, G r), fp32: σ s_g/√r in the row's own member's r columns, else 0
+    tokens: int  # positions per row in this call (1 when decoding)
+
+
+@dataclass
+class LowRankPass:
+    """The members of one batched pass (es.noise=lowrank): per parameter, every member's factors.
+
+    ``((x @ [B_0 .. B_G-1]) * mask) @ [A_0 .. A_G-1]ᵀ`` is, for every row, its own member's term
+    σ s/√r · (x B_g) A_gᵀ: one GEMM over all members' factors, the other members' columns multiplied by
+    exact zeros (the scaling in fp32, so a bf16 σ cannot shrink every perturbation alike).  Layers that
+    read the same input (q/k/v, gate/up) share the first GEMM.  Keys are the parameters' storage addresses
+    (``data_ptr``), so a tied ``lm_head`` finds the embedding's factors.  Both rollout engines call these
+    methods: the ``hf`` engine from forward hooks, the fast engine from its own layer loop.
+    """
+
+    groups: int
+    scale: torch.Tensor  # (G, G r), fp32: row g is member g's mask
+    mats: dict[int, Factors]
+    vectors: dict[int, torch.Tensor]  # 1-D parameters (scope=full): σ s_g ε_g, (G, numel), fp32
+    _joined: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+
+    def rows(self, grp: torch.Tensor, tokens: int = 1) -> Rows:
+        """Rows whose members are ``grp`` (n,), each with ``tokens`` positions in the call."""
+        mask = self.scale[grp]
+        return Rows(grp, mask if tokens == 1 else mask.repeat_interleave(tokens, 0), tokens)
+
+    def linear(self, x: torch.Tensor, ys: Sequence[torch.Tensor], ws: Sequence[torch.Tensor],
+               biases: Sequence[torch.Tensor | None], rows: Rows) -> list[torch.Tensor]:
+        """``ys[j] = x W_jᵀ + b_j`` of unperturbed layers that all read ``x`` ((n, in) or (n, T, in)), each
+        plus every row's member terms."""
+        out = list(ys)
+        fs = [self.mats.get(w.data_ptr()) for w in ws]
+        have = [j for j, f in enumerate(fs) if f is not None]
+        if have:
+            x2 = x.reshape(-1, x.shape[-1])
+            key = tuple(ws[j].data_ptr() for j in have)
+            b = self._joined.get(key)
+            if b is None:
+                parts = [fs[j].b for j in have]  # type: ignore[union-attr]
+                b = self._joined[key] = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            gr = self.scale.shape[1]
+            u = (x2 @ b).float().view(x2.shape[0], len(have), gr).mul_(rows.mask[:, None, :]).to(x.dtype)
+            for i, j in enumerate(have):
+                y = out[j]
+                out[j] = torch.addmm(y.reshape(-1, y.shape[-1]), u[:, i], fs[j].a_t).view(y.shape)  # type: ignore[union-attr]
+        for j, bias in enumerate(biases):
+            v = None if bias is None else self.vectors.get(bias.data_ptr())
+            if v is not None:
+                out[j] = out[j] + _rowwise(v[rows.grp], x).to(out[j].dtype)
+        return out
+
+    def embed(self, ids: torch.Tensor, y: torch.Tensor, w: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """Embedding rows plus each row's member term σ s/√r · A[id] Bᵀ (ids (n,) or (n, T))."""
+        f = self.mats.get(w.data_ptr())
+        if f is None or f.a is None or f.b_t is None:
+            return y
+        u = (f.a[ids.reshape(-1)].float() * rows.mask).to(y.dtype)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), u, f.b_t).view(y.shape)
+
+    def weight(self, w: torch.Tensor, rows: Rows, like: torch.Tensor) -> torch.Tensor:
+        """A 1-D weight (a norm's) per row: round(w + σ s_g ε_g), as the explicit member weights hold it."""
+        v = self.vectors.get(w.data_ptr())
+        if v is None:
+            return w
+        return _rowwise((w.float() + v[rows.grp]).to(w.dtype), like)
+
+
+def _rowwise(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-row values (n, k) shaped to broadcast against x of (n, k') or (n, T, k')."""
+    return t[:, None, :] if x.dim() == 3 else t
+
+
 # ------------------------------------------------------------------------------------------------- state
 
 class _State:
@@ -183,6 +276,7 @@ class _State:
         self.step = torch.zeros(1, dtype=torch.long, device=dev)  # index of the next generated token
         self.presence = torch.zeros(rows, vocab, dtype=torch.bool, device=dev) if presence else None
         self.sched = torch.zeros(rows, dtype=torch.long, device=dev) if sched else None
+        self.grp = torch.zeros(rows, dtype=torch.long, device=dev)  # low-rank: each row's member in the pass
         self.eos_row = torch.zeros(vocab, dtype=torch.float32, device=dev)
         self.eos = torch.zeros(MAX_EOS, dtype=torch.long, device=dev)  # fixed size: graphs read its address
         self.pad = torch.zeros(1, dtype=torch.long, device=dev)
@@ -201,11 +295,36 @@ _STATES: weakref.WeakKeyDictionary[torch.nn.Module, _State] = weakref.WeakKeyDic
 # ------------------------------------------------------------------------------------------------- steps
 
 class _Decoder:
-    def __init__(self, W: _Weights, st: _State, penalty: float) -> None:
-        self.W, self.st, self.penalty = W, st, penalty
+    def __init__(self, W: _Weights, st: _State, penalty: float, low: LowRankPass | None = None) -> None:
+        self.W, self.st, self.penalty, self.low = W, st, penalty, low
         self.G = W.heads // W.kv_heads
         self.scale = W.head_dim ** -0.5
         self.on_logits: Any = None  # tests: called with each step's raw fp32 logits (eager steps only)
+
+    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: Rows | None) -> torch.Tensor:
+        y = F.linear(x, w, b)
+        return y if self.low is None or rows is None else self.low.linear(x, [y], [w], [b], rows)[0]
+
+    def _lins(self, x: torch.Tensor, wb: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+              rows: Rows | None) -> list[torch.Tensor]:
+        """Layers that read the same input (one shared low-rank GEMM for their members' terms)."""
+        ys = [F.linear(x, w, b) for w, b in wb]
+        if self.low is None or rows is None:
+            return ys
+        return self.low.linear(x, ys, [w for w, _ in wb], [b for _, b in wb], rows)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor, eps: float, rows: Rows | None) -> torch.Tensor:
+        return _rms(x, w if self.low is None or rows is None else self.low.weight(w, rows, x), eps)
+
+    def _mlp(self, h: torch.Tensor, L: _Layer, rows: Rows | None) -> torch.Tensor:
+        if self.low is None:
+            return _mlp(h, L)
+        g, u = self._lins(h, ((L.wg, L.bg), (L.wu, L.bu)), rows)
+        return self._lin(F.silu(g) * u, L.wd, L.bd, rows)
+
+    def _embed(self, ids: torch.Tensor, rows: Rows | None) -> torch.Tensor:
+        x = F.embedding(ids, self.W.embed)
+        return x if self.low is None or rows is None else self.low.embed(ids, x, self.W.embed, rows)
 
     def advance(self, logits: torch.Tensor, b: int) -> None:
         """Pick step ``st.step``'s token for rows ``[:b]`` from fp32 logits and update the row state.
@@ -239,12 +358,12 @@ class _Decoder:
         valid.index_fill_(1, st.slot, True)
         mask = valid[:, None, None, :S]
         cos, sin = st.cos[pos][:, None], st.sin[pos][:, None]  # (b, 1, D)
-        x = F.embedding(tok, W.embed)
+        rows = None if self.low is None else self.low.rows(st.grp[:b])
+        x = self._embed(tok, rows)
         for i, L in enumerate(W.layers):
-            h = _rms(x, L.ln1, L.eps1)
-            q = F.linear(h, L.wq, L.bq).view(b, H, D)
-            k = F.linear(h, L.wk, L.bk).view(b, K, D)
-            v = F.linear(h, L.wv, L.bv).view(b, K, D)
+            h = self._norm(x, L.ln1, L.eps1, rows)
+            q, k, v = self._lins(h, ((L.wq, L.bq), (L.wk, L.bk), (L.wv, L.bv)), rows)
+            q, k, v = q.view(b, H, D), k.view(b, K, D), v.view(b, K, D)
             q = q * cos + _rot(q) * sin
             k = k * cos + _rot(k) * sin
             kc, vc = st.kc[i][:b], st.vc[i][:b]
@@ -252,9 +371,9 @@ class _Decoder:
             vc.index_copy_(2, st.slot, v[:, :, None])
             a = F.scaled_dot_product_attention(q.view(b, K, G, D), kc[:, :, :S], vc[:, :, :S], attn_mask=mask,
                                                scale=self.scale)
-            x = x + F.linear(a.reshape(b, H * D), L.wo, L.bo)
-            x = x + _mlp(_rms(x, L.ln2, L.eps2), L)
-        logits = F.linear(_rms(x, W.norm, W.norm_eps), W.head).float()
+            x = x + self._lin(a.reshape(b, H * D), L.wo, L.bo, rows)
+            x = x + self._mlp(self._norm(x, L.ln2, L.eps2, rows), L, rows)
+        logits = self._lin(self._norm(x, W.norm, W.norm_eps, rows), W.head, None, rows).float()
         if self.on_logits is not None:
             self.on_logits(logits)
         st.pos[:b] += 1
@@ -278,12 +397,16 @@ class _Decoder:
         am = (causal & keys[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)
         am = am[:, None, None].expand(n, 1, G, P, P).reshape(n, 1, G * P, P)
         cos, sin = st.cos[pos][:, None], st.sin[pos][:, None]  # (n, 1, P, D)
-        x = F.embedding(ids, W.embed)
+        rows = last_rows = None
+        if self.low is not None:
+            rows, last_rows = self.low.rows(st.grp[r0:r1], P), self.low.rows(st.grp[r0:r1])
+        x = self._embed(ids, rows)
         for i, L in enumerate(W.layers):
-            h = _rms(x, L.ln1, L.eps1)
-            q = F.linear(h, L.wq, L.bq).view(n, P, H, D).transpose(1, 2)
-            k = F.linear(h, L.wk, L.bk).view(n, P, K, D).transpose(1, 2)
-            v = F.linear(h, L.wv, L.bv).view(n, P, K, D).transpose(1, 2)
+            h = self._norm(x, L.ln1, L.eps1, rows)
+            q, k, v = self._lins(h, ((L.wq, L.bq), (L.wk, L.bk), (L.wv, L.bv)), rows)
+            q = q.view(n, P, H, D).transpose(1, 2)
+            k = k.view(n, P, K, D).transpose(1, 2)
+            v = v.view(n, P, K, D).transpose(1, 2)
             q = q * cos + _rot(q) * sin
             k = k * cos + _rot(k) * sin
             st.kc[i][r0:r1, :, :P] = k
@@ -291,10 +414,11 @@ class _Decoder:
             qg = q.reshape(n, K, G * P, D)  # heads h = kv*G + g: each KV head's G query heads in one block
             a = F.scaled_dot_product_attention(qg, k, v, attn_mask=am, scale=self.scale)
             a = a.view(n, K, G, P, D).permute(0, 3, 1, 2, 4).reshape(n, P, H * D)
-            x = x + F.linear(a, L.wo, L.bo)
-            x = x + _mlp(_rms(x, L.ln2, L.eps2), L)
+            x = x + self._lin(a, L.wo, L.bo, rows)
+            x = x + self._mlp(self._norm(x, L.ln2, L.eps2, rows), L, rows)
         last = x[:, -1]
-        logits_out[r0:r1] = F.linear(_rms(last, W.norm, W.norm_eps), W.head).float()
+        logits_out[r0:r1] = self._lin(self._norm(last, W.norm, W.norm_eps, last_rows), W.head, None,
+                                      last_rows).float()
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -314,20 +438,23 @@ def _bucket_len(n: int, cap: int, step: int = 256) -> int:
 def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, eos_token_id: int | Sequence[int], pad_token_id: int, *,
                  repetition_penalty: float = 1.0, length_schedule: Sequence[int] | None = None,
-                 check_every: int = 0, graphs: bool | None = None,
+                 check_every: int = 0, graphs: bool | None = None, lowrank: LowRankPass | None = None,
                  logits_log: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """Greedy completions of a left-padded batch: the new ids, padded like HF's ``generate(...)[:, P:]``.
 
     ``length_schedule[i]`` (benchmarks and tests): row i's completion ends with EOS at the latest as its
     ``length_schedule[i]``-th new token.  ``check_every``: steps between "all finished?" checks (0: every
-    step on CPU, 8 on CUDA).  ``graphs``: CUDA graphs for the decode step (default: on CUDA).
+    step on CPU, 8 on CUDA).  ``graphs``: CUDA graphs for the decode step (default: on CUDA, except with
+    ``lowrank``).  ``lowrank`` (es.noise=lowrank): the members of a pass; the batch's rows are member-major,
+    ``B / lowrank.groups`` rows per member.
     ``logits_log`` (tests): receives (step, original row ids, raw fp32 logits) for the live rows of every
     step.
     """
     W = _weights(model)
     dev = W.device
     cuda = dev.type == "cuda"
-    use_graphs = cuda if graphs is None else (graphs and cuda)
+    # A pass's factors are new tensors each call, which captured graphs would not see: low-rank runs eagerly.
+    use_graphs = lowrank is None and (cuda if graphs is None else (graphs and cuda))
     every = check_every or (8 if cuda else 1)
     ids = input_ids.to(dev)
     mask = attention_mask.to(dev)
@@ -346,7 +473,12 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     if use_graphs and st.wkey != W.key():  # weights moved (reloaded, another dtype): graphs are stale
         st.graphs.clear()
         st.wkey = W.key()
-    dec = _Decoder(W, st, penalty)
+    dec = _Decoder(W, st, penalty, lowrank)
+    if lowrank is not None:
+        if B % lowrank.groups:
+            raise ValueError(f"a low-rank pass of {lowrank.groups} members needs a multiple of {lowrank.groups} "
+                             f"rows, got {B}")
+        st.grp[:B].copy_(torch.arange(lowrank.groups, device=dev).repeat_interleave(B // lowrank.groups))
 
     # Per-call state: RoPE tables (HF's formula: fp32 angle, cos/sin scaled, rounded to the model dtype).
     t = torch.arange(st.slots, device=dev, dtype=torch.float32)
@@ -440,6 +572,7 @@ def _compact(st: _State, live: torch.Tensor, nb: int, n: int, used: int) -> None
         st.presence[:n] = st.presence[live]
     if st.sched is not None:
         st.sched[:n] = st.sched[live]
+    st.grp[:n] = st.grp[live]
     for kc, vc in zip(st.kc, st.vc):
         kc[:n, :, :used] = kc[live, :, :used]
         vc[:n, :, :used] = vc[live, :, :used]

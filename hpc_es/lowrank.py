@@ -28,12 +28,12 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from hpc_es import fastgen
 from hpc_es.errors import ConfigError
 from hpc_es.es import Replica, _cpu_pool, update_terms
 from hpc_es.models import named_params
@@ -95,111 +95,122 @@ def wrap(model: torch.nn.Module, master_dtype: torch.dtype | None = None) -> Rep
     return Replica(model=model, device=params[0][1].device, params=params, master=master)
 
 
-@dataclass
-class _Pass:
-    """The members of one batched rollout: per perturbed parameter, their stacked, scaled factors."""
-
-    groups: int
-    left: dict[str, torch.Tensor] = field(default_factory=dict)  # A·σ s/√r: (G, r, out); embeddings (G, vocab, r)
-    right: dict[str, torch.Tensor] = field(default_factory=dict)  # B: (G, in, r)
-    vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # σ s ε for 1-D params, (G, numel)
-
-
 class LowRankModel:
-    """Forward hooks on one model copy that add the active members' low-rank perturbations.
+    """The low-rank members of one model copy: builds a pass's factors, and (``hf`` engine) the forward hooks
+    that add them.
 
-    Outside ``members(...)`` the hooks do nothing, so the same model also evaluates the unperturbed
-    weights (eval, test split).
+    Hooks exist only inside ``members(..., hooks=True)``: outside, the model is a plain model (eval and the
+    test split run on the unperturbed weights, and the fast engine, which refuses hooked models, can run it).
     """
 
     def __init__(self, model: torch.nn.Module, scope: str, rank: int, noise: NoiseSource) -> None:
         self.model, self.rank, self.noise = model, rank, noise
         self.plan = plan(model, scope)
-        self.active: _Pass | None = None
-        self.shapes = {n: tuple(p.shape) for n, p in named_params(model) if n in self.plan}
-        names = {id(p): n for n, p in named_params(model)}
-        self.embeddings = {names[id(m.weight)] for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-        self.handles = []
-        for mod in model.modules():
-            own = {pn: names[id(p)] for pn, p in mod.named_parameters(recurse=False)}
-            mine = {pn: n for pn, n in own.items() if n in self.plan}
-            if not mine:
-                continue
-            if isinstance(mod, torch.nn.Embedding):
-                hook = self._embedding_hook(own["weight"])
-            elif isinstance(mod, torch.nn.Linear):
-                hook = self._linear_hook(mine.get("weight"), mine.get("bias"))
-            else:
-                hook = self._vector_hook(mine)
-            self.handles.append(mod.register_forward_hook(hook))
+        self.active: fastgen.LowRankPass | None = None
+        params = dict(named_params(model))
+        self.params = {n: params[n] for n in self.plan}
+        self.embeddings = {n for n, p in params.items()
+                           if any(p is m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding))}
+        self.handles: list[Any] = []
+        self._rows: dict[tuple[int, int], fastgen.Rows] = {}
 
     def remove(self) -> None:
+        """Take the hooks off (the end of a ``members`` block does it too)."""
         for h in self.handles:
             h.remove()
         self.handles = []
 
-    @contextlib.contextmanager
-    def members(self, seeds: Sequence[int], signs: Sequence[int], sigma: float) -> Iterator[None]:
-        """Within the block, batch rows are member-major: rows [g*B/G, (g+1)*B/G) belong to member g."""
-        dev = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
-        g = len(seeds)
-        st = _Pass(groups=g)
-        root = 1.0 / math.sqrt(self.rank)
-        scale = torch.tensor([float(s) * sigma * root for s in signs], dtype=torch.float32, device=dev)
-        full = torch.tensor([float(s) * sigma for s in signs], dtype=torch.float32, device=dev)
+    def build(self, seeds: Sequence[int], signs: Sequence[int], sigma: float) -> fastgen.LowRankPass:
+        """Members (seed, sign) side by side: per matrix [B_0 .. B_G-1] and [A_0 .. A_G-1]ᵀ, per 1-D
+        parameter σ s ε.  The scale σ s/√r stays fp32 (a bf16 σ would shrink every perturbation alike)."""
+        p0 = next(self.model.parameters())
+        dev, dtype = p0.device, p0.dtype
+        g, r = len(seeds), self.rank
+        scale = torch.zeros(g, g * r, dtype=torch.float32)
+        for k, sign in enumerate(signs):
+            scale[k, k * r:(k + 1) * r] = float(sign) * sigma / math.sqrt(r)
+        mats: dict[int, fastgen.Factors] = {}
+        vectors: dict[int, torch.Tensor] = {}
         for name, kind in self.plan.items():
-            shape = self.shapes[name]
+            p = self.params[name]
             if kind == FULLRANK:
-                eps = torch.stack([self.noise.tensor(int(s), name, shape, dev).view(-1) for s in seeds])
-                st.vectors[name] = eps * full[:, None]  # fp32: σ s ε, as the explicit weights add it
+                eps = torch.stack([self.noise.tensor(int(s), name, p.shape, dev).view(-1) for s in seeds])
+                vectors[p.data_ptr()] = eps * torch.tensor([float(s) * sigma for s in signs], device=dev)[:, None]
                 continue
-            pairs = [factors(self.noise, int(s), name, shape, self.rank, dev) for s in seeds]
-            a = torch.stack([p[0] for p in pairs]) * scale[:, None, None]  # (G, out, r)
-            b = torch.stack([p[1] for p in pairs])  # (G, in, r)
-            st.left[name] = a.to(dtype).contiguous() if name in self.embeddings else a.transpose(1, 2).to(dtype)
-            st.right[name] = b.to(dtype).contiguous()
-        self.active = st
+            pairs = [factors(self.noise, int(s), name, p.shape, r, dev) for s in seeds]
+            a = torch.cat([q[0] for q in pairs], 1).to(dtype)  # (out, G r)
+            b = torch.cat([q[1] for q in pairs], 1).to(dtype)  # (in, G r)
+            emb = name in self.embeddings
+            mats[p.data_ptr()] = fastgen.Factors(b.contiguous(), a.T.contiguous(), a.contiguous() if emb else None,
+                                                 b.T.contiguous() if emb else None)
+        return fastgen.LowRankPass(g, scale.to(dev), mats, vectors)
+
+    @contextlib.contextmanager
+    def members(self, seeds: Sequence[int], signs: Sequence[int], sigma: float,
+                hooks: bool = True) -> Iterator[fastgen.LowRankPass]:
+        """Within the block, batch rows are member-major: rows [g*B/G, (g+1)*B/G) belong to member g.
+
+        ``hooks``: the model's own modules add the members' terms (``hf`` engine, plain forward calls);
+        without, the caller hands the yielded pass to the fast engine."""
+        lp = self.build(seeds, signs, sigma)
+        self.active, self._rows = lp, {}
+        if hooks:
+            self._hook()
         try:
-            yield
+            yield lp
         finally:
-            self.active = None
+            self.remove()
+            self.active, self._rows = None, {}
 
-    def _linear_hook(self, weight: str | None, bias: str | None) -> Callable[..., Any]:
-        tied = weight is not None and weight in self.embeddings
+    def _rows_of(self, x: torch.Tensor) -> fastgen.Rows:
+        """The rows of a member-major batch (HF keeps every row to the end), for an input of (B, T, ...)."""
+        st = self.active
+        assert st is not None
+        batch, tokens = int(x.shape[0]), int(x.shape[1]) if x.dim() > 1 else 1
+        got = self._rows.get((batch, tokens))
+        if got is None:
+            if batch % st.groups:
+                raise ValueError(f"a low-rank pass of {st.groups} members needs a multiple of {st.groups} rows, "
+                                 f"got {batch}")
+            grp = torch.arange(st.groups, device=st.scale.device).repeat_interleave(batch // st.groups)
+            got = self._rows[(batch, tokens)] = st.rows(grp, tokens)
+        return got
 
+    def _hook(self) -> None:
+        ptrs = {p.data_ptr() for p in self.params.values()}
+        for mod in self.model.modules():
+            mine = {pn: p for pn, p in mod.named_parameters(recurse=False) if p.data_ptr() in ptrs}
+            if not mine:
+                continue
+            if isinstance(mod, torch.nn.Embedding):
+                hook = self._embedding_hook()
+            elif isinstance(mod, torch.nn.Linear):
+                hook = self._linear_hook()
+            else:
+                hook = self._vector_hook(mine)
+            self.handles.append(mod.register_forward_hook(hook))
+
+    def _linear_hook(self) -> Callable[..., Any]:
         def hook(mod: torch.nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
             st = self.active
             if st is None:
                 return None
-            g = st.groups
-            if weight is not None:
-                x = inputs[0].reshape(g, -1, inputs[0].shape[-1])
-                if tied:  # the embedding's factors: left (G, vocab, r), right (G, hidden, r)
-                    d = torch.bmm(torch.bmm(x, st.right[weight]), st.left[weight].transpose(1, 2))
-                else:
-                    d = torch.bmm(torch.bmm(x, st.right[weight]), st.left[weight])
-                out = out + d.view(out.shape)
-            if bias is not None:
-                out = (out.reshape(g, -1, out.shape[-1]) + st.vectors[bias][:, None, :].to(out.dtype)).view(out.shape)
-            return out
+            x, lin = inputs[0], cast(torch.nn.Linear, mod)
+            return st.linear(x, [out], [lin.weight], [lin.bias], self._rows_of(x[..., 0]))[0]
 
         return hook
 
-    def _embedding_hook(self, weight: str) -> Callable[..., Any]:
+    def _embedding_hook(self) -> Callable[..., Any]:
         def hook(mod: torch.nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
             st = self.active
-            if st is None or weight not in st.left:
+            if st is None:
                 return None
-            g = st.groups
-            ids = inputs[0].reshape(g, -1)
-            rows = st.left[weight][torch.arange(g, device=ids.device)[:, None], ids]  # (G, B*T/G, r)
-            d = torch.bmm(rows, st.right[weight].transpose(1, 2))
-            return out + d.view(out.shape)
+            ids = inputs[0]
+            return st.embed(ids, out, cast(torch.nn.Embedding, mod).weight, self._rows_of(ids))
 
         return hook
 
-    def _vector_hook(self, mine: dict[str, str]) -> Callable[..., Any]:
+    def _vector_hook(self, mine: dict[str, torch.nn.Parameter]) -> Callable[..., Any]:
         """A module whose own parameters are 1-D (a norm): run it once per member group with that
         member's parameters swapped in (they are tiny), so its own arithmetic is unchanged."""
         lock = threading.Lock()
@@ -211,17 +222,17 @@ class LowRankModel:
             g = st.groups
             x = inputs[0]
             parts = x.reshape(g, x.shape[0] // g, *x.shape[1:])
-            params = {pn: getattr(mod, pn) for pn in mine}
-            saved = {pn: p.data for pn, p in params.items()}
+            saved = {pn: p.data for pn, p in mine.items()}
+            vecs = {pn: st.vectors[p.data_ptr()] for pn, p in mine.items()}
             res = []
             with lock:
                 try:
                     for k in range(g):
-                        for pn, p in params.items():
-                            p.data = (saved[pn].float() + st.vectors[mine[pn]][k].float()).to(saved[pn].dtype)
+                        for pn, p in mine.items():
+                            p.data = (saved[pn].float() + vecs[pn][k]).to(saved[pn].dtype)
                         res.append(mod.forward(parts[k], *inputs[1:]))
                 finally:
-                    for pn, p in params.items():
+                    for pn, p in mine.items():
                         p.data = saved[pn]
             return torch.cat(res, 0).view(out.shape)
 
@@ -357,20 +368,14 @@ def _store(master: torch.Tensor, acc: torch.Tensor) -> None:
         master.copy_(acc)
 
 
-def check_config(cfg: Any) -> None:
-    """Settings the low-rank mode cannot honour: one clear error before any model is loaded."""
-    if cfg.es.noise != "lowrank":
-        return
-    engine = getattr(cfg.rollout, "engine", "hf")
-    if engine not in ("hf", "auto"):  # issue 11: auto resolves to hf on a model with the low-rank hooks
-        raise ConfigError(f"es.noise=lowrank runs on rollout.engine=hf only (got {engine!r}; auto runs hf here)")
-
-
 def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: np.ndarray, signs: np.ndarray,
                   examples: list[Any], task: Any, cfg: Any, local: np.ndarray, times: dict[str, float] | None,
-                  fault: Callable[[str], None] | None = None) -> None:
+                  fault: Callable[[str], None] | None = None, engine: str = "hf") -> None:
     """Mean reward of each of ``members`` into ``local[n]``: ``rollout.members_per_pass`` members (0 = all)
-    per batched generation, rows member-major; ``rollout.batch_size`` prompts per generate call."""
+    per batched generation, rows member-major; ``rollout.batch_size`` prompts per generate call.
+
+    ``engine`` (``fast`` or ``hf``, resolved): the fast engine takes the pass's factors itself; ``hf`` runs
+    the model's own modules with the hooks on.  Both give the same tokens."""
     import time
 
     from hpc_es.rollout import generate, resolve_repetition_penalty
@@ -384,7 +389,8 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
         group = members[start:start + per_pass]
         g = len(group)
         a = time.perf_counter()
-        with lm.members([int(seeds[n]) for n in group], [int(signs[n]) for n in group], cfg.es.sigma):
+        with lm.members([int(seeds[n]) for n in group], [int(signs[n]) for n in group], cfg.es.sigma,
+                        hooks=engine != "fast") as lp:
             b = time.perf_counter()
             if fault is not None:
                 fault("rollout")
@@ -392,7 +398,8 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
             for p0 in range(0, len(prompts), size):
                 batch = prompts[p0:p0 + size]
                 out = generate(lm.model, tokenizer, [p for _ in range(g) for p in batch],
-                               cfg.rollout.max_new_tokens, repetition_penalty=penalty)
+                               cfg.rollout.max_new_tokens, repetition_penalty=penalty, engine=engine,
+                               lowrank=lp if engine == "fast" else None)
                 for k in range(g):
                     comps[k].extend(out[k * len(batch):(k + 1) * len(batch)])
         c = time.perf_counter()
@@ -408,7 +415,6 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
 
 def make_engine(cfg: Any) -> LowRankEngine:
     """The low-rank engine a config asks for (es.noise=lowrank)."""
-    check_config(cfg)
     # issue 12: + the noise scheme
     return LowRankEngine(cfg.es.noise_chunk, cfg.es.rank, cfg.es.lowrank_scope, scheme=cfg.es.noise_scheme)
 

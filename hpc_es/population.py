@@ -99,7 +99,7 @@ class Population:
             if self.lowrank:  # all of replica j's members in batched passes over its one weight copy
                 lowrank.score_members(self.lowrank[j], self.tokenizers[j], self.members[j], seeds, signs,
                                       list(examples), self.task, self.cfg, out.rewards,
-                                      out.times if j == 0 else None, self.fault)
+                                      out.times if j == 0 else None, self.fault, self.rollout_engine)
                 return
             rep = self.replicas[j]
             for n in self.members[j]:

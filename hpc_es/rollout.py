@@ -127,7 +127,8 @@ def clean_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
 def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                  batch_size: int = 0, on_batch: Callable[[int], None] | None = None,
                  repetition_penalty: float = 1.0, *, engine: str = "hf",
-                 length_schedule: Sequence[int] | None = None) -> list[list[int]]:
+                 length_schedule: Sequence[int] | None = None,
+                 lowrank: fastgen.LowRankPass | None = None) -> list[list[int]]:
     """The completions' token ids (new tokens only, up to and including the first EOS), for ``prompts`` in order.
 
     ``on_batch(done)`` is called after each generate() call with the number of prompts done so far.
@@ -149,7 +150,8 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tok
         sched = None if length_schedule is None else list(length_schedule[start:start + size])
         if engine == "fast":  # issue 11: the same ids as the hf branch
             new = fastgen.generate_ids(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, eos, pad,
-                                       repetition_penalty=repetition_penalty, length_schedule=sched)
+                                       repetition_penalty=repetition_penalty, length_schedule=sched,
+                                       lowrank=lowrank)
         else:
             procs = [_ForceEOS(sched, enc["input_ids"].shape[1], eos[0])] if sched is not None else None
             with clean_generation_defaults(model):
@@ -166,11 +168,11 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tok
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int = 0, on_batch: Callable[[int], None] | None = None,
              repetition_penalty: float = 1.0, *, engine: str = "hf",
-             length_schedule: Sequence[int] | None = None) -> list[str]:
+             length_schedule: Sequence[int] | None = None, lowrank: fastgen.LowRankPass | None = None) -> list[str]:
     """Completions (new tokens only, special tokens dropped) for ``prompts``, in order (see generate_ids).
 
     ``on_batch(done)`` is called after each generate() call with the number of prompts done so far.
     """
     ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch, repetition_penalty,
-                       engine=engine, length_schedule=length_schedule)
+                       engine=engine, length_schedule=length_schedule, lowrank=lowrank)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

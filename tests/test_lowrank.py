@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_es import lowrank
+from hpc_es import fastgen, lowrank
 from hpc_es.config import load_config
 from hpc_es.errors import ConfigError
 from hpc_es.models import load_model, load_tokenizer, named_params
 from hpc_es.noise import KeyedNoise, member_seeds
-from hpc_es.rollout import generate
+from hpc_es.rollout import eos_ids, generate, generate_ids
 
 PROMPTS = ["Q: what is 3 plus 4?\nA:", "What colour is the sky?", "Using the numbers [44 19 35]"]
 
@@ -67,6 +67,50 @@ def test_batched_forward_equals_explicit_weights_per_member(tiny, scope: str, ra
         assert (got - plain).abs().max() > 1e-2  # the member really is perturbed
         assert texts[k * n:(k + 1) * n] == generate(ref, tok, PROMPTS, 12)
     assert texts[:n] != texts[n:2 * n]  # antithetic members differ
+
+
+@pytest.mark.parametrize("scope,rank", [("frozen", 1), ("frozen", 3), ("full", 2)])
+def test_fast_engine_pass_equals_explicit_weights_and_the_hooks(tiny, scope: str, rank: int) -> None:
+    """The fast engine's native low-rank pass, rows leaving the batch at different steps (so the batch
+    compacts and each row must keep its member): per member, every step's logits within 1e-5 of the
+    explicit weights', and the same tokens as the explicit model and as the hf engine with the hooks."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    noise = KeyedNoise(4096)
+    seeds, signs = member_seeds(11, 0, 4, antithetic=True)
+    sigma, new = 0.05, 12
+    lm = lowrank.LowRankModel(model, scope, rank, noise)
+    g, n = len(seeds), len(PROMPTS)
+    rows = [p for _ in range(g) for p in PROMPTS]
+    sched = [3 + (5 * i) % 10 for i in range(g * n)]
+    enc = tok(rows, return_tensors="pt", padding=True)
+    eos, pad = eos_ids(model, tok), tok.pad_token_id
+    log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    with lm.members(seeds.tolist(), signs.tolist(), sigma, hooks=False) as lp:
+        assert fastgen.unsupported(model) is None  # no hook on the model: the fast engine runs it
+        fast = generate_ids(model, tok, rows, new, engine="fast", length_schedule=sched, lowrank=lp)
+        fastgen.generate_ids(model, enc["input_ids"], enc["attention_mask"], new, eos, pad, length_schedule=sched,
+                             lowrank=lp, logits_log=log)
+    with lm.members(seeds.tolist(), signs.tolist(), sigma):
+        hooked = generate_ids(model, tok, rows, new, engine="hf", length_schedule=sched)
+    assert not any(m._forward_hooks for m in model.modules())  # the block took its hooks off
+    assert fast == hooked
+    assert len({tuple(r) for r in fast}) > n  # members differ
+    assert min(map(len, fast)) < max(map(len, fast))  # rows did leave early
+    for k in range(g):
+        ref = explicit(model, scope, rank, noise, int(seeds[k]), int(signs[k]), sigma)
+        part = sched[k * n:(k + 1) * n]
+        assert fast[k * n:(k + 1) * n] == generate_ids(ref, tok, PROMPTS, new, engine="fast", length_schedule=part)
+        ref_log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        sub = slice(k * n, (k + 1) * n)
+        fastgen.generate_ids(ref, enc["input_ids"][sub], enc["attention_mask"][sub], new, eos, pad,
+                             length_schedule=part, logits_log=ref_log)
+        want = {(step, int(r)): lg[i] for step, rr, lg in ref_log for i, r in enumerate(rr.tolist()) if r >= 0}
+        got = {(step, int(r) - k * n): lg[i] for step, rr, lg in log for i, r in enumerate(rr.tolist())
+               if k * n <= r < (k + 1) * n}
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
 
 
 def test_scope_decides_which_parameters_take_part(tiny) -> None:
@@ -175,25 +219,26 @@ def test_config_keys_are_checked() -> None:
 
 
 def test_score_members_passes_give_the_same_rewards(tiny) -> None:
-    """Members scored two at a time, or all at once, or prompt batch by prompt batch: the same rewards."""
+    """Members scored two or three at a time, or all at once, or prompt batch by prompt batch, on either
+    rollout engine: the same rewards."""
     from hpc_es.tasks import load_task
 
     model, tok = tiny
     model = copy.deepcopy(model)
     seeds, signs = member_seeds(0, 0, 4)
     got = []
-    for over in (["rollout.members_per_pass=2"], [], ["rollout.batch_size=2"]):
+    for engine, over in (("hf", ["rollout.members_per_pass=2"]), ("hf", []), ("hf", ["rollout.batch_size=2"]),
+                         ("fast", []), ("fast", ["rollout.members_per_pass=3"]), ("fast", ["rollout.batch_size=2"])):
         cfg = load_config(None, ["es.noise=lowrank", "es.sigma=0.3", "rollout.max_new_tokens=8", *over])
         task = load_task(cfg)
         examples = list(task.train_examples())[:4]
         eng = lowrank.make_engine(cfg)
         lm = eng.attach(lowrank.wrap(model))
         local = np.zeros(6)
-        lowrank.score_members(lm, tok, [0, 1, 2, 3], seeds, signs, examples, task, cfg, local, None)
-        lm.remove()
+        lowrank.score_members(lm, tok, [0, 1, 2, 3], seeds, signs, examples, task, cfg, local, None, engine=engine)
         got.append(local[:4])
-    np.testing.assert_array_equal(got[0], got[1])
-    np.testing.assert_array_equal(got[0], got[2])
+    for other in got[1:]:
+        np.testing.assert_array_equal(got[0], other)
     assert len(set(got[0].tolist())) > 1
 
 
