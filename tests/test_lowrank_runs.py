@@ -91,7 +91,7 @@ def test_mpi_two_ranks_two_replicas_each(ref: Path, tmp_path: Path) -> None:
     assert_same_run(run_dir, ref)
 
 
-def test_bench_lowrank_json_and_gpu_check_rows_on_cpu() -> None:
+def test_bench_lowrank_json_and_gpu_check_rows_on_cpu(tmp_path: Path) -> None:
     import subprocess
 
     from conftest import PY, ROOT
@@ -106,11 +106,16 @@ def test_bench_lowrank_json_and_gpu_check_rows_on_cpu() -> None:
     assert got["n"] == 4 and got["lowrank_over_full"] > 0
     assert got["full_s"]["perturb"] > 0 and got["lowrank_s"]["perturb"] >= 0 and got["lowrank_s"]["update"] > 0
     proc = subprocess.run([PY, str(ROOT / "tools" / "bench.py"), *tiny, "--no-baseline", "--lowrank",
-                           "--lowrank-n", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--lowrank-n", "4", "--lowrank-prompts", "2"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "low-rank vs full-rank ES" in proc.stdout and "N=4, 2 prompts, 4 new tokens, rank 1" in proc.stdout
+    out = tmp_path / "gpu_check.json"
     proc = subprocess.run([PY, str(ROOT / "tools" / "gpu_check.py"), "--tiny", "--n", "2", "--prompts", "2", "--tokens",
-                           "2", "--warmup", "0", "--no-baseline"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "2", "--warmup", "0", "--no-baseline", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "low-rank population throughput" in proc.stdout and "% of plain" in proc.stdout
+    low = json.loads(out.read_text())["lowrank"]
+    assert low["engine"] == "fast" and low["rows"] == 16 and low["lowrank_fraction_of_plain"] > 0
+    assert low["rows_identical_fast_vs_hooks"] == 1.0  # fp32 on the CPU: the fast pass gives the hooks' tokens

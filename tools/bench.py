@@ -500,6 +500,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--lowrank", action="store_true", help="also low-rank vs full-rank rows (tools/bench_lowrank.py)")
     ap.add_argument("--lowrank-n", type=int, default=32, help="population of the low-rank comparison")
+    ap.add_argument("--lowrank-prompts", type=int, default=4,
+                    help="prompts per member in the low-rank comparison (see tools/bench_lowrank.py)")
 
 
 def resolve(args: argparse.Namespace) -> torch.dtype:
@@ -526,10 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     noise = bench_noise.noise_speed(args.device, min_s=0.3)  # keyed noise against torch.randn, one buffer
     print("\n".join(bench_noise.lines(noise, args.device)), flush=True)
     low = None
-    if args.lowrank:  # issue 14: low-rank rows, the same model, prompts and token budget
+    if args.lowrank:  # issue 14: low-rank rows, the same model and token budget, --lowrank-prompts per member
         import bench_lowrank
 
-        low = bench_lowrank.from_args(args, arch, dtype, args.lowrank_n)
+        low = bench_lowrank.from_args(args, arch, dtype, args.lowrank_n, args.lowrank_prompts)
         print(bench_lowrank.table(low), flush=True)
     import bench_rollout  # issue 11: the rollout engines (tools/bench_rollout.py), and the --json line
     # whole iterations on the rollout rows' ragged schedule (96 new tokens at most, mean 30), N and prompts

@@ -6,7 +6,14 @@ model (tools/bench.py builds it) run the trainer's own ``Trainer.evaluate`` and 
 iteration of each mode in turn so that load from other processes hits both alike; the figure is the
 ratio of median iteration times (``lowrank_over_full``: how many times faster the low-rank iteration is).
 
-    .venv/bin/python tools/bench_lowrank.py                       # N=32, CPU, the bench model
+The figure depends on how many rows one member's rollout has.  With few (4 prompts, the default here and
+in ``tools/bench.py --lowrank``) a full-rank member's decode step is bound by reading the weights, as on a
+GPU, and the batched pass wins; with many (16 and more at 21M parameters on 2 CPU cores) each member's
+rollout is already bound by arithmetic, which batching cannot reduce.  ``--sweep 2,4,8,16`` prints the
+whole curve.
+
+    .venv/bin/python tools/bench_lowrank.py                       # N=32, 4 prompts, CPU, the bench model
+    .venv/bin/python tools/bench_lowrank.py --sweep 2,4,8,16        # the speed-up by prompts per member
     .venv/bin/python tools/bench_lowrank.py --json                 # one JSON line on stdout
     .venv/bin/python tools/bench.py --lowrank                      # the same rows after bench.py's table
 """
@@ -145,11 +152,26 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rank", type=int, default=1, help="es.rank of the low-rank mode")
 
 
-def from_args(args: argparse.Namespace, arch: bench.Arch, dtype: torch.dtype, n: int) -> Comparison:
-    """The comparison with bench.py's model, prompts, token budget and iteration counts, at population n."""
-    return compare(arch, dtype=dtype, device=args.device, n=n, prompts=args.prompts,
+def from_args(args: argparse.Namespace, arch: bench.Arch, dtype: torch.dtype, n: int,
+              prompts: int | None = None) -> Comparison:
+    """The comparison with bench.py's model, token budget and iteration counts, at population n and
+    ``prompts`` per member (default: ``args.prompts``)."""
+    return compare(arch, dtype=dtype, device=args.device, n=n, prompts=prompts or args.prompts,
                    tokens=args.tokens, iterations=args.iterations, warmup=args.warmup,
                    rank=getattr(args, "rank", 1), chunk=args.chunk)
+
+
+def sweep_table(rows: list[Comparison]) -> str:
+    """One line per prompts-per-member setting: where the batched pass stops paying on this machine."""
+    lines = [f"== low-rank over full-rank by prompts per member (N={rows[0].n}, {rows[0].tokens} new tokens, "
+             f"{str(rows[0].device)})",
+             f"   {'prompts':>7s} {'full s':>8s} {'low s':>8s} {'speed-up':>9s} {'rollout':>8s} {'full tok/s':>10s} "
+             f"{'low tok/s':>10s} {'plain tok/s':>11s}"]
+    for r in rows:
+        lines.append(f"   {r.prompts:7d} {r.full['iteration']:8.2f} {r.low['iteration']:8.2f} "
+                     f"{r.lowrank_over_full:8.2f}x {r.full['rollout'] / max(r.low['rollout'], 1e-12):7.2f}x "
+                     f"{r.full_tokens:10.0f} {r.low_tokens:10.0f} {r.plain_tokens:11.0f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,10 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON line (lowrank_over_full, ...) on stdout")
     bench.add_args(ap)
     add_args(ap)
-    ap.set_defaults(n=32, iterations=2)
+    ap.add_argument("--sweep", default="", help="comma-separated prompts per member, e.g. 2,4,8,16: one "
+                    "comparison each, then a table of the speed-ups")
+    ap.set_defaults(n=32, iterations=2, prompts=4)
     args = ap.parse_args(argv)
     dtype = bench.resolve(args)
     arch = bench.arch_of(args)
+    if args.sweep:
+        rows = [from_args(args, arch, dtype, args.n, int(p)) for p in args.sweep.split(",")]
+        print(json.dumps([r.as_json() for r in rows]) if args.json else sweep_table(rows), flush=True)
+        return 0
     res = from_args(args, arch, dtype, args.n)
     print(json.dumps(res.as_json()) if args.json else table(res), flush=True)
     return 0
@@ -171,14 +199,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, population: int = 256, prompts: int = 64,
                    tokens: int = 256, members_per_pass: int = 32, passes: int = 2, rank: int = 1,
+                   check_prompts: int = 8, check_tokens: int = 32,
                    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:
     """Generated tokens/s of low-rank member passes over plain batched inference of the unperturbed model
-    with the same batch (members_per_pass x prompts rows, the full token budget: EOS does not stop rows).
+    with the same batch (members_per_pass x prompts rows, the full token budget: no row stops at EOS), both
+    on the fast engine as a run uses it (plain decoding with CUDA graphs; a low-rank pass runs eagerly).
 
-    Times ``passes`` of the population's population/members_per_pass passes (the rest cost the same)."""
-    from transformers import GenerationConfig
-
+    Times ``passes`` of the population's population/members_per_pass passes (the rest cost the same).  Also
+    the plain engine without graphs and the hf engine with the hooks (one pass each), and whether the fast
+    pass gives the hooks' tokens on ``check_prompts`` prompts x ``check_tokens`` tokens per member."""
+    from hpc_es import fastgen
     from hpc_es.noise import KeyedNoise, member_seeds
+    from hpc_es.rollout import generate_ids
 
     t0 = time.perf_counter()
     model = bench.build_model(arch, dtype, device)
@@ -188,47 +220,70 @@ def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, populat
     enc = tok(texts, return_tensors="pt", padding=True).to(torch.device(device))
     rows = members_per_pass * prompts
     ids, mask = enc["input_ids"].repeat(members_per_pass, 1), enc["attention_mask"].repeat(members_per_pass, 1)
-    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    pad = int(tok.pad_token_id)
+    out: dict[str, Any] = {"arch": arch.name, "population": population, "prompts": prompts, "tokens": tokens,
+                           "members_per_pass": members_per_pass, "rows": rows, "engine": "fast"}
+
+    def gen(n: int, low: Any = None, graphs: bool | None = None) -> torch.Tensor:
+        # EOS id -1 matches no token: every row decodes the whole budget, plain and low-rank alike
+        return fastgen.generate_ids(model, ids, mask, n, [-1], pad, lowrank=low, graphs=graphs)
 
     def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, int]:
         sync()
         a = time.perf_counter()
-        out = fn()
+        got = fn()
         sync()
-        return time.perf_counter() - a, int(out.shape[0]) * int(out.shape[1] - ids.shape[1])
+        return time.perf_counter() - a, int(got.shape[0]) * int(got.shape[1])
 
-    short = GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4, "min_new_tokens": 4})
     with torch.no_grad():
         lm = lowrank.LowRankModel(model, "frozen", rank, KeyedNoise(1 << 20))
         seeds, signs = member_seeds(0, 0, population)
-        log(f"warm-up: {rows} rows x 4 tokens, plain and low-rank")
-        model.generate(input_ids=ids, attention_mask=mask, generation_config=short)
-        with lm.members(seeds[:members_per_pass].tolist(), signs[:members_per_pass].tolist(), 1e-3):
-            model.generate(input_ids=ids, attention_mask=mask, generation_config=short)
+        first = (seeds[:members_per_pass].tolist(), signs[:members_per_pass].tolist(), 1e-3)
+        log(f"warm-up: {rows} rows x 4 tokens, plain (graphs captured) and low-rank")
+        gen(4)
+        with lm.members(*first, hooks=False) as lp:
+            gen(4, lp)
         log(f"timing: {rows} rows x {tokens} tokens")
-        plain_s, plain_n = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=gen))
-        log(f"plain batched inference: {plain_n / plain_s:.0f} tokens/s")
+        plain_s, plain_n = timed(lambda: gen(tokens))
+        out["plain_tokens_per_s"] = plain_n / plain_s
+        log(f"plain batched inference (fast engine): {plain_n / plain_s:.0f} tokens/s")
+        eager_s, eager_n = timed(lambda: gen(tokens, graphs=False))
+        out["plain_eager_tokens_per_s"] = eager_n / eager_s
         low_s, low_n, setup_s = 0.0, 0, 0.0
         for p in range(min(passes, population // members_per_pass)):
             sl = slice(p * members_per_pass, (p + 1) * members_per_pass)
             sync()
             a = time.perf_counter()
-            with lm.members(seeds[sl].tolist(), signs[sl].tolist(), 1e-3):
+            with lm.members(seeds[sl].tolist(), signs[sl].tolist(), 1e-3, hooks=False) as lp:
                 sync()
                 setup_s += time.perf_counter() - a
-                s, k = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=gen))
+                s, k = timed(lambda: gen(tokens, lp))
             low_s += s
             low_n += k
             log(f"low-rank pass {p}: {k / s:.0f} tokens/s")
-        lm.remove()
-    peak = torch.cuda.max_memory_allocated(torch.device(device)) / 2**30 if device.startswith("cuda") else 0.0
-    frac = (low_n / low_s) / (plain_n / plain_s)
-    return {"arch": arch.name, "population": population, "prompts": prompts, "tokens": tokens,
-            "members_per_pass": members_per_pass, "rows": rows, "passes_timed": passes,
-            "plain_tokens_per_s": plain_n / plain_s, "lowrank_tokens_per_s": low_n / low_s,
-            "lowrank_fraction_of_plain": frac, "factor_setup_s_per_pass": setup_s / max(passes, 1),
-            "peak_gib": peak, "wall_s": time.perf_counter() - t0}
+        out.update(passes_timed=passes, lowrank_tokens_per_s=low_n / low_s,
+                   lowrank_fraction_of_plain=(low_n / low_s) / (plain_n / plain_s),
+                   lowrank_fraction_of_plain_eager=(low_n / low_s) / (eager_n / eager_s),
+                   factor_setup_s_per_pass=setup_s / max(passes, 1))
+        from transformers import GenerationConfig
+
+        gcfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens,
+                                pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        with lm.members(*first):
+            s, k = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=gcfg))
+        out["hf_hooks_tokens_per_s"] = (k - ids.numel()) / s
+        log(f"hf engine with the hooks: {out['hf_hooks_tokens_per_s']:.0f} tokens/s")
+        few = [t for _ in range(members_per_pass) for t in texts[:check_prompts]]
+        with lm.members(*first, hooks=False) as lp:
+            fast = generate_ids(model, tok, few, check_tokens, engine="fast", lowrank=lp)
+        with lm.members(*first):
+            hooked = generate_ids(model, tok, few, check_tokens, engine="hf")
+        out["rows_identical_fast_vs_hooks"] = sum(a == b for a, b in zip(fast, hooked)) / len(few)
+        log(f"fast pass vs hooks: {out['rows_identical_fast_vs_hooks']:.0%} of rows identical")
+    cuda = device.startswith("cuda")
+    out["peak_gib"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**30 if cuda else 0.0
+    out["wall_s"] = time.perf_counter() - t0
+    return out
 
 
 def gpu_table(r: dict[str, Any]) -> str:
@@ -237,9 +292,13 @@ def gpu_table(r: dict[str, Any]) -> str:
         f"== low-rank population throughput: {r['arch']}",
         f"   population {r['population']} ({r['members_per_pass']} members x {r['prompts']} prompts = {r['rows']} rows "
         f"per pass, {r['passes_timed']} pass(es) timed), {r['tokens']} new tokens",
-        f"   plain batched inference {r['plain_tokens_per_s']:10.0f} tokens/s",
+        f"   plain batched inference {r['plain_tokens_per_s']:10.0f} tokens/s (fast engine; without CUDA graphs "
+        f"{r['plain_eager_tokens_per_s']:.0f})",
         f"   low-rank members        {r['lowrank_tokens_per_s']:10.0f} tokens/s   "
-        f"({f:.1%} of plain, target >= 70%: {'PASS' if f >= 0.7 else 'MISS'})",
+        f"({f:.1%} of plain, target >= 70%: {'PASS' if f >= 0.7 else 'MISS'}; "
+        f"{r['lowrank_fraction_of_plain_eager']:.1%} of plain without graphs)",
+        f"   hf engine with the hooks {r['hf_hooks_tokens_per_s']:9.0f} tokens/s | fast pass vs hooks: "
+        f"{r['rows_identical_fast_vs_hooks']:.0%} of rows identical",
         f"   factor set-up {r['factor_setup_s_per_pass']:.2f} s per pass | peak memory {r['peak_gib']:.1f} GiB | "
         f"{r['wall_s']:.0f}s"])
 

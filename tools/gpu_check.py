@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """GPU check: the rollout engines and tools/bench.py's table for random Qwen2.5-1.5B and 7B architectures.
 
-Rollout engines first (issue 11), the JSON file (``--out``) rewritten after each phase:
+Rollout engines first (issue 11), the JSON file (``--out``) rewritten after each phase (the low-rank
+population throughput of issue 14 runs right after the exactness check: see check_lowrank):
 
 1. ``exactness``: a small fp32 model on the GPU, the fast engine (CUDA graphs, row compaction, ragged
    schedule) against HF generate: token ids must be identical.
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     report["exactness"] = exactness(args.device)
     print(f"exactness (fp32, fast vs hf, identical token ids): {report['exactness']}", flush=True)
     _write(args.out, report)
+    if not args.no_lowrank:  # issue 14, early: about a minute
+        report["lowrank"] = check_lowrank(args.tiny, args.device)
+        _write(args.out, report)
     # the engines at the paper's scale (--tiny: a few rows of the tiny architecture)
     for key, arch in engine_archs.items():
         r = engines(key, arch, dtype, args.device, args.rows, args.cap, 300.0 if not args.tiny else 8.0)
@@ -387,8 +391,6 @@ def main(argv: list[str] | None = None) -> int:
             failed = failed or not found["ok"]
             report.setdefault("master", {})[arch.name] = found
             _write(args.out, report)
-    if not args.no_lowrank:
-        check_lowrank(args.tiny, args.device)
     report["wall_s"] = time.perf_counter() - t0
     _write(args.out, report)
     print(f"gpu_check: {time.perf_counter() - t0:.0f}s in all", flush=True)
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def check_lowrank(tiny: bool, device: str) -> None:
+def check_lowrank(tiny: bool, device: str) -> dict[str, Any]:
     """es.noise=lowrank (issue 14): random-init Qwen2.5-1.5B, population 256, 64 prompts x 256 new tokens,
     32 members (2048 rows) per batched pass; tokens/s of two timed passes against plain batched inference
     of the unperturbed model with the same batch (target >= 70 %).  About a minute on an H200."""
@@ -412,6 +414,7 @@ def check_lowrank(tiny: bool, device: str) -> None:
     else:
         r = bench_lowrank.gpu_throughput(ARCHS["1.5B"], dtype=torch.bfloat16, device=device)
     print(bench_lowrank.gpu_table(r), flush=True)
+    return r
 
 
 if __name__ == "__main__":
