@@ -306,6 +306,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"config key 'es.population_size' = {cfg.es.population_size} must be even when es.antithetic is true"
         )
+    if cfg.es.noise == "lowrank" and cfg.es.master_on == "host":
+        raise ConfigError("config key 'es.master_on' = 'host' does not apply with es.noise=lowrank: the model's own "
+                          "parameters are the master (es.master_dtype=float32 keeps an fp32 copy beside them); "
+                          "use es.master_on=device")
     if not cfg.model:
         raise ConfigError("config key 'model' is empty; give a local model directory or 'tiny'")
     if not cfg.run_dir:

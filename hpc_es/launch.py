@@ -52,7 +52,7 @@ EXECUTOR_OPTIONS: dict[str, Any] = {
     "partition": None,
     "time": 60,  # minutes
     "folder": None,  # submitit's logs and pickles; None: <run_dir>/submitit
-    "cluster": None,  # slurm | local | debug; None: slurm where sbatch is on PATH, else local
+    "cluster": None,  # slurm | local | debug; None: slurm where srun is on PATH (submitit's rule), else local
     "job_name": "hpc_es",
     "mpi": "pmix",  # srun --mpi plugin: pmix (Open MPI) | pmi2 (MPICH) | none
     "signal_delay_s": 180,  # SIGUSR2 this long before the time limit: checkpoint and requeue
@@ -154,7 +154,7 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     opts = {**EXECUTOR_OPTIONS, **options}
     if opts["cluster"] is not None and opts["cluster"] not in CLUSTERS:
         raise ConfigError(f"executor option cluster={opts['cluster']!r} is not allowed; choose one of "
-                          f"{', '.join(CLUSTERS)} (or None to pick slurm when sbatch is available)")
+                          f"{', '.join(CLUSTERS)} (or None to pick slurm when srun is on PATH)")
     for key in ("nodes", "time", "gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s",
                 "max_requeues"):
         v = opts[key]

@@ -216,6 +216,9 @@ def test_config_keys_are_checked() -> None:
                         ("es.lowrank_scope=all", "es.lowrank_scope"), ("rollout.members_per_pass=-1", "members")):
         with pytest.raises(ConfigError, match=needle):
             load_config(None, [bad])
+    with pytest.raises(ConfigError, match="'es.master_on' = 'host' does not apply with es.noise=lowrank"):
+        load_config(None, ["es.noise=lowrank", "es.master_on=host"])
+    assert load_config(None, ["es.master_on=host"]).es.master_on == "host"  # full rank: fine
 
 
 def test_score_members_passes_give_the_same_rewards(tiny) -> None:
