@@ -119,3 +119,13 @@ def test_bench_lowrank_json_and_gpu_check_rows_on_cpu(tmp_path: Path) -> None:
     low = json.loads(out.read_text())["lowrank"]
     assert low["engine"] == "fast" and low["rows"] == 16 and low["lowrank_fraction_of_plain"] > 0
     assert low["rows_identical_fast_vs_hooks"] == 1.0  # fp32 on the CPU: the fast pass gives the hooks' tokens
+
+
+def test_hf_engine_with_hooks_gives_the_same_run(ref: Path, tmp_path: Path) -> None:
+    """rollout.engine=hf (forward hooks) against the reference on the fast engine (native low-rank passes):
+    the same rewards, hence the same weights."""
+    run_dir = tmp_path / "run"
+    summary(run_hpc_es(LOWRANK + ["rollout.engine=hf", f"run_dir={run_dir}"], env={"HPC_ES_FAULT": ""}))
+    assert (ledger_arrays(ref)["attrs"]["rollout_engine"], ledger_arrays(run_dir)["attrs"]["rollout_engine"]) == \
+        ("fast", "hf")
+    assert_same_run(run_dir, ref)
