@@ -277,13 +277,7 @@ def time_figure(run: Run) -> Any:
     if other.sum() > 0:
         ax.bar(x, other, width, bottom=bottom, color="0.75", label="other (all-reduce, ledger, ...)", linewidth=0)
     ax.set_title(f"{_short(run.name)}: mean {float(np.nanmean(total)):.3g} s per iteration", fontsize=10)
-    fig.suptitle("Time per iteration by phase (rank 0)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("seconds")
-    _style(ax, many)
-    handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(handles)), fontsize=9, frameon=False)
-    return fig
+    return _finish(fig, ax, "Time per iteration by phase (rank 0)", "seconds", many)
 
 
 def overlay_figure(runs: list[Run]) -> Any:
@@ -294,9 +288,14 @@ def overlay_figure(runs: list[Run]) -> Any:
     for i, run in enumerate(runs):
         ax.plot(run.x, run.column("reward_mean"), color=f"C{i % 10}", linewidth=2,
                 marker=None if many else ".", label=_short(run.name))
-    fig.suptitle("Mean reward per iteration")
+    return _finish(fig, ax, "Mean reward per iteration", "mean reward (training prompts)", many)
+
+
+def _finish(fig: Any, ax: Any, title: str, ylabel: str, many: bool) -> Any:
+    """Title, axis labels and the legend below the plot area (outside it, so no curve is ever hidden)."""
+    fig.suptitle(title)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("mean reward (training prompts)")
+    ax.set_ylabel(ylabel)
     _style(ax, many)
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(handles)), fontsize=9, frameon=False)

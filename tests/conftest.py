@@ -76,6 +76,29 @@ def ledger_arrays(run_dir: Path | str) -> dict:
         return {k: f[k][()] for k in f.keys()} | {"attrs": dict(f.attrs)}
 
 
+# A user task file (task=<file>.py) whose reward body the test fills in: `user_task("return 1.0")`.
+_USER_TASK = '''
+import sys
+from hpc_es.tasks import Example
+
+class T:
+    name = "user"
+    def train_examples(self):
+        return [Example("Q: hi\\nA:", {}) for _ in range(4)]
+    def test_examples(self):
+        return self.train_examples()
+    def score(self, completion, example):
+        {body}
+
+task = T()
+'''
+
+
+def user_task(body: str) -> str:
+    """The source of a one-prompt user task whose ``score`` runs ``body``."""
+    return _USER_TASK.replace("{body}", body)
+
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE_GOLDEN = "HPC_ES_UPDATE_GOLDEN"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_hpc_es
+from conftest import TINY, run_hpc_es, user_task
 from hpc_es.cli import main
 
 FAST = TINY + ["es.iterations=1"]
@@ -82,22 +82,6 @@ def test_unknown_task(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert_clean_failure(code, err, "chess")
 
 
-USER_TASK = '''
-from hpc_es.tasks import Example
-
-class T:
-    name = "user"
-    def train_examples(self):
-        return [Example("Q: hi\\nA:", {}) for _ in range(4)]
-    def test_examples(self):
-        return self.train_examples()
-    def score(self, completion, example):
-        {body}
-
-task = T()
-'''
-
-
 @pytest.mark.parametrize("body, words", [
     ("raise ZeroDivisionError('my reward broke')", ["my reward broke", "ZeroDivisionError"]),
     ("return float('nan')", ["nan"]),
@@ -106,7 +90,7 @@ task = T()
 def test_reward_function_that_fails(body: str, words: list[str], tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
     f = tmp_path / "bad_task.py"
-    f.write_text(USER_TASK.replace("{body}", body))
+    f.write_text(user_task(body))
     code, err = run_main(FAST + [f"task={f}:task", f"run_dir={tmp_path / 'r'}"], capsys)
     assert_clean_failure(code, err, *words)
     assert not (tmp_path / "r" / "log.h5").exists() and not list((tmp_path / "r").glob("*.tmp*"))
@@ -114,7 +98,7 @@ def test_reward_function_that_fails(body: str, words: list[str], tmp_path: Path,
 
 def test_user_task_trains_and_eval_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     f = tmp_path / "ok_task.py"
-    f.write_text(USER_TASK.replace("{body}", "return -float(len(completion))"))
+    f.write_text(user_task("return -float(len(completion))"))
     code, _ = run_main(FAST + [f"task={f}:task", f"run_dir={tmp_path / 'r'}"], capsys)
     assert code == 0 and (tmp_path / "r" / "log.h5").is_file()
     code = main(["eval", "task=countdown", "data.synthetic_size=40", "data.test_size=8", "rollout.batch_size=3",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, user_task
 from hpc_es import fsio, watchdog as wd
 from hpc_es.cli import main
 from hpc_es.config import Config, all_keys, get_key, load_config
@@ -394,23 +394,6 @@ def test_a_full_disk_during_a_ledger_write_is_one_line_and_the_rerun_resumes_exa
 
 # ---- whole runs: rewards that hang or exit, weights that overflow ------------------------------
 
-STUCK_TASK = '''
-import sys
-from hpc_es.tasks import Example
-
-class T:
-    name = "user"
-    def train_examples(self):
-        return [Example("Q: hi\\nA:", {}) for _ in range(4)]
-    def test_examples(self):
-        return self.train_examples()
-    def score(self, completion, example):
-        {body}
-
-task = T()
-'''
-
-
 @pytest.mark.parametrize("body, message", [
     ("while True: pass", "task 'user' reward did not return within 0.5 s on prompt 'Q: hi\\nA:' "
                          "(rollout.reward_timeout_s)"),
@@ -419,7 +402,7 @@ task = T()
 def test_a_reward_that_hangs_or_exits_stops_the_run_with_one_line(body: str, message: str, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     f = tmp_path / "stuck_task.py"
-    f.write_text(STUCK_TASK.replace("{body}", body))
+    f.write_text(user_task(body))
     t0 = time.monotonic()
     code = main(TINY + [f"task={f}:task", "rollout.reward_timeout_s=0.5", f"run_dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err
