@@ -23,7 +23,7 @@ import torch
 
 from hpc_es.errors import DistributedError
 from hpc_es.models import fingerprint_named, named_params, weights_digest
-from hpc_es.noise import chunks, noise_source
+from hpc_es.noise import KeyedNoise, chunks, noise_source
 
 log = logging.getLogger("hpc_es")
 
@@ -175,8 +175,11 @@ class Engine:
     def perturb(self, rep: Replica, seed: int, sign: int, sigma: float) -> None:
         """Working weights <- round(master + sign*sigma*eps(seed)); the master is untouched."""
         scale = float(sign) * sigma
+        keyed = self.noise if isinstance(self.noise, KeyedNoise) else None
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
+            if keyed is not None and keyed.perturb(flat[s:e], master[s:e], seed, name, s, scale):
+                return  # the compiled fused kernel: the same ops in one pass, the same bits
             eps = self.noise.fill(self._buf(flat.device, e - s, "eps"), seed, name, s)
             eps.mul_(scale)
             # fp32 sum, rounded once to the weights' dtype on the store (the same bits as add_ then copy_)
@@ -210,14 +213,17 @@ class Engine:
         compute = bool(terms) and scale != 0.0
         on_cpu = lead.device.type == "cpu"  # copy each chunk out while it is in cache; on a GPU, per tensor
         exact_terms = self.noise.scheme != "legacy"
+        keyed = self.noise if isinstance(self.noise, KeyedNoise) else None
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
             if compute:
                 dev = flat.device
                 acc = self._buf(dev, e - s, "acc")
                 acc.zero_()
-                eps = self._buf(dev, e - s, "eps")
-                for seed, c in terms:
+                # the compiled fused kernel: the same ops, several terms per pass over acc, the same bits
+                fused = keyed is not None and keyed.accumulate(acc, terms, name, s)
+                eps = self._buf(dev, 0 if fused else e - s, "eps")
+                for seed, c in [] if fused else terms:
                     if exact_terms:  # c*eps, then the sum: two exactly rounded ops, the same bits on CPU and CUDA
                         acc.add_(self.noise.fill(eps, seed, name, s).mul_(c))
                     else:  # legacy runs keep their fused multiply-add (and their bits)
