@@ -483,10 +483,13 @@ class KeyedNoise(_WholeTensor):
         try:
             if key not in _FUSED:
                 ramp = self._counters(device, _COMPILED_BLOCK.get(device.type, _DEFAULT_BLOCK))
-                ok = _check_fused(op, device, ramp, variant)
+                try:
+                    ok, why = _check_fused(op, device, ramp, variant), "gives other bits than eager"
+                except Exception as e:  # no working compiler, an inductor error: eager is always there
+                    ok, why = False, f"failed to build ({type(e).__name__}: {str(e)[:200]})"
                 if not ok:
-                    warnings.warn(f"hpc_es: the compiled fused {op} {variant} gives other bits than eager on "
-                                  f"{device.type}; using the eager path", RuntimeWarning, stacklevel=3)
+                    warnings.warn(f"hpc_es: the compiled fused {op} {variant} on {device.type} {why}; "
+                                  "using the eager path", RuntimeWarning, stacklevel=3)
                 _FUSED[key] = _fused_fn(op) if ok else None
         finally:
             _KERNELS_LOCK.release()
