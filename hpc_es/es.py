@@ -216,11 +216,12 @@ class Engine:
         keyed = self.noise if isinstance(self.noise, KeyedNoise) else None
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
+            written = False  # flat already holds round(new master)
             if compute:
                 dev = flat.device
                 acc = self._buf(dev, e - s, "acc")
                 acc.zero_()
-                # the compiled fused kernel: the same ops, several terms per pass over acc, the same bits
+                # compiled fused kernels where in use: the same ops in fewer passes over memory, the same bits
                 fused = keyed is not None and keyed.accumulate(acc, terms, name, s)
                 eps = self._buf(dev, 0 if fused else e - s, "eps")
                 for seed, c in [] if fused else terms:
@@ -228,15 +229,18 @@ class Engine:
                         acc.add_(self.noise.fill(eps, seed, name, s).mul_(c))
                     else:  # legacy runs keep their fused multiply-add (and their bits)
                         acc.add_(self.noise.fill(eps, seed, name, s), alpha=c)
-                acc.mul_(scale)
-                if master.device == dev:
-                    master[s:e].add_(acc)  # master + acc in fp32, rounded once to the master's dtype
-                else:
-                    acc.add_(master[s:e].to(dev, non_blocking=True))
-                    master[s:e].copy_(acc)
+                written = fused and keyed is not None and keyed.apply(acc, scale, master[s:e], flat[s:e])
+                if not written:
+                    acc.mul_(scale)
+                    if master.device == dev:
+                        master[s:e].add_(acc)  # master + acc in fp32, rounded once to the master's dtype
+                    else:
+                        acc.add_(master[s:e].to(dev, non_blocking=True))
+                        master[s:e].copy_(acc)
             if on_cpu:
                 new = master[s:e]
-                flat[s:e].copy_(new)
+                if not written:
+                    flat[s:e].copy_(new)
                 for other in masters:
                     other[name].view(-1)[s:e].copy_(new)
                 for work in workings:

@@ -239,6 +239,15 @@ def _accumulate_block(ramp: torch.Tensor, z0s: torch.Tensor, cells: torch.Tensor
     acc.copy_(total)
 
 
+def _apply_block(acc: torch.Tensor, scale: torch.Tensor, master: torch.Tensor, out: torch.Tensor) -> None:
+    """master <- round(master + acc*scale), out <- round(new master) in one pass: Engine.update's eager
+    ``acc.mul_(scale)``, ``master.add_(acc)`` (fp32 sum, one rounding to the master's dtype) and the copy
+    into the working weights, each step rounded as there.  ``scale``: a 0-d fp32 tensor."""
+    new = (acc * scale + master).to(master.dtype)
+    master.copy_(new)
+    out.copy_(new)
+
+
 _TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _TABLES_LOCK = threading.Lock()
 
@@ -324,7 +333,9 @@ def _fused_fn(op: str) -> Callable[..., None]:
     """The process's torch.compile wrapper of one fused op (dtypes and term counts are guards inside it)."""
     fn = _FUSED_FNS.get(op)
     if fn is None:
-        body = _perturb_block if op == "perturb" else _accumulate_block
+        bodies: dict[str, Callable[..., None]] = {"perturb": _perturb_block, "accumulate": _accumulate_block,
+                                                  "apply": _apply_block}
+        body = bodies[op]
         fn = _FUSED_FNS[op] = torch.compile(body, dynamic=True, options=_NO_CONTRACT)
     return fn
 
@@ -344,6 +355,12 @@ def _accumulate_eager(ramp: torch.Tensor, z0s: list[int], cells: torch.Tensor, s
     """Engine.update's eager arithmetic, term by term: what the fused kernel must reproduce."""
     for z0, c in zip(z0s, coefs):
         acc.add_(keyed_transform(ramp + z0, cells, steps).mul_(c))
+
+
+def _apply_eager(acc: torch.Tensor, scale: float, master: torch.Tensor, out: torch.Tensor) -> None:
+    """Engine.update's eager arithmetic after the sum (acc is consumed): what the fused kernel must reproduce."""
+    master.add_(acc.mul_(scale))
+    out.copy_(master)
 
 
 def _check_fused(op: str, device: torch.device, ramp: torch.Tensor, variant: Any) -> bool:
@@ -370,6 +387,18 @@ def _check_fused(op: str, device: torch.device, ramp: torch.Tensor, variant: Any
                 want = torch.empty_like(got)
                 _perturb_eager(r + base, cells, steps, scale, master, want)
                 if not _same_bits(got, want):
+                    return False
+        elif op == "apply":
+            master_dtype, out_dtype = variant
+            master = rand(m).to(master_dtype)
+            for scale in (5e-4 / 30, -0.0371, 1.7):
+                acc = rand(m) * 3.0
+                got_m, want_m = master.clone(), master.clone()
+                got = torch.empty(m, dtype=out_dtype, device=device)
+                want = torch.empty_like(got)
+                fn(acc, torch.tensor(scale, dtype=torch.float32, device=device), got_m, got)
+                _apply_eager(acc.clone(), scale, want_m, want)
+                if not (_same_bits(got_m, want_m) and _same_bits(got, want)):
                     return False
         else:
             k = int(variant)
@@ -553,6 +582,26 @@ class KeyedNoise(_WholeTensor):
                     fns[len(gk)](ramp[:m], torch.tensor(z0s, dtype=torch.int64, device=dev), cells, steps, gt,
                                  acc[s:s + m])
         self._count(dev, n * len(terms))
+        return True
+
+    def apply(self, acc: torch.Tensor, scale: float, master: torch.Tensor, out: torch.Tensor) -> bool:
+        """master <- round(master + scale*acc) and out <- round(new master) by the fused compiled kernel,
+        one pass, the same bits as Engine.update's eager ops.  False, with nothing written, when it is not
+        in use here.  (Not noise, but the same compiled-and-checked machinery, used where the noise is.)"""
+        dev, n = acc.device, acc.numel()
+        if n < _MIN_COMPILED or master.device != dev or out.device != dev:
+            return False
+        fn = self._fused(dev, "apply", (master.dtype, out.dtype))
+        if fn is None:
+            return False
+        sc = torch.tensor(scale, dtype=torch.float32, device=dev)
+        block = _COMPILED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
+        for s in range(0, n, block):
+            m = min(block, n - s)
+            if m < _MIN_COMPILED:
+                _apply_eager(acc[s:s + m], scale, master[s:s + m], out[s:s + m])
+            else:
+                fn(acc[s:s + m], sc, master[s:s + m], out[s:s + m])
         return True
 
 

@@ -350,6 +350,7 @@ def test_compiled_fused_perturb_and_update_give_the_eager_bits(
         warnings.simplefilter("error", RuntimeWarning)  # a refused kernel would warn: make it fail the test
         fused = _perturb_and_update(True, wdtype, mdtype, nterms)
     assert N._FUSED[("cpu", "perturb", (wdtype, mdtype))] is not None
+    assert N._FUSED[("cpu", "apply", (mdtype, wdtype))] is not None
     assert all(N._FUSED[("cpu", "accumulate", k)] is not None for k in {min(nterms, N.FUSED_TERMS),
                                                                         nterms % N.FUSED_TERMS or N.FUSED_TERMS})
     assert len(eager) == len(fused)
