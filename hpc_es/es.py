@@ -157,9 +157,11 @@ class Engine:
         return b[:n]
 
     def _run(self, device: torch.device, tasks: list, fn: Callable[..., None]) -> None:
-        """fn(*task) for every task: on the CPU pool when there is one, else here, in order."""
+        """fn(*task) for every task: on the CPU pool when there is one, else here, in order.  Compiled
+        fused kernels parallelise inside and run from this thread (see KeyedNoise.fused_now)."""
         workers = self.workers or torch.get_num_threads()
-        if device.type != "cpu" or workers <= 1 or len(tasks) <= 1:
+        fused = isinstance(self.noise, KeyedNoise) and self.noise.fused_now(device)
+        if device.type != "cpu" or workers <= 1 or len(tasks) <= 1 or fused:
             for task in tasks:
                 fn(*task)
             return

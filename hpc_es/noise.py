@@ -290,6 +290,9 @@ def compile_wanted(device_type: str) -> bool:
 _EAGER_BLOCK = {"cpu": 1 << 14}
 _COMPILED_BLOCK = {"cpu": 1 << 16}
 _DEFAULT_BLOCK = 1 << 24
+# The fused kernels keep no block-sized temporaries, so their blocks are whole CPU chunks: a call's Python
+# overhead is then negligible (at 2**16 it cost a third of the perturb on a 2-core machine).
+_FUSED_BLOCK = {"cpu": 1 << 20}
 _MIN_COMPILED = 16  # smaller fills stay eager (sizes 0 and 1 would make the dynamic kernel recompile)
 # Under auto, the CPU compiles only after this many eager elements (~10-60 s of eager work, more than the
 # compile takes), so short CPU runs (the demo, the tests) never pay for a compile.
@@ -499,6 +502,12 @@ class KeyedNoise(_WholeTensor):
         self._count(dev, n)
         return out
 
+    def fused_now(self, device: torch.device) -> bool:
+        """Whether perturb/accumulate/apply run compiled on this device now.  The compiled CPU kernels
+        parallelise inside (OpenMP, torch's thread count where they are built) and hold the GIL between
+        kernels, so the caller should then call them from one thread rather than from a thread pool."""
+        return self._compile_now(device)
+
     def _fused(self, device: torch.device, op: str, variant: Any) -> Callable[..., None] | None:
         """The compiled fused op for this device type and variant (dtypes or term count), checked against
         the eager ops the first time; None: eager (not wanted, not yet, being built, or refused)."""
@@ -511,7 +520,7 @@ class KeyedNoise(_WholeTensor):
             return None  # another thread is compiling: carry on eagerly meanwhile
         try:
             if key not in _FUSED:
-                ramp = self._counters(device, _COMPILED_BLOCK.get(device.type, _DEFAULT_BLOCK))
+                ramp = self._counters(device, _FUSED_BLOCK.get(device.type, _DEFAULT_BLOCK))
                 try:
                     ok, why = _check_fused(op, device, ramp, variant), "gives other bits than eager"
                 except Exception as e:  # no working compiler, an inductor error: eager is always there
@@ -538,7 +547,7 @@ class KeyedNoise(_WholeTensor):
             return False
         cells, steps = _table(dev)
         key = noise_key(seed, name)
-        block = _COMPILED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
+        block = _FUSED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
         ramp = self._counters(dev, min(block, n))
         sc = torch.tensor(scale, dtype=torch.float32, device=dev)
         for s in range(0, n, block):
@@ -570,7 +579,7 @@ class KeyedNoise(_WholeTensor):
         keys = [[noise_key(seed, name) for seed, _ in gr] for gr in groups]
         coefs = [[c for _, c in gr] for gr in groups]
         coef_t = [torch.tensor(c, dtype=torch.float32, device=dev) for c in coefs]
-        block = _COMPILED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
+        block = _FUSED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
         ramp = self._counters(dev, min(block, n))
         for s in range(0, n, block):
             m = min(block, n - s)
@@ -595,7 +604,7 @@ class KeyedNoise(_WholeTensor):
         if fn is None:
             return False
         sc = torch.tensor(scale, dtype=torch.float32, device=dev)
-        block = _COMPILED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
+        block = _FUSED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
         for s in range(0, n, block):
             m = min(block, n - s)
             if m < _MIN_COMPILED:

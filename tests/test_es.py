@@ -342,7 +342,7 @@ def _perturb_and_update(compile_: bool, wdtype: torch.dtype, mdtype: torch.dtype
                                            (torch.bfloat16, torch.float32)])
 def test_compiled_fused_perturb_and_update_give_the_eager_bits(
         wdtype: torch.dtype, mdtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(N._COMPILED_BLOCK, "cpu", 1024)  # several blocks per tensor in a tiny test
+    monkeypatch.setitem(N._FUSED_BLOCK, "cpu", 1024)  # several blocks per tensor in a tiny test
     monkeypatch.setattr(N, "_FUSED", {})  # built (and checked) afresh with the small block
     nterms = N.FUSED_TERMS + 2 if mdtype == torch.float32 else 3  # full groups and a remainder; one group
     eager = _perturb_and_update(False, wdtype, mdtype, nterms)
