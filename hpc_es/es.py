@@ -156,18 +156,22 @@ class Engine:
             b = bufs[key] = torch.empty(max(n, 1), dtype=torch.float32, device=device)
         return b[:n]
 
-    def _run(self, device: torch.device, tasks: list, fn: Callable[..., None]) -> None:
-        """fn(*task) for every task: on the CPU pool when there is one, else here, in order.  Compiled
-        fused kernels parallelise inside and run from this thread (see KeyedNoise.fused_now)."""
+    def _run(self, device: torch.device, tasks: list, fn: Callable[..., None], serial: bool = False) -> None:
+        """fn(*task) for every task: on the CPU pool when there is one, else (or ``serial``) here, in order."""
         workers = self.workers or torch.get_num_threads()
-        fused = isinstance(self.noise, KeyedNoise) and self.noise.fused_now(device)
-        if device.type != "cpu" or workers <= 1 or len(tasks) <= 1 or fused:
+        if device.type != "cpu" or workers <= 1 or len(tasks) <= 1 or serial:
             for task in tasks:
                 fn(*task)
             return
         tasks = sorted(tasks, key=lambda t: t[-1] - t[-2], reverse=True)  # biggest first: even finish
         for _ in _cpu_pool(workers).map(lambda t: fn(*t), tasks):
             pass
+
+    def _fused(self, device: torch.device) -> KeyedNoise | None:
+        """The keyed noise when its compiled fused kernels are to be used for this call, decided once per
+        call: the pieces then run from this thread (the kernels parallelise inside, and they are built
+        here, with this thread's torch thread count, never in a one-thread pool worker)."""
+        return self.noise if isinstance(self.noise, KeyedNoise) and self.noise.fused_now(device) else None
 
     def _pieces(self, rep: Replica) -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, int]]:
         return [(name, p.view(-1), rep.master[name].view(-1), i, s, e)
@@ -177,7 +181,7 @@ class Engine:
     def perturb(self, rep: Replica, seed: int, sign: int, sigma: float) -> None:
         """Working weights <- round(master + sign*sigma*eps(seed)); the master is untouched."""
         scale = float(sign) * sigma
-        keyed = self.noise if isinstance(self.noise, KeyedNoise) else None
+        keyed = self._fused(rep.device)
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
             if keyed is not None and keyed.perturb(flat[s:e], master[s:e], seed, name, s, scale):
@@ -187,7 +191,7 @@ class Engine:
             # fp32 sum, rounded once to the weights' dtype on the store (the same bits as add_ then copy_)
             torch.add(eps, master[s:e].to(flat.device, non_blocking=True), out=flat[s:e])
 
-        self._run(rep.device, self._pieces(rep), piece)
+        self._run(rep.device, self._pieces(rep), piece, serial=keyed is not None)
 
     @torch.no_grad()
     def restore(self, rep: Replica) -> None:
@@ -215,7 +219,7 @@ class Engine:
         compute = bool(terms) and scale != 0.0
         on_cpu = lead.device.type == "cpu"  # copy each chunk out while it is in cache; on a GPU, per tensor
         exact_terms = self.noise.scheme != "legacy"
-        keyed = self.noise if isinstance(self.noise, KeyedNoise) else None
+        keyed = self._fused(lead.device)
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
             written = False  # flat already holds round(new master)
@@ -248,7 +252,7 @@ class Engine:
                 for work in workings:
                     work[name].view(-1)[s:e].copy_(new)
 
-        self._run(lead.device, self._pieces(lead), piece)
+        self._run(lead.device, self._pieces(lead), piece, serial=keyed is not None)
         if not on_cpu:
             for name, p in lead.params:
                 new = lead.master[name]

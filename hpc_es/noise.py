@@ -483,7 +483,7 @@ class KeyedNoise(_WholeTensor):
         n = out.numel()
         cells, steps = _table(dev)
         key = noise_key(seed, name)
-        fn = self._compiled(dev)
+        fn = self._compiled(dev) if n >= _MIN_COMPILED else None  # (a tiny fill builds no kernel)
         done = 0
         if fn is not None and n >= _MIN_COMPILED:  # the fused kernel, one call per block: the same bits
             block = _COMPILED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
