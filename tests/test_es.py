@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 
@@ -376,3 +377,18 @@ def test_a_fused_kernel_with_other_bits_is_refused_and_eager_runs(monkeypatch: p
     assert N._FUSED[("cpu", "accumulate", 3)] is None
     for a, b in zip(eager, got):
         assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+@needs_cxx
+@pytest.mark.skipif(os.environ.get("HPC_ES_TEST_COMPILE") != "1", reason="compiles (slow); HPC_ES_TEST_COMPILE=1")
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="no FMA unit")
+def test_the_build_check_catches_a_compiler_that_contracts_into_fma(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With inductor's C++ built under -ffp-contract=fast, the check data exposes the contraction."""
+    monkeypatch.setitem(N._NO_CONTRACT, "cpp.enable_floating_point_contract_flag", "fast")
+    monkeypatch.setattr(N, "_FUSED_FNS", {})
+    ramp = KeyedNoise()._counters(torch.device("cpu"), 4099)
+    assert not N._check_fused("perturb", torch.device("cpu"), ramp, (torch.float32, torch.float32))
+    assert not N._check_fused("accumulate", torch.device("cpu"), ramp, 2)
+    monkeypatch.setitem(N._NO_CONTRACT, "cpp.enable_floating_point_contract_flag", "off")
+    monkeypatch.setattr(N, "_FUSED_FNS", {})
+    assert N._check_fused("perturb", torch.device("cpu"), ramp, (torch.float32, torch.float32))
