@@ -310,9 +310,7 @@ def _build_kernel(device: torch.device, ramp: torch.Tensor) -> Callable[..., tor
 
     Both compute the same exactly defined integer and rounding steps, so they agree by construction; the
     check guards against a compiler bug (a wrong kernel is refused with a warning and the eager path kept)."""
-    # one thread per kernel: fills run on the engines' thread pools (lowrank), one stream per worker; a kernel
-    # that parallelised inside would be built with the thread count of whichever thread built it first
-    fn = torch.compile(_compiled_block, dynamic=True, options={"cpp.threads": 1})
+    fn = torch.compile(_compiled_block, dynamic=True)
     cells, steps = _table(device)
     for base, m in ((0, ramp.numel()), (_s64(0x5DEECE66D << 30 | 7), min(ramp.numel(), 4099))):
         z0 = torch.tensor(base, dtype=torch.int64, device=device)
