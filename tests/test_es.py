@@ -334,8 +334,10 @@ def _perturb_and_update(compile_: bool, wdtype: torch.dtype, mdtype: torch.dtype
         out += [p.clone() for _, p in rep.params]
     rng = np.random.default_rng(nterms)
     seeds = rng.integers(0, 2**62, nterms)
-    eng.update([rep], seeds, np.ones(nterms, dtype=np.int8), rng.standard_normal(nterms), 0.05)
-    return out + [m.clone() for m in rep.master.values()] + [p.clone() for _, p in rep.params]
+    other = _odd_replica(wdtype, mdtype)  # a second replica with its own master: receives copies
+    eng.perturb(other, 14, 1, 0.01)
+    eng.update([rep, other], seeds, np.ones(nterms, dtype=np.int8), rng.standard_normal(nterms), 0.05)
+    return out + [t.clone() for r in (rep, other) for t in [*r.master.values(), *(p for _, p in r.params)]]
 
 
 @needs_cxx
