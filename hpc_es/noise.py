@@ -504,8 +504,9 @@ class KeyedNoise(_WholeTensor):
 
     def fused_now(self, device: torch.device) -> bool:
         """Whether perturb/accumulate/apply run compiled on this device now.  The compiled CPU kernels
-        parallelise inside (OpenMP, torch's thread count where they are built) and hold the GIL between
-        kernels, so the caller should then call them from one thread rather than from a thread pool."""
+        parallelise inside (OpenMP, torch's thread count where they are built), so the caller should then
+        call them from one thread: on 2 cores a 2-worker pool calling one-thread kernels ran no faster than
+        one thread (the calls serialise), one caller with 2-thread kernels about twice as fast."""
         return self._compile_now(device)
 
     def _fused(self, device: torch.device, op: str, variant: Any) -> Callable[..., None] | None:
