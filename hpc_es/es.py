@@ -23,7 +23,7 @@ import torch
 
 from hpc_es.errors import DistributedError
 from hpc_es.models import fingerprint_named, named_params, weights_digest
-from hpc_es.noise import chunks, noise_source
+from hpc_es.noise import KeyedNoise, chunks, noise_source
 
 log = logging.getLogger("hpc_es")
 
@@ -156,16 +156,22 @@ class Engine:
             b = bufs[key] = torch.empty(max(n, 1), dtype=torch.float32, device=device)
         return b[:n]
 
-    def _run(self, device: torch.device, tasks: list, fn: Callable[..., None]) -> None:
-        """fn(*task) for every task: on the CPU pool when there is one, else here, in order."""
+    def _run(self, device: torch.device, tasks: list, fn: Callable[..., None], serial: bool = False) -> None:
+        """fn(*task) for every task: on the CPU pool when there is one, else (or ``serial``) here, in order."""
         workers = self.workers or torch.get_num_threads()
-        if device.type != "cpu" or workers <= 1 or len(tasks) <= 1:
+        if device.type != "cpu" or workers <= 1 or len(tasks) <= 1 or serial:
             for task in tasks:
                 fn(*task)
             return
         tasks = sorted(tasks, key=lambda t: t[-1] - t[-2], reverse=True)  # biggest first: even finish
         for _ in _cpu_pool(workers).map(lambda t: fn(*t), tasks):
             pass
+
+    def _fused(self, device: torch.device) -> KeyedNoise | None:
+        """The keyed noise when its compiled fused kernels are to be used for this call, decided once per
+        call: the pieces then run from this thread (the kernels parallelise inside, and they are built
+        here, with this thread's torch thread count, never in a one-thread pool worker)."""
+        return self.noise if isinstance(self.noise, KeyedNoise) and self.noise.fused_now(device) else None
 
     def _pieces(self, rep: Replica) -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, int]]:
         return [(name, p.view(-1), rep.master[name].view(-1), i, s, e)
@@ -175,14 +181,17 @@ class Engine:
     def perturb(self, rep: Replica, seed: int, sign: int, sigma: float) -> None:
         """Working weights <- round(master + sign*sigma*eps(seed)); the master is untouched."""
         scale = float(sign) * sigma
+        keyed = self._fused(rep.device)
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
+            if keyed is not None and keyed.perturb(flat[s:e], master[s:e], seed, name, s, scale):
+                return  # the compiled fused kernel: the same ops in one pass, the same bits
             eps = self.noise.fill(self._buf(flat.device, e - s, "eps"), seed, name, s)
             eps.mul_(scale)
             # fp32 sum, rounded once to the weights' dtype on the store (the same bits as add_ then copy_)
             torch.add(eps, master[s:e].to(flat.device, non_blocking=True), out=flat[s:e])
 
-        self._run(rep.device, self._pieces(rep), piece)
+        self._run(rep.device, self._pieces(rep), piece, serial=keyed is not None)
 
     @torch.no_grad()
     def restore(self, rep: Replica) -> None:
@@ -210,33 +219,40 @@ class Engine:
         compute = bool(terms) and scale != 0.0
         on_cpu = lead.device.type == "cpu"  # copy each chunk out while it is in cache; on a GPU, per tensor
         exact_terms = self.noise.scheme != "legacy"
+        keyed = self._fused(lead.device)
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
+            written = False  # flat already holds round(new master)
             if compute:
                 dev = flat.device
                 acc = self._buf(dev, e - s, "acc")
                 acc.zero_()
-                eps = self._buf(dev, e - s, "eps")
-                for seed, c in terms:
+                # compiled fused kernels where in use: the same ops in fewer passes over memory, the same bits
+                fused = keyed is not None and keyed.accumulate(acc, terms, name, s)
+                eps = self._buf(dev, 0 if fused else e - s, "eps")
+                for seed, c in [] if fused else terms:
                     if exact_terms:  # c*eps, then the sum: two exactly rounded ops, the same bits on CPU and CUDA
                         acc.add_(self.noise.fill(eps, seed, name, s).mul_(c))
                     else:  # legacy runs keep their fused multiply-add (and their bits)
                         acc.add_(self.noise.fill(eps, seed, name, s), alpha=c)
-                acc.mul_(scale)
-                if master.device == dev:
-                    master[s:e].add_(acc)  # master + acc in fp32, rounded once to the master's dtype
-                else:
-                    acc.add_(master[s:e].to(dev, non_blocking=True))
-                    master[s:e].copy_(acc)
+                written = fused and keyed is not None and keyed.apply(acc, scale, master[s:e], flat[s:e])
+                if not written:
+                    acc.mul_(scale)
+                    if master.device == dev:
+                        master[s:e].add_(acc)  # master + acc in fp32, rounded once to the master's dtype
+                    else:
+                        acc.add_(master[s:e].to(dev, non_blocking=True))
+                        master[s:e].copy_(acc)
             if on_cpu:
                 new = master[s:e]
-                flat[s:e].copy_(new)
+                if not written:
+                    flat[s:e].copy_(new)
                 for other in masters:
                     other[name].view(-1)[s:e].copy_(new)
                 for work in workings:
                     work[name].view(-1)[s:e].copy_(new)
 
-        self._run(lead.device, self._pieces(lead), piece)
+        self._run(lead.device, self._pieces(lead), piece, serial=keyed is not None)
         if not on_cpu:
             for name, p in lead.params:
                 new = lead.master[name]

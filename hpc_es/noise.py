@@ -221,6 +221,33 @@ def _compiled_block(ramp: torch.Tensor, z0: torch.Tensor, cells: torch.Tensor, s
     return keyed_transform(ramp + z0, cells, steps)
 
 
+def _perturb_block(ramp: torch.Tensor, z0: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor,
+                   scale: torch.Tensor, master: torch.Tensor, out: torch.Tensor) -> None:
+    """out <- round(master + scale*eps) in one pass (Engine.perturb's eager ops, fused): the fp32 product,
+    the fp32 sum and the rounding to out's dtype are three separately rounded steps, as eager.  ``scale``
+    is a 0-d fp32 tensor (eager multiplies by the Python float rounded to fp32: the same operand)."""
+    out.copy_(keyed_transform(ramp + z0, cells, steps) * scale + master)
+
+
+def _accumulate_block(ramp: torch.Tensor, z0s: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor,
+                      coefs: torch.Tensor, acc: torch.Tensor) -> None:
+    """acc <- acc + c_k*eps_k for each term k in order, one pass over acc for several terms: each
+    product and each sum rounded to fp32 as Engine.update's eager ``acc.add_(eps.mul_(c))``."""
+    total = acc
+    for k in range(z0s.shape[0]):  # the term count is a guard: one graph per count
+        total = total + keyed_transform(ramp + z0s[k], cells, steps) * coefs[k]
+    acc.copy_(total)
+
+
+def _apply_block(acc: torch.Tensor, scale: torch.Tensor, master: torch.Tensor, out: torch.Tensor) -> None:
+    """master <- round(master + acc*scale), out <- round(new master) in one pass: Engine.update's eager
+    ``acc.mul_(scale)``, ``master.add_(acc)`` (fp32 sum, one rounding to the master's dtype) and the copy
+    into the working weights, each step rounded as there.  ``scale``: a 0-d fp32 tensor."""
+    new = (acc * scale + master).to(master.dtype)
+    master.copy_(new)
+    out.copy_(new)
+
+
 _TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _TABLES_LOCK = threading.Lock()
 
@@ -263,6 +290,9 @@ def compile_wanted(device_type: str) -> bool:
 _EAGER_BLOCK = {"cpu": 1 << 14}
 _COMPILED_BLOCK = {"cpu": 1 << 16}
 _DEFAULT_BLOCK = 1 << 24
+# The fused kernels keep no block-sized temporaries, so their blocks are whole CPU chunks: a call's Python
+# overhead is then negligible (at 2**16 it cost a third of the perturb on a 2-core machine).
+_FUSED_BLOCK = {"cpu": 1 << 20}
 _MIN_COMPILED = 16  # smaller fills stay eager (sizes 0 and 1 would make the dynamic kernel recompile)
 # Under auto, the CPU compiles only after this many eager elements (~10-60 s of eager work, more than the
 # compile takes), so short CPU runs (the demo, the tests) never pay for a compile.
@@ -291,6 +321,102 @@ def _build_kernel(device: torch.device, ramp: torch.Tensor) -> Callable[..., tor
     return fn
 
 
+# The fused kernels must round every step as eager does: no contraction of a*b + c into a fused multiply-add.
+# Inductor's C++ code is built with -ffp-contract=off by default (forced here against the environment
+# variable); Triton contracts unless fp fusion is off, which emulate_precision_casts does.  The check at
+# build time (_check_fused) would catch a contraction: random masters and accumulators, several scales.
+_NO_CONTRACT: dict[str, str | int | bool | Callable[..., Any]] = {
+    "cpp.enable_floating_point_contract_flag": "off", "emulate_precision_casts": True}
+FUSED_TERMS = 4  # update terms folded into the accumulator per pass over it (one compiled graph per count)
+_FUSED_FNS: dict[str, Callable[..., None]] = {}
+_FUSED: dict[tuple[object, ...], Callable[..., None] | None] = {}
+
+
+def _fused_fn(op: str) -> Callable[..., None]:
+    """The process's torch.compile wrapper of one fused op (dtypes and term counts are guards inside it)."""
+    fn = _FUSED_FNS.get(op)
+    if fn is None:
+        bodies: dict[str, Callable[..., None]] = {"perturb": _perturb_block, "accumulate": _accumulate_block,
+                                                  "apply": _apply_block}
+        body = bodies[op]
+        fn = _FUSED_FNS[op] = torch.compile(body, dynamic=True, options=_NO_CONTRACT)
+    return fn
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _perturb_eager(z: torch.Tensor, cells: torch.Tensor, steps: torch.Tensor, scale: float,
+                   master: torch.Tensor, out: torch.Tensor) -> None:
+    """Engine.perturb's eager arithmetic on counters ``z``: what the fused kernel must reproduce."""
+    torch.add(keyed_transform(z, cells, steps).mul_(scale), master, out=out)
+
+
+def _accumulate_eager(ramp: torch.Tensor, z0s: list[int], cells: torch.Tensor, steps: torch.Tensor,
+                      coefs: list[float], acc: torch.Tensor) -> None:
+    """Engine.update's eager arithmetic, term by term: what the fused kernel must reproduce."""
+    for z0, c in zip(z0s, coefs):
+        acc.add_(keyed_transform(ramp + z0, cells, steps).mul_(c))
+
+
+def _apply_eager(acc: torch.Tensor, scale: float, master: torch.Tensor, out: torch.Tensor) -> None:
+    """Engine.update's eager arithmetic after the sum (acc is consumed): what the fused kernel must reproduce."""
+    master.add_(acc.mul_(scale))
+    out.copy_(master)
+
+
+def _check_fused(op: str, device: torch.device, ramp: torch.Tensor, variant: Any) -> bool:
+    """The compiled op against the eager ops, bit for bit, on data that would show a contracted FMA or any
+    other change of rounding: random masters/accumulators of several magnitudes, several scales and
+    coefficients, a whole block and an odd length."""
+    fn = _fused_fn(op)
+    cells, steps = _table(device)
+    g = torch.Generator().manual_seed(20261130)
+
+    def rand(m: int) -> torch.Tensor:
+        mag = torch.pow(10.0, torch.randint(-4, 2, (m,), generator=g).float())
+        return (torch.randn(m, generator=g) * mag).to(device)
+
+    for base, m in ((0, ramp.numel()), (_s64(0x5DEECE66D << 30 | 7), min(ramp.numel(), 4099))):
+        r = ramp[:m]
+        if op == "perturb":
+            out_dtype, master_dtype = variant
+            master = rand(m).to(master_dtype)
+            z0 = torch.tensor(base, dtype=torch.int64, device=device)
+            for scale in (1e-3, -1e-3, 0.3721, -2.5e-5, 3.0):
+                got = torch.empty(m, dtype=out_dtype, device=device)
+                fn(r, z0, cells, steps, torch.tensor(scale, dtype=torch.float32, device=device), master, got)
+                want = torch.empty_like(got)
+                _perturb_eager(r + base, cells, steps, scale, master, want)
+                if not _same_bits(got, want):
+                    return False
+        elif op == "apply":
+            master_dtype, out_dtype = variant
+            master = rand(m).to(master_dtype)
+            for scale in (5e-4 / 30, -0.0371, 1.7):
+                acc = rand(m) * 3.0
+                got_m, want_m = master.clone(), master.clone()
+                got = torch.empty(m, dtype=out_dtype, device=device)
+                want = torch.empty_like(got)
+                fn(acc, torch.tensor(scale, dtype=torch.float32, device=device), got_m, got)
+                _apply_eager(acc.clone(), scale, want_m, want)
+                if not (_same_bits(got_m, want_m) and _same_bits(got, want)):
+                    return False
+        else:
+            k = int(variant)
+            z0s = [_s64(base + 0x1234567 * (j + 1) * _GAMMA) for j in range(k)]
+            coefs = [float(c) for c in torch.randn(k, generator=g) * 2.0]
+            acc = rand(m) * 3.0
+            got, want = acc.clone(), acc.clone()
+            fn(r, torch.tensor(z0s, dtype=torch.int64, device=device), cells, steps,
+               torch.tensor(coefs, dtype=torch.float32, device=device), got)
+            _accumulate_eager(r, z0s, cells, steps, coefs, want)
+            if not _same_bits(got, want):
+                return False
+    return True
+
+
 class KeyedNoise(_WholeTensor):
     """The keyed scheme: eps(seed, name, i) for any slice, computed block by block, thread-safe."""
 
@@ -315,19 +441,32 @@ class KeyedNoise(_WholeTensor):
             c = cache[device] = torch.from_numpy(ramp).to(device)
         return c[:n]
 
-    def _compiled(self, device: torch.device) -> Callable[..., torch.Tensor] | None:
-        """The process's compiled kernel for this device type, or None (eager) when not wanted or not yet."""
-        kind = device.type
+    def _wanted(self, kind: str) -> bool:
         want = self._want.get(kind)
         if want is None:
             want = self._want[kind] = self._compile if self._compile is not None else compile_wanted(kind)
-        if not want:
-            return None
-        if kind in _KERNELS:
-            return _KERNELS[kind]
+        return want
+
+    def _compile_now(self, device: torch.device) -> bool:
+        """Whether compiled kernels are wanted on this device type now (auto: on the CPU only after
+        CPU_COMPILE_AFTER eager elements)."""
+        kind = device.type
+        if not self._wanted(kind):
+            return False
         auto = self._compile is None and _compile_env() == "auto"
-        if auto and kind == "cpu" and self._drawn.get(kind, 0) < CPU_COMPILE_AFTER:
-            return None  # not yet worth it
+        return not (auto and kind == "cpu" and self._drawn.get(kind, 0) < CPU_COMPILE_AFTER)
+
+    def _count(self, device: torch.device, n: int) -> None:
+        if self._compile is None and device.type == "cpu":
+            self._drawn[device.type] = self._drawn.get(device.type, 0) + n  # a race only delays the switch
+
+    def _compiled(self, device: torch.device) -> Callable[..., torch.Tensor] | None:
+        """The process's compiled kernel for this device type, or None (eager) when not wanted or not yet."""
+        kind = device.type
+        if kind in _KERNELS and self._wanted(kind):
+            return _KERNELS[kind]
+        if not self._compile_now(device):
+            return None
         if not _KERNELS_LOCK.acquire(blocking=False):
             return None  # another thread is compiling: carry on eagerly meanwhile
         try:
@@ -344,7 +483,7 @@ class KeyedNoise(_WholeTensor):
         n = out.numel()
         cells, steps = _table(dev)
         key = noise_key(seed, name)
-        fn = self._compiled(dev)
+        fn = self._compiled(dev) if n >= _MIN_COMPILED else None  # (a tiny fill builds no kernel)
         done = 0
         if fn is not None and n >= _MIN_COMPILED:  # the fused kernel, one call per block: the same bits
             block = _COMPILED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
@@ -360,9 +499,120 @@ class KeyedNoise(_WholeTensor):
             m = min(block, n - s)
             z = ramp[:m] + _s64(key + (start + s + 1) * _GAMMA)
             keyed_transform(z, cells, steps, out[s:s + m])
-        if self._compile is None and dev.type == "cpu":
-            self._drawn[dev.type] = self._drawn.get(dev.type, 0) + n  # a race only delays the switch
+        self._count(dev, n)
         return out
+
+    def fused_now(self, device: torch.device) -> bool:
+        """Whether perturb/accumulate/apply run compiled on this device now.  The compiled CPU kernels
+        parallelise inside (OpenMP, torch's thread count where they are built), so the caller should then
+        call them from one thread: on 2 cores a 2-worker pool calling one-thread kernels ran no faster than
+        one thread (the calls serialise), one caller with 2-thread kernels about twice as fast."""
+        return self._compile_now(device)
+
+    def _fused(self, device: torch.device, op: str, variant: Any) -> Callable[..., None] | None:
+        """The compiled fused op for this device type and variant (dtypes or term count), checked against
+        the eager ops the first time; None: eager (not wanted, not yet, being built, or refused)."""
+        key = (device.type, op, variant)
+        if key in _FUSED and self._wanted(device.type):
+            return _FUSED[key]
+        if not self._compile_now(device):
+            return None
+        if not _KERNELS_LOCK.acquire(blocking=False):
+            return None  # another thread is compiling: carry on eagerly meanwhile
+        try:
+            if key not in _FUSED:
+                ramp = self._counters(device, _FUSED_BLOCK.get(device.type, _DEFAULT_BLOCK))
+                try:
+                    ok, why = _check_fused(op, device, ramp, variant), "gives other bits than eager"
+                except Exception as e:  # no working compiler, an inductor error: eager is always there
+                    ok, why = False, f"failed to build ({type(e).__name__}: {str(e)[:200]})"
+                if not ok:
+                    warnings.warn(f"hpc_es: the compiled fused {op} {variant} on {device.type} {why}; "
+                                  "using the eager path", RuntimeWarning, stacklevel=3)
+                _FUSED[key] = _fused_fn(op) if ok else None
+        finally:
+            _KERNELS_LOCK.release()
+        return _FUSED[key]
+
+    def perturb(self, out: torch.Tensor, master: torch.Tensor, seed: int, name: str, start: int,
+                scale: float) -> bool:
+        """out <- round(master + scale*eps(seed, name, start..)) by the fused compiled kernel, one pass per
+        block, the same bits as the eager ops (Engine.perturb).  False, with nothing written, when the
+        fused kernel is not in use here: the caller then runs the eager ops.  ``out`` and ``master`` are
+        contiguous 1-D slices on one device."""
+        dev, n = out.device, out.numel()
+        if n < _MIN_COMPILED or master.device != dev:
+            return False
+        fn = self._fused(dev, "perturb", (out.dtype, master.dtype))
+        if fn is None:
+            return False
+        cells, steps = _table(dev)
+        key = noise_key(seed, name)
+        block = _FUSED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
+        ramp = self._counters(dev, min(block, n))
+        sc = torch.tensor(scale, dtype=torch.float32, device=dev)
+        for s in range(0, n, block):
+            m = min(block, n - s)
+            z0 = _s64(key + (start + s + 1) * _GAMMA)
+            if m < _MIN_COMPILED:  # a short tail would make the dynamic kernel recompile
+                _perturb_eager(ramp[:m] + z0, cells, steps, scale, master[s:s + m], out[s:s + m])
+            else:
+                fn(ramp[:m], torch.tensor(z0, dtype=torch.int64, device=dev), cells, steps, sc,
+                   master[s:s + m], out[s:s + m])
+        self._count(dev, n)
+        return True
+
+    def accumulate(self, acc: torch.Tensor, terms: list[tuple[int, float]], name: str, start: int) -> bool:
+        """acc <- acc + c*eps(seed, name, start..) for each (seed, c) of ``terms`` in order, by the fused
+        compiled kernel (FUSED_TERMS terms per pass over acc), the same bits as Engine.update's eager ops.
+        False, with acc untouched, when the fused kernel is not in use here.  ``acc``: fp32, 1-D."""
+        dev, n = acc.device, acc.numel()
+        if n < _MIN_COMPILED or not terms:
+            return False
+        groups = [terms[i:i + FUSED_TERMS] for i in range(0, len(terms), FUSED_TERMS)]
+        fns = {}
+        for k in sorted({len(gr) for gr in groups}):
+            fn = self._fused(dev, "accumulate", k)
+            if fn is None:
+                return False
+            fns[k] = fn
+        cells, steps = _table(dev)
+        keys = [[noise_key(seed, name) for seed, _ in gr] for gr in groups]
+        coefs = [[c for _, c in gr] for gr in groups]
+        coef_t = [torch.tensor(c, dtype=torch.float32, device=dev) for c in coefs]
+        block = _FUSED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
+        ramp = self._counters(dev, min(block, n))
+        for s in range(0, n, block):
+            m = min(block, n - s)
+            for gk, gc, gt in zip(keys, coefs, coef_t):
+                z0s = [_s64(k + (start + s + 1) * _GAMMA) for k in gk]
+                if m < _MIN_COMPILED:  # a short tail would make the dynamic kernel recompile
+                    _accumulate_eager(ramp[:m], z0s, cells, steps, gc, acc[s:s + m])
+                else:
+                    fns[len(gk)](ramp[:m], torch.tensor(z0s, dtype=torch.int64, device=dev), cells, steps, gt,
+                                 acc[s:s + m])
+        self._count(dev, n * len(terms))
+        return True
+
+    def apply(self, acc: torch.Tensor, scale: float, master: torch.Tensor, out: torch.Tensor) -> bool:
+        """master <- round(master + scale*acc) and out <- round(new master) by the fused compiled kernel,
+        one pass, the same bits as Engine.update's eager ops.  False, with nothing written, when it is not
+        in use here.  (Not noise, but the same compiled-and-checked machinery, used where the noise is.)"""
+        dev, n = acc.device, acc.numel()
+        if n < _MIN_COMPILED or master.device != dev or out.device != dev:
+            return False
+        fn = self._fused(dev, "apply", (master.dtype, out.dtype))
+        if fn is None:
+            return False
+        sc = torch.tensor(scale, dtype=torch.float32, device=dev)
+        block = _FUSED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
+        for s in range(0, n, block):
+            m = min(block, n - s)
+            if m < _MIN_COMPILED:
+                _apply_eager(acc[s:s + m], scale, master[s:s + m], out[s:s + m])
+            else:
+                fn(acc[s:s + m], sc, master[s:s + m], out[s:s + m])
+        return True
 
 
 NoiseSource = KeyedNoise | LegacyNoise

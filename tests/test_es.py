@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from hpc_es.es import Engine, Replica, centered_ranks, shape_rewards, zscore
 from hpc_es.models import fingerprint, load_model, named_params
+from hpc_es import noise as N
 from hpc_es.noise import KeyedNoise
 
 
@@ -301,3 +306,91 @@ def test_replicas_on_one_device_share_one_master_and_match_one_replica(master_dt
     assert fingerprint(nets[0]) == fingerprint(nets[1]) == fingerprint(nets[2])
     assert reps[0].master_fingerprint() == alone.master_fingerprint()
     assert reps[0].digest() == reps[1].digest() == alone.digest()
+
+
+# ---- the compiled fused perturb/update (keyed noise) against the eager ops, bit for bit ----------------
+
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                               reason="torch.compile on the CPU needs a C++ compiler")
+
+
+def _odd_replica(wdtype: torch.dtype, mdtype: torch.dtype) -> Replica:
+    """Odd sizes: several compiled blocks with a ragged end, a tail under _MIN_COMPILED, a tiny tensor."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"w.a": (2500 + 7,), "w.b": (33, 17), "w.c": (1500 + 1024 + 5,), "w.d": (7,), "w.e": (3001,)}
+    params = [(n, (torch.randn(s, generator=g) * 10.0 ** torch.randint(-4, 2, s, generator=g)).to(wdtype))
+              for n, s in shapes.items()]
+    return Replica(model=torch.nn.Module(), device=torch.device("cpu"), params=params,
+                   master={n: p.to(mdtype) for n, p in params})
+
+
+def _perturb_and_update(compile_: bool, wdtype: torch.dtype, mdtype: torch.dtype, nterms: int) -> list[torch.Tensor]:
+    rep = _odd_replica(wdtype, mdtype)
+    eng = Engine(chunk=1500, workers=2)  # pieces start inside compiled blocks; two threads
+    eng.noise = KeyedNoise(compile=compile_)
+    out = []
+    for seed, sign, sigma in ((11, 1, 1e-3), (12, -1, 0.37), (13, 1, 2.5e-5)):
+        eng.perturb(rep, seed, sign, sigma)
+        out += [p.clone() for _, p in rep.params]
+    rng = np.random.default_rng(nterms)
+    seeds = rng.integers(0, 2**62, nterms)
+    other = _odd_replica(wdtype, mdtype)  # a second replica with its own master: receives copies
+    eng.perturb(other, 14, 1, 0.01)
+    eng.update([rep, other], seeds, np.ones(nterms, dtype=np.int8), rng.standard_normal(nterms), 0.05)
+    return out + [t.clone() for r in (rep, other) for t in [*r.master.values(), *(p for _, p in r.params)]]
+
+
+@needs_cxx
+@pytest.mark.parametrize("wdtype,mdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32)])
+def test_compiled_fused_perturb_and_update_give_the_eager_bits(
+        wdtype: torch.dtype, mdtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(N._FUSED_BLOCK, "cpu", 1024)  # several blocks per tensor in a tiny test
+    monkeypatch.setattr(N, "_FUSED", {})  # built (and checked) afresh with the small block
+    nterms = N.FUSED_TERMS + 2 if mdtype == torch.float32 else 3  # full groups and a remainder; one group
+    eager = _perturb_and_update(False, wdtype, mdtype, nterms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a refused kernel would warn: make it fail the test
+        fused = _perturb_and_update(True, wdtype, mdtype, nterms)
+    assert N._FUSED[("cpu", "perturb", (wdtype, mdtype))] is not None
+    assert N._FUSED[("cpu", "apply", (mdtype, wdtype))] is not None
+    assert all(N._FUSED[("cpu", "accumulate", k)] is not None for k in {min(nterms, N.FUSED_TERMS),
+                                                                        nterms % N.FUSED_TERMS or N.FUSED_TERMS})
+    assert len(eager) == len(fused)
+    for a, b in zip(eager, fused):
+        assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+def test_a_fused_kernel_with_other_bits_is_refused_and_eager_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a compiler that contracts a*b + c into an FMA would produce: the build check refuses it."""
+    def contracted_perturb(ramp, z0, cells, steps, scale, master, out) -> None:
+        eps = N.keyed_transform(ramp + z0, cells, steps).double()  # product and sum rounded once, as an FMA
+        out.copy_((eps * scale.double() + master.double()).float())
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(N, "_FUSED", {})
+    monkeypatch.setattr(N, "_fused_fn", lambda op: contracted_perturb if op == "perturb" else broken)
+    eager = _perturb_and_update(False, torch.float32, torch.float32, 3)
+    with pytest.warns(RuntimeWarning, match="using the eager path"):
+        got = _perturb_and_update(True, torch.float32, torch.float32, 3)
+    assert N._FUSED[("cpu", "perturb", (torch.float32, torch.float32))] is None
+    assert N._FUSED[("cpu", "accumulate", 3)] is None
+    for a, b in zip(eager, got):
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+@needs_cxx
+@pytest.mark.skipif(os.environ.get("HPC_ES_TEST_COMPILE") != "1", reason="compiles (slow); HPC_ES_TEST_COMPILE=1")
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="no FMA unit")
+def test_the_build_check_catches_a_compiler_that_contracts_into_fma(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With inductor's C++ built under -ffp-contract=fast, the check data exposes the contraction."""
+    monkeypatch.setitem(N._NO_CONTRACT, "cpp.enable_floating_point_contract_flag", "fast")
+    monkeypatch.setattr(N, "_FUSED_FNS", {})
+    ramp = KeyedNoise()._counters(torch.device("cpu"), 4099)
+    assert not N._check_fused("perturb", torch.device("cpu"), ramp, (torch.float32, torch.float32))
+    assert not N._check_fused("accumulate", torch.device("cpu"), ramp, 2)
+    monkeypatch.setitem(N._NO_CONTRACT, "cpp.enable_floating_point_contract_flag", "off")
+    monkeypatch.setattr(N, "_FUSED_FNS", {})
+    assert N._check_fused("perturb", torch.device("cpu"), ramp, (torch.float32, torch.float32))
