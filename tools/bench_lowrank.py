@@ -206,8 +206,9 @@ def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, populat
     on the fast engine as a run uses it (plain decoding with CUDA graphs; a low-rank pass runs eagerly).
 
     Times ``passes`` of the population's population/members_per_pass passes (the rest cost the same).  Also
-    the plain engine without graphs and the hf engine with the hooks (one pass each), and whether the fast
-    pass gives the hooks' tokens on ``check_prompts`` prompts x ``check_tokens`` tokens per member."""
+    the plain engine without graphs and the hf engine with the hooks (one pass each, the hooks over
+    ``check_tokens`` tokens), and whether the fast pass gives the hooks' tokens on ``check_prompts`` prompts x
+    ``check_tokens`` tokens per member."""
     from hpc_es import fastgen
     from hpc_es.noise import KeyedNoise, member_seeds
     from hpc_es.rollout import generate_ids
@@ -267,7 +268,8 @@ def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, populat
                    factor_setup_s_per_pass=setup_s / max(passes, 1))
         from transformers import GenerationConfig
 
-        gcfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens, min_new_tokens=tokens,
+        short = min(tokens, check_tokens)  # HF's own loop is slow on a GPU: a shorter budget tells its rate
+        gcfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=short, min_new_tokens=short,
                                 pad_token_id=pad, eos_token_id=tok.eos_token_id)
         with lm.members(*first):
             s, k = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=gcfg))

@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 def check_lowrank(tiny: bool, device: str) -> dict[str, Any]:
     """es.noise=lowrank (issue 14): random-init Qwen2.5-1.5B, population 256, 64 prompts x 256 new tokens,
     32 members (2048 rows) per batched pass; tokens/s of two timed passes against plain batched inference
-    of the unperturbed model with the same batch (target >= 70 %).  About a minute on an H200."""
+    of the unperturbed model with the same batch (target >= 70 %).  A minute or two on an H200."""
     import bench_lowrank
 
     if tiny:
