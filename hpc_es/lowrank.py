@@ -56,6 +56,18 @@ def factors(noise: NoiseSource, seed: int, name: str, shape: Sequence[int], rank
             noise.tensor(seed, kb, (int(shape[1]), rank), device))
 
 
+def side_by_side(noise: NoiseSource, seeds: Sequence[int], name: str, shape: Sequence[int], rank: int,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """[A_0 .. A_K-1] (out x K r) and [B_0 .. B_K-1] (in x K r) of the members ``seeds`` (columns k*r ..
+    k*r+r-1 are member k's), fp32, drawn in one pass per factor: the bits of ``factors`` for each."""
+    ka, kb = factor_keys(name)
+    k = len(seeds)
+    a = noise.stack(seeds, ka, (int(shape[0]), rank), device)  # (K, out, r)
+    b = noise.stack(seeds, kb, (int(shape[1]), rank), device)  # (K, in, r)
+    return (a.permute(1, 0, 2).reshape(int(shape[0]), k * rank),
+            b.permute(1, 0, 2).reshape(int(shape[1]), k * rank))
+
+
 def plan(model: torch.nn.Module, scope: str) -> dict[str, str]:
     """Parameter name -> LOWRANK or FULLRANK for every parameter that is perturbed; the rest stay frozen.
 
@@ -134,12 +146,11 @@ class LowRankModel:
         for name, kind in self.plan.items():
             p = self.params[name]
             if kind == FULLRANK:
-                eps = torch.stack([self.noise.tensor(int(s), name, p.shape, dev).view(-1) for s in seeds])
+                eps = self.noise.stack(seeds, name, (p.numel(),), dev)
                 vectors[p.data_ptr()] = eps * torch.tensor([float(s) * sigma for s in signs], device=dev)[:, None]
                 continue
-            pairs = [factors(self.noise, int(s), name, p.shape, r, dev) for s in seeds]
-            a = torch.cat([q[0] for q in pairs], 1).to(dtype)  # (out, G r)
-            b = torch.cat([q[1] for q in pairs], 1).to(dtype)  # (in, G r)
+            a, b = side_by_side(self.noise, seeds, name, p.shape, r, dev)
+            a, b = a.to(dtype), b.to(dtype)  # (out, G r), (in, G r)
             emb = name in self.embeddings
             mats[p.data_ptr()] = fastgen.Factors(b.contiguous(), a.T.contiguous(), a.contiguous() if emb else None,
                                                  b.T.contiguous() if emb else None)
@@ -330,13 +341,10 @@ class LowRankEngine:
         out_f, in_f = master.shape
         r = self.rank
         # Factors of every term: (out x K r) scaled by its coefficient, and (in x K r); small.
-        lefts, rights = [], []
-        for seed, c in terms:
-            a, b = factors(self.noise, seed, name, master.shape, r, dev)
-            lefts.append(a.mul_(c))
-            rights.append(b)
-        left = torch.cat(lefts, 1)
-        right = torch.cat(rights, 1).T.contiguous()  # (K r, in): row k is a contiguous factor
+        left, right = side_by_side(self.noise, [seed for seed, _ in terms], name, master.shape, r, dev)
+        coef = torch.tensor([c for _, c in terms], dtype=torch.float32, device=dev).repeat_interleave(r)
+        left.mul_(coef)  # column k*r + j: term k's coefficient times A_k[:, j], one fp32 product each
+        right = right.T.contiguous()  # (K r, in): row k is a contiguous factor
         rows = max(1, self.block // in_f) if dev.type == "cpu" else out_f
         blocks = [(s, min(s + rows, out_f)) for s in range(0, out_f, rows)]
 

@@ -30,7 +30,7 @@ import os
 import shutil
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from statistics import NormalDist
 from typing import Any
 
@@ -107,6 +107,11 @@ class _WholeTensor:
         for _, s, e in chunks(numel, self.chunk):
             self.fill(flat[s:e], seed, name, s)
         return flat.view(shape)
+
+    def stack(self, seeds: Sequence[int], name: str, shape: torch.Size | tuple[int, ...],
+              device: torch.device | str = "cpu") -> torch.Tensor:
+        """``tensor`` of every seed in ``seeds``, stacked: (len(seeds), *shape), the same bits."""
+        return torch.stack([self.tensor(int(sd), name, shape, device) for sd in seeds])
 
 
 class LegacyNoise(_WholeTensor):
@@ -293,6 +298,7 @@ _DEFAULT_BLOCK = 1 << 24
 # The fused kernels keep no block-sized temporaries, so their blocks are whole CPU chunks: a call's Python
 # overhead is then negligible (at 2**16 it cost a third of the perturb on a 2-core machine).
 _FUSED_BLOCK = {"cpu": 1 << 20}
+_STACK_BLOCK = 1 << 20  # elements per eager pass of KeyedNoise.stack
 _MIN_COMPILED = 16  # smaller fills stay eager (sizes 0 and 1 would make the dynamic kernel recompile)
 # Under auto, the CPU compiles only after this many eager elements (~10-60 s of eager work, more than the
 # compile takes), so short CPU runs (the demo, the tests) never pay for a compile.
@@ -440,6 +446,26 @@ class KeyedNoise(_WholeTensor):
             ramp = (np.arange(n, dtype=np.uint64) * np.uint64(_GAMMA)).view(np.int64)
             c = cache[device] = torch.from_numpy(ramp).to(device)
         return c[:n]
+
+    def stack(self, seeds: Sequence[int], name: str, shape: torch.Size | tuple[int, ...],
+              device: torch.device | str = "cpu") -> torch.Tensor:
+        """Every seed's noise for ``name`` in one eager pass: (len(seeds), *shape), the bits of ``tensor``.
+
+        Each element is the same integer function of its own counter, so computing many members' counters
+        at once changes no bit; it spares one call per member (a low-rank pass draws small factors for
+        every member and matrix)."""
+        dev = torch.device(device)
+        numel = int(np.prod(shape)) if len(shape) else 1
+        cells, steps = _table(dev)
+        out = torch.empty(len(seeds), numel, dtype=torch.float32, device=dev)
+        step = max(1, _STACK_BLOCK // max(numel, 1))  # members per pass: bounded scratch memory
+        for m0 in range(0, len(seeds), step):
+            part = seeds[m0:m0 + step]
+            base = torch.tensor([_s64(noise_key(int(sd), name) + _GAMMA) for sd in part], dtype=torch.int64,
+                                device=dev)  # the counter of element 0
+            z = (self._counters(dev, numel)[None, :] + base[:, None]).view(-1)
+            keyed_transform(z, cells, steps, out[m0:m0 + len(part)].view(-1))
+        return out.view(len(seeds), *shape)
 
     def _wanted(self, kind: str) -> bool:
         want = self._want.get(kind)

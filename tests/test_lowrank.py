@@ -261,3 +261,23 @@ def test_trajectory_keys_name_the_mode_and_old_ledgers_read_as_full_rank() -> No
     low = load_config(None, ["es.noise=lowrank", "es.rank=2"])
     with pytest.raises(CheckpointError, match="es.noise, es.rank"):
         resume.check_same_run("the ledger", "fp", json.dumps(old), low, "fp", "tiny")
+
+
+@pytest.mark.parametrize("scheme", ["keyed", "legacy"])
+def test_stacked_draws_are_the_per_member_bits(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass over many members' counters (KeyedNoise.stack, lowrank.side_by_side) gives each member the
+    bits of its own draw, also when the members are split over several passes."""
+    from hpc_es import noise as noise_mod
+    from hpc_es.noise import noise_source
+
+    monkeypatch.setattr(noise_mod, "_STACK_BLOCK", 100)  # 3 members of 37 per pass: several passes
+    src = noise_source(scheme, 16)
+    seeds = member_seeds(4, 2, 7)[0].tolist()
+    got = src.stack(seeds, "layer.w", (37,))
+    for k, s in enumerate(seeds):
+        assert torch.equal(got[k], src.tensor(s, "layer.w", (37,)))
+    a, b = lowrank.side_by_side(src, seeds, "layer.w", (11, 5), 2)
+    assert a.shape == (11, 14) and b.shape == (5, 14)
+    for k, s in enumerate(seeds):
+        a0, b0 = lowrank.factors(src, s, "layer.w", (11, 5), 2)
+        assert torch.equal(a[:, 2 * k:2 * k + 2], a0) and torch.equal(b[:, 2 * k:2 * k + 2], b0)
