@@ -486,22 +486,27 @@ class KeyedNoise(_WholeTensor):
         if self._compile is None and device.type == "cpu":
             self._drawn[device.type] = self._drawn.get(device.type, 0) + n  # a race only delays the switch
 
-    def _compiled(self, device: torch.device) -> Callable[..., torch.Tensor] | None:
-        """The process's compiled kernel for this device type, or None (eager) when not wanted or not yet."""
-        kind = device.type
-        if kind in _KERNELS and self._wanted(kind):
-            return _KERNELS[kind]
+    def _once(self, device: torch.device, cache: dict[Any, Any], key: Any, build: Callable[[], Any]) -> Any:
+        """``cache[key]``, built once per process by ``build`` under the compile lock; None while compiling
+        is not wanted or not yet worth it here, or while another thread is building (it carries on eagerly)."""
+        if key in cache and self._wanted(device.type):
+            return cache[key]
         if not self._compile_now(device):
             return None
         if not _KERNELS_LOCK.acquire(blocking=False):
             return None  # another thread is compiling: carry on eagerly meanwhile
         try:
-            if kind not in _KERNELS:
-                block = _COMPILED_BLOCK.get(kind, _DEFAULT_BLOCK)
-                _KERNELS[kind] = _build_kernel(device, self._counters(device, block))
+            if key not in cache:
+                cache[key] = build()
         finally:
             _KERNELS_LOCK.release()
-        return _KERNELS[kind]
+        return cache[key]
+
+    def _compiled(self, device: torch.device) -> Callable[..., torch.Tensor] | None:
+        """The process's compiled kernel for this device type, or None (eager) when not wanted or not yet."""
+        block = _COMPILED_BLOCK.get(device.type, _DEFAULT_BLOCK)
+        return self._once(device, _KERNELS, device.type,
+                          lambda: _build_kernel(device, self._counters(device, block)))
 
     def fill(self, out: torch.Tensor, seed: int, name: str, start: int) -> torch.Tensor:
         """``out`` (fp32, contiguous, 1-D) <- eps of elements start .. start + out.numel() of ``name``."""
@@ -511,7 +516,7 @@ class KeyedNoise(_WholeTensor):
         key = noise_key(seed, name)
         fn = self._compiled(dev) if n >= _MIN_COMPILED else None  # (a tiny fill builds no kernel)
         done = 0
-        if fn is not None and n >= _MIN_COMPILED:  # the fused kernel, one call per block: the same bits
+        if fn is not None:  # the fused kernel, one call per block: the same bits
             block = _COMPILED_BLOCK.get(dev.type, _DEFAULT_BLOCK)
             ramp = self._counters(dev, min(block, n))
             for s in range(0, n, block):
@@ -538,27 +543,19 @@ class KeyedNoise(_WholeTensor):
     def _fused(self, device: torch.device, op: str, variant: Any) -> Callable[..., None] | None:
         """The compiled fused op for this device type and variant (dtypes or term count), checked against
         the eager ops the first time; None: eager (not wanted, not yet, being built, or refused)."""
-        key = (device.type, op, variant)
-        if key in _FUSED and self._wanted(device.type):
-            return _FUSED[key]
-        if not self._compile_now(device):
-            return None
-        if not _KERNELS_LOCK.acquire(blocking=False):
-            return None  # another thread is compiling: carry on eagerly meanwhile
-        try:
-            if key not in _FUSED:
-                ramp = self._counters(device, _FUSED_BLOCK.get(device.type, _DEFAULT_BLOCK))
-                try:
-                    ok, why = _check_fused(op, device, ramp, variant), "gives other bits than eager"
-                except Exception as e:  # no working compiler, an inductor error: eager is always there
-                    ok, why = False, f"failed to build ({type(e).__name__}: {str(e)[:200]})"
-                if not ok:
-                    warnings.warn(f"hpc_es: the compiled fused {op} {variant} on {device.type} {why}; "
-                                  "using the eager path", RuntimeWarning, stacklevel=3)
-                _FUSED[key] = _fused_fn(op) if ok else None
-        finally:
-            _KERNELS_LOCK.release()
-        return _FUSED[key]
+
+        def build() -> Callable[..., None] | None:
+            ramp = self._counters(device, _FUSED_BLOCK.get(device.type, _DEFAULT_BLOCK))
+            try:
+                ok, why = _check_fused(op, device, ramp, variant), "gives other bits than eager"
+            except Exception as e:  # no working compiler, an inductor error: eager is always there
+                ok, why = False, f"failed to build ({type(e).__name__}: {str(e)[:200]})"
+            if not ok:
+                warnings.warn(f"hpc_es: the compiled fused {op} {variant} on {device.type} {why}; "
+                              "using the eager path", RuntimeWarning, stacklevel=5)  # the engine's call
+            return _fused_fn(op) if ok else None
+
+        return self._once(device, _FUSED, (device.type, op, variant), build)
 
     def perturb(self, out: torch.Tensor, master: torch.Tensor, seed: int, name: str, start: int,
                 scale: float) -> bool:
