@@ -155,10 +155,6 @@ def _rot(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _mlp(h: torch.Tensor, L: _Layer) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(h, L.wg, L.bg)) * F.linear(h, L.wu, L.bu), L.wd, L.bd)
-
-
 # -------------------------------------------------------------------------------------- low-rank members
 
 @dataclass
@@ -176,8 +172,7 @@ class Rows:
     """The rows of one forward call in a low-rank pass: their members, and the scale mask per position."""
 
     grp: torch.Tensor  # (n,): each row's member (group) in the pass
-    mask: torch.Tensor  # (n * tokens, G r), fp32: σ s_g/√r in the row's own member's r columns, else 0
-    tokens: int  # positions per row in this call (1 when decoding)
+    mask: torch.Tensor  # (n * positions per row, G r), fp32: σ s_g/√r in the row's own member's r columns, else 0
 
 
 @dataclass
@@ -201,7 +196,14 @@ class LowRankPass:
     def rows(self, grp: torch.Tensor, tokens: int = 1) -> Rows:
         """Rows whose members are ``grp`` (n,), each with ``tokens`` positions in the call."""
         mask = self.scale[grp]
-        return Rows(grp, mask if tokens == 1 else mask.repeat_interleave(tokens, 0), tokens)
+        return Rows(grp, mask if tokens == 1 else mask.repeat_interleave(tokens, 0))
+
+    def member_major(self, batch: int) -> torch.Tensor:
+        """The member of each row of a member-major batch of ``batch`` rows: ``batch / groups`` rows each."""
+        if batch % self.groups:
+            raise ValueError(f"a low-rank pass of {self.groups} members needs a multiple of {self.groups} rows, "
+                             f"got {batch}")
+        return torch.arange(self.groups, device=self.scale.device).repeat_interleave(batch // self.groups)
 
     def linear(self, x: torch.Tensor, ys: Sequence[torch.Tensor], ws: Sequence[torch.Tensor],
                biases: Sequence[torch.Tensor | None], rows: Rows) -> list[torch.Tensor]:
@@ -302,8 +304,7 @@ class _Decoder:
         self.on_logits: Any = None  # tests: called with each step's raw fp32 logits (eager steps only)
 
     def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: Rows | None) -> torch.Tensor:
-        y = F.linear(x, w, b)
-        return y if self.low is None or rows is None else self.low.linear(x, [y], [w], [b], rows)[0]
+        return self._lins(x, ((w, b),), rows)[0]
 
     def _lins(self, x: torch.Tensor, wb: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
               rows: Rows | None) -> list[torch.Tensor]:
@@ -317,8 +318,6 @@ class _Decoder:
         return _rms(x, w if self.low is None or rows is None else self.low.weight(w, rows, x), eps)
 
     def _mlp(self, h: torch.Tensor, L: _Layer, rows: Rows | None) -> torch.Tensor:
-        if self.low is None:
-            return _mlp(h, L)
         g, u = self._lins(h, ((L.wg, L.bg), (L.wu, L.bu)), rows)
         return self._lin(F.silu(g) * u, L.wd, L.bd, rows)
 
@@ -475,10 +474,7 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         st.wkey = W.key()
     dec = _Decoder(W, st, penalty, lowrank)
     if lowrank is not None:
-        if B % lowrank.groups:
-            raise ValueError(f"a low-rank pass of {lowrank.groups} members needs a multiple of {lowrank.groups} "
-                             f"rows, got {B}")
-        st.grp[:B].copy_(torch.arange(lowrank.groups, device=dev).repeat_interleave(B // lowrank.groups))
+        st.grp[:B].copy_(lowrank.member_major(B))
 
     # Per-call state: RoPE tables (HF's formula: fp32 angle, cos/sin scaled, rounded to the model dtype).
     t = torch.arange(st.slots, device=dev, dtype=torch.float32)

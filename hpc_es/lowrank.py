@@ -180,11 +180,7 @@ class LowRankModel:
         batch, tokens = int(x.shape[0]), int(x.shape[1]) if x.dim() > 1 else 1
         got = self._rows.get((batch, tokens))
         if got is None:
-            if batch % st.groups:
-                raise ValueError(f"a low-rank pass of {st.groups} members needs a multiple of {st.groups} rows, "
-                                 f"got {batch}")
-            grp = torch.arange(st.groups, device=st.scale.device).repeat_interleave(batch // st.groups)
-            got = self._rows[(batch, tokens)] = st.rows(grp, tokens)
+            got = self._rows[(batch, tokens)] = st.rows(st.member_major(batch), tokens)
         return got
 
     def _hook(self) -> None:
