@@ -229,12 +229,13 @@ class Engine:
                 acc.zero_()
                 # compiled fused kernels where in use: the same ops in fewer passes over memory, the same bits
                 fused = keyed is not None and keyed.accumulate(acc, terms, name, s)
-                eps = self._buf(dev, 0 if fused else e - s, "eps")
-                for seed, c in [] if fused else terms:
-                    if exact_terms:  # c*eps, then the sum: two exactly rounded ops, the same bits on CPU and CUDA
-                        acc.add_(self.noise.fill(eps, seed, name, s).mul_(c))
-                    else:  # legacy runs keep their fused multiply-add (and their bits)
-                        acc.add_(self.noise.fill(eps, seed, name, s), alpha=c)
+                if not fused:
+                    eps = self._buf(dev, e - s, "eps")
+                    for seed, c in terms:
+                        if exact_terms:  # c*eps, then the sum: two exactly rounded ops, the same bits on CPU and CUDA
+                            acc.add_(self.noise.fill(eps, seed, name, s).mul_(c))
+                        else:  # legacy runs keep their fused multiply-add (and their bits)
+                            acc.add_(self.noise.fill(eps, seed, name, s), alpha=c)
                 written = fused and keyed is not None and keyed.apply(acc, scale, master[s:e], flat[s:e])
                 if not written:
                     acc.mul_(scale)
