@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import TINY, fingerprint_of, run_hpc_es
 from hpc_es.es import Engine, Replica, centered_ranks, shape_rewards, zscore
 from hpc_es.models import fingerprint, load_model, named_params
 from hpc_es import noise as N
@@ -417,6 +420,22 @@ def test_a_kernel_that_fails_to_build_falls_back_to_eager_with_one_warning() -> 
     fill_only = NoiseKernels(compiler=no_compiler)
     with pytest.warns(RuntimeWarning, match="fill on cpu failed to build"):
         assert torch.equal(KeyedNoise(compile=True, kernels=fill_only).fill(torch.empty(5000), 3, "w", 7), filled)
+
+
+@pytest.mark.integration
+def test_a_run_without_a_working_compiler_finishes_eagerly_with_one_warning(reference_run: Path,
+                                                                           tmp_path: Path) -> None:
+    """HPC_ES_NOISE_COMPILE=1 while CC/CXX name no compiler (inductor takes its C++ compiler from CXX) and
+    with an empty inductor cache (no earlier build to reuse): no kernel can be built, and the run gives the
+    reference fingerprint with one warning."""
+    missing = str(tmp_path / "no-such-compiler")
+    env = {"HPC_ES_NOISE_COMPILE": "1", "CC": missing, "CXX": missing,
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    proc = run_hpc_es(TINY + [f"run_dir={tmp_path / 'run'}"], env=env, check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["fingerprint"] == fingerprint_of(reference_run / "final")
+    warned = [line for line in proc.stderr.splitlines() if "hpc_es: the compiled keyed-noise" in line]
+    assert len(warned) == 1, proc.stderr
+    assert "failed to build" in warned[0] and "InvalidCxxCompiler" in warned[0], warned[0]
 
 
 def test_perturb_and_update_make_no_device_tensors_per_block(monkeypatch: pytest.MonkeyPatch) -> None:
