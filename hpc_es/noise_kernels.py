@@ -182,7 +182,7 @@ class NoiseKernels:
         try:
             ok = self.check(device, op, variant)
         except Exception as e:  # no working compiler, an inductor error: eager is always there
-            self.failed[device.type] = f"{type(e).__name__}: {str(e)[:200]}"
+            self.failed[device.type] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"  # one line
             warnings.warn(f"hpc_es: {what} failed to build ({self.failed[device.type]}); the noise runs eagerly "
                           f"on {device.type} (the same bits, slower)", RuntimeWarning, stacklevel=2)
             return None
