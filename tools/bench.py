@@ -46,7 +46,7 @@ import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise vs torch.ra
 from hpc_es.config import Config  # noqa: E402
 from hpc_es.es import Replica, shape_rewards  # noqa: E402
 from hpc_es.models import DTYPES, _train_tokenizer, named_params  # noqa: E402
-from hpc_es.noise import member_seeds  # noqa: E402
+from hpc_es.seeds import member_seeds  # noqa: E402
 from hpc_es.rollout import generation_config  # noqa: E402
 from hpc_es.tasks import load_task, safe_score  # noqa: E402
 from hpc_es.population import Population  # noqa: E402
