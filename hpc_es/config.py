@@ -1,6 +1,7 @@
 """Typed run configuration: YAML files and dotted ``key=value`` overrides mapped onto dataclasses.
 
-Every key is checked against the dataclass fields, so a typo never silently does nothing.
+Every key is checked against the dataclass fields, so a typo never silently does nothing.  A key limited to
+some values declares them with ``one_of`` in its section; ``validate`` builds its check and message from that.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def one_of(default: str, choices: tuple[str, ...]) -> Any:
 
 @dataclass
 class ESConfig:
-    # The allowed values, defined once: their owners (es, noise, lowrank, search) read them from here, and
-    # this module stays free of torch (``hpc_es.submit`` runs on login nodes).
+    # Each section's allowed values are defined once, in the section, with the code that uses them named
+    # beside them; that code reads them from here (the choice check below is built from ``one_of``), so
+    # this module needs no torch import (``hpc_es.submit`` runs on login nodes).
     SHAPINGS: ClassVar[tuple[str, ...]] = ("zscore", "rank")  # es.shape_rewards
     MASTER_ON: ClassVar[tuple[str, ...]] = ("device", "host")  # es.Replica.wrap
     MASTER_DTYPES: ClassVar[tuple[str, ...]] = ("model", "float32")  # es.master_torch_dtype
@@ -134,10 +136,10 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # iterations between test-split evaluations during training (and the last); 0 = never
-    limit: int = 0  # test items per evaluation; 0 = the whole test split
     KL: ClassVar[tuple[str, ...]] = ("auto", "true", "false")  # evaluate.kl_enabled
 
+    every: int = 0  # iterations between test-split evaluations during training (and the last); 0 = never
+    limit: int = 0  # test items per evaluation; 0 = the whole test split
     # KL(fine-tuned || base model) on the test completions: auto (on for conciseness) | true | false
     kl: str = one_of("auto", KL)
     base_model: str = ""  # `eval` only: the base model folder for the KL; empty = the ledger's, for a run's final/

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from hpc_es.config import Config
+from hpc_es.config import ESConfig, RolloutConfig
 from hpc_es.es import Replica
 from hpc_es.faults import Fault
 from hpc_es.models import fingerprint, load_model, load_tokenizer
@@ -40,17 +40,17 @@ class Scores:
 class Population:
     """Replicas, tokenizers, the search distribution and the threads that evaluate this rank's members."""
 
-    def __init__(self, cfg: Config, models: list[torch.nn.Module], tokenizers: list[Any], task: Task,
-                 rank: int = 0, world: int = 1, fault: Fault | None = None) -> None:
-        self.cfg, self.task = cfg, task
-        self.search = make_search(cfg.es)  # thread-safe: replicas share it
+    def __init__(self, es: ESConfig, rollout: RolloutConfig, models: list[torch.nn.Module], tokenizers: list[Any],
+                 task: Task, rank: int = 0, world: int = 1, fault: Fault | None = None) -> None:
+        self.es, self.rollout, self.task = es, rollout, task
+        self.search = make_search(es)  # thread-safe: replicas share it
         self.replicas: list[Replica] = []
         for model in models:
             self.replicas.append(self.search.replica(model, share=self.replicas))
         self.tokenizers = tokenizers
-        self.N = cfg.es.population_size
+        self.N = es.population_size
         self.fault = fault or Fault(rank)
-        self.rollout_engine = resolve_engine(cfg.rollout.engine, models[0], rank == 0)  # fast or hf; rank 0 notices
+        self.rollout_engine = resolve_engine(rollout.engine, models[0], rank == 0)  # fast or hf; rank 0 notices
         per = len(models)
         # members[j]: the members replica j evaluates, in order
         self.members = [[n for n in range(self.N) if slot_owner(n, world, per) == (rank, j)] for j in range(per)]
@@ -61,13 +61,14 @@ class Population:
         self.length_schedule: Sequence[int] | None = None
 
     @classmethod
-    def load(cls, cfg: Config, model_path: str, devices: Sequence[torch.device], dtype: torch.dtype, task: Task,
-             rank: int = 0, world: int = 1, fault: Fault | None = None) -> "Population":
+    def load(cls, es: ESConfig, rollout: RolloutConfig, model_path: str, devices: Sequence[torch.device],
+             dtype: torch.dtype, task: Task, rank: int = 0, world: int = 1,
+             fault: Fault | None = None) -> "Population":
         """One replica per entry of ``devices``, each loaded from ``model_path``; the replicas on one device
         share one master (θ), so ``dist.replicas_per_device`` adds working weights only (with
         es.noise=lowrank, each model's own weights are its master: no copy, unless es.master_dtype=float32)."""
         models = [load_model(model_path, dtype, str(dev)) for dev in devices]
-        return cls(cfg, models, [load_tokenizer(model_path) for _ in devices], task, rank, world, fault)
+        return cls(es, rollout, models, [load_tokenizer(model_path) for _ in devices], task, rank, world, fault)
 
     # ---- the inner loop of the algorithm -----------------------------------------------------------
     def score(self, seeds: np.ndarray, signs: np.ndarray, examples: Sequence[Example]) -> Scores:
@@ -81,14 +82,14 @@ class Population:
         out = Scores(np.zeros(self.N, dtype=np.float64), {"perturb": 0.0, "rollout": 0.0, "reward": 0.0,
                                                           "restore": 0.0})
         prompts = [ex.prompt for ex in examples]
-        limit = self.cfg.rollout.reward_timeout_s
+        limit = self.rollout.reward_timeout_s
 
         def members(j: int) -> None:
             rep = self.replicas[j]
-            for group in self.search.passes(self.members[j], self.cfg.rollout.members_per_pass):
+            for group in self.search.passes(self.members[j], self.rollout.members_per_pass):
                 a = time.perf_counter()
                 with self.search.members(rep, [int(seeds[n]) for n in group], [int(signs[n]) for n in group],
-                                         self.cfg.es.sigma, self.rollout_engine) as lowrank:
+                                         self.es.sigma, self.rollout_engine) as lowrank:
                     b = time.perf_counter()
                     self.fault("rollout")
                     self.fault("hang")
@@ -120,14 +121,14 @@ class Population:
         side by side: each generate call holds one batch of prompts (``rollout.batch_size``) once per member,
         member-major, as a low-rank pass lays out its rows."""
         model = self.replicas[j].model
-        penalty = resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
-        size = self.cfg.rollout.batch_size or len(prompts)
+        penalty = resolve_repetition_penalty(self.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
+        size = self.rollout.batch_size or len(prompts)
         starts = range(0, len(prompts), size)
         rows = [p for s in starts for _ in range(members) for p in prompts[s:s + size]]
         sched = self.length_schedule
         if sched is not None:
             sched = [n for s in starts for _ in range(members) for n in sched[s:s + size]]
-        got = generate(model, self.tokenizers[j], rows, self.cfg.rollout.max_new_tokens, size * members,
+        got = generate(model, self.tokenizers[j], rows, self.rollout.max_new_tokens, size * members,
                        repetition_penalty=penalty, engine=self.rollout_engine, length_schedule=sched, lowrank=lowrank)
         out: list[list[str]] = [[] for _ in range(members)]
         for s in starts:

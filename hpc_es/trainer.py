@@ -137,8 +137,8 @@ class Trainer:
             log.info("loading %s (%s, %d replica(s) per rank on %s)", self.model_path,
                      str(self.dtype).removeprefix("torch."), len(self.devices), self.devices[0].type)
         self.fault("signal")  # signal:-1 arrives while the model loads
-        self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, self.task, comm.rank,
-                                          comm.world_size, self.fault)
+        self.population = Population.load(cfg.es, cfg.rollout, self.model_path, self.devices, self.dtype, self.task,
+                                          comm.rank, comm.world_size, self.fault)
         self.base_fingerprint = self.population.model_fingerprint()  # issue 12: the model's, not the master's
         self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,

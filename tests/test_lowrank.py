@@ -238,7 +238,7 @@ def test_score_members_passes_give_the_same_rewards(tiny) -> None:
                                  "es.population_size=4", f"rollout.engine={engine}", *over])
         task = load_task(cfg)
         examples = list(task.train_examples())[:4]
-        scores = Population(cfg, [model], [tok], task).score(seeds, signs, examples)
+        scores = Population(cfg.es, cfg.rollout, [model], [tok], task).score(seeds, signs, examples)
         assert scores.error is None
         got.append(scores.rewards)
     for other in got[1:]:

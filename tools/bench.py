@@ -161,7 +161,7 @@ class HpcEsRun:
         self.sync = syncer(device)
         self.counter = CountTokens(model)
         task = load_task(cfg)
-        self.population = Population(cfg, [model], [tokenizer()], task)
+        self.population = Population(cfg.es, cfg.rollout, [model], [tokenizer()], task)
         self.examples = list(task.train_examples())[: cfg.rollout.prompts_per_iteration]
         self.synthetic_updates = 0
         self.terms = 0
