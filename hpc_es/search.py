@@ -7,7 +7,7 @@ The loop holds one ``Search`` and never asks which kind it is.  ``es.noise`` pic
 * ``lowrank`` (``LowRank``, EGGROLL): the weights are never written; a pass holds several members side by
   side, whose rank-r terms σ s_n A_n B_nᵀ/√r the decoder adds per batch row (hpc_es/lowrank.py).
 
-A new mode is one class with these methods and its name in ``ESConfig.NOISES``.
+A new mode is one class with these methods (and its entry in ``MODES``) plus its name in ``ESConfig.NOISES``.
 """
 
 from __future__ import annotations
