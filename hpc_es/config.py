@@ -1,6 +1,7 @@
 """Typed run configuration: YAML files and dotted ``key=value`` overrides mapped onto dataclasses.
 
-Every key is checked against the dataclass fields, so a typo never silently does nothing.
+Every key is checked against the dataclass fields, so a typo never silently does nothing.  A key limited to
+some values declares them with ``one_of`` in its section; ``validate`` builds its check and message from that.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import yaml
 
@@ -20,25 +21,50 @@ from hpc_es.errors import ConfigError
 from hpc_es.fsio import read_text_file
 
 
+def one_of(default: str, choices: tuple[str, ...]) -> Any:
+    """A string key limited to ``choices``: ``validate`` refuses any other value and names these."""
+    return field(default=default, metadata={"choices": choices})
+
+
 @dataclass
 class ESConfig:
+    # Each section's allowed values are defined once, in the section, with the code that uses them named
+    # beside them; that code reads them from here (the choice check below is built from ``one_of``), so
+    # this module needs no torch import (``hpc_es.submit`` runs on login nodes).
+    SHAPINGS: ClassVar[tuple[str, ...]] = ("zscore", "rank")  # es.shape_rewards
+    MASTER_ON: ClassVar[tuple[str, ...]] = ("device", "host")  # es.Replica.wrap
+    MASTER_DTYPES: ClassVar[tuple[str, ...]] = ("model", "float32")  # es.master_torch_dtype
+    NOISE_SCHEMES: ClassVar[tuple[str, ...]] = ("keyed", "legacy")  # noise.noise_source
+    FULL, LOWRANK = "full", "lowrank"  # the search distributions (hpc_es.search.MODES)
+    NOISES: ClassVar[tuple[str, ...]] = (FULL, LOWRANK)
+    FROZEN = "frozen"
+    SCOPES: ClassVar[tuple[str, ...]] = (FROZEN, FULL)  # lowrank.plan: Linear weights only, or every parameter
+
     population_size: int = 16
     sigma: float = 0.05  # defaults are the CPU demo's; configs/countdown_*.yaml hold the paper's
     alpha: float = 0.1
     iterations: int = 80
     antithetic: bool = False  # members 2k, 2k+1 share a seed with opposite signs
-    shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
+    shaping: str = one_of("zscore", SHAPINGS)  # zscore (the paper's) | rank (centered ranks)
     noise_chunk: int = 0  # elements per noise piece, 0: 1M (64M on CUDA); bounds the scratch; a result under legacy
-    noise_scheme: str = "keyed"  # keyed: eps = f(seed, name, element) on any device | legacy: randn per chunk
-    master_on: str = "device"  # where the master (theta_t) lives: device (one extra copy) | host (CPU memory)
-    master_dtype: str = "model"  # the master's dtype: model (the weights') | float32 (small updates accumulate)
-    noise: str = "full"  # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
+    # keyed: eps = f(seed, name, element) on any device | legacy: randn per chunk
+    noise_scheme: str = one_of("keyed", NOISE_SCHEMES)
+    # where the master (theta_t) lives: device (one extra copy) | host (CPU memory)
+    master_on: str = one_of("device", MASTER_ON)
+    # the master's dtype: model (the weights') | float32 (small updates accumulate)
+    master_dtype: str = one_of("model", MASTER_DTYPES)
+    # full (the paper's Gaussian ES) | lowrank (EGGROLL: rank-r matrix noise, batched members)
+    noise: str = one_of(FULL, NOISES)
     rank: int = 1  # es.noise=lowrank: rank r of each member's perturbation A Bᵀ/√r
-    lowrank_scope: str = "frozen"  # es.noise=lowrank: frozen (Linear weights only) | full (+ embeddings, 1-D)
+    # es.noise=lowrank: frozen (Linear weights only) | full (+ embeddings, 1-D)
+    lowrank_scope: str = one_of(FROZEN, SCOPES)
 
 
 @dataclass
 class RolloutConfig:
+    ENGINES: ClassVar[tuple[str, ...]] = ("auto", "fast", "hf")  # rollout.resolve_engine
+    FROM_MODEL: ClassVar[str] = "model"  # repetition_penalty: the model folder's value
+
     max_new_tokens: int = 16
     prompts_per_iteration: int = 32  # each member sees the same prompts in an iteration
     batch_size: int = 0  # prompts per generate() call; 0 = all of a member's prompts at once
@@ -49,7 +75,23 @@ class RolloutConfig:
     members_per_pass: int = 0  # es.noise=lowrank: members per batched generation; 0 = all of a replica's members
     # auto: the fast engine (hpc_es.fastgen) where the model allows it, else hf with a notice | fast: fast or a
     # config error | hf: HF generate.  Both give the same tokens; part of the trajectory like all of rollout.
-    engine: str = "auto"
+    engine: str = one_of("auto", ENGINES)
+
+    @staticmethod
+    def penalty(value: str) -> float | None:
+        """``repetition_penalty`` as a number, or None for ``model`` (rollout.resolve_repetition_penalty reads
+        the folder's value); anything else is a ConfigError."""
+        text = str(value).strip()
+        if text == RolloutConfig.FROM_MODEL:
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not 0 < number < math.inf:
+            raise ConfigError(f"config key 'rollout.repetition_penalty' = {value!r} is not allowed; it must be a "
+                              f"number > 0 (1.0 = none) or '{RolloutConfig.FROM_MODEL}' (the model folder's value)")
+        return number
 
 
 @dataclass
@@ -62,7 +104,9 @@ class DataConfig:
 
 @dataclass
 class TinyModelConfig:
-    arch: str = "qwen2"  # qwen2 | llama
+    ARCHS: ClassVar[tuple[str, ...]] = ("qwen2", "llama")  # models.ensure_tiny_model
+
+    arch: str = one_of("qwen2", ARCHS)
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
@@ -72,7 +116,9 @@ class TinyModelConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"  # auto | mpi | torch | none
+    BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "mpi", "torch", "none")  # comm.make_comm
+
+    backend: str = one_of("auto", BACKENDS)
     devices_per_rank: int = 0  # 0 = every device this rank is given (1 on CPU)
     replicas_per_device: int = 1  # model copies per device, evaluated concurrently (small models, big GPUs)
     check_every: int = 10  # iterations between cross-rank weight fingerprint checks; 0 = never
@@ -90,9 +136,12 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    KL: ClassVar[tuple[str, ...]] = ("auto", "true", "false")  # evaluate.kl_enabled
+
     every: int = 0  # iterations between test-split evaluations during training (and the last); 0 = never
     limit: int = 0  # test items per evaluation; 0 = the whole test split
-    kl: str = "auto"  # KL(fine-tuned || base model) on the test completions: auto (on for conciseness) | true | false
+    # KL(fine-tuned || base model) on the test completions: auto (on for conciseness) | true | false
+    kl: str = one_of("auto", KL)
     base_model: str = ""  # `eval` only: the base model folder for the KL; empty = the ledger's, for a run's final/
 
 
@@ -103,12 +152,15 @@ class LogConfig:
 
 @dataclass
 class Config:
+    DTYPES: ClassVar[tuple[str, ...]] = ("auto", "float32", "bfloat16", "float16")  # models.resolve_dtype
+    DEVICES: ClassVar[tuple[str, ...]] = ("auto", "cpu", "cuda")  # placement.local_devices
+
     model: str = "tiny"  # a local HF model directory, or "tiny" for the built-in test model
     task: str = "conciseness"  # countdown | conciseness | module:attr | path/file.py:attr
     seed: int = 0
     run_dir: str = "runs/default"
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = one_of("auto", DTYPES)  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    device: str = one_of("auto", DEVICES)  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads per rank; 0 = torch's default
     progress: bool = True
     es: ESConfig = field(default_factory=ESConfig)
@@ -127,31 +179,8 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "es.shaping": ("zscore", "rank"),
-    "es.master_on": ("device", "host"),
-    "es.master_dtype": ("model", "float32"),
-    "es.noise_scheme": ("keyed", "legacy"),
-    "es.noise": ("full", "lowrank"),
-    "es.lowrank_scope": ("frozen", "full"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "device": ("auto", "cpu", "cuda"),
-    "tiny.arch": ("qwen2", "llama"),
-    "dist.backend": ("auto", "mpi", "torch", "none"),
-    "rollout.engine": ("auto", "fast", "hf"),
-    "eval.kl": ("auto", "true", "false"),
-}
-
 _BOOL_WORDS = ("eval.kl",)  # string keys whose choices include true/false, which YAML reads as booleans
 
-
-def _penalty_ok(v: str) -> bool:
-    if v == "model":
-        return True
-    try:
-        return 0 < float(v) < float("inf")
-    except ValueError:
-        return False
 
 def _int_range(lo: int, hi: int, note: str = "") -> tuple[Any, str]:
     """An integer key bounded on both sides: a typo such as 1e30 is refused instead of eating memory."""
@@ -177,7 +206,6 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "rollout.max_new_tokens": _int_range(1, 1 << 17),
     "rollout.prompts_per_iteration": _int_range(1, 1_000_000),
     "rollout.batch_size": _int_range(0, 1_000_000, " (0 = all prompts in one batch)"),
-    "rollout.repetition_penalty": (_penalty_ok, "a number > 0 (1.0 = none) or 'model' (the model folder's value)"),
     "rollout.reward_timeout_s": _float_range(0, 7 * 86400, note=" (0 = no limit)"),
     "data.train_size": _int_range(1, 100_000_000),
     "data.test_size": _int_range(0, 100_000_000, " (0 = all the rest)"),
@@ -209,6 +237,18 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + f.name)
     return keys
+
+
+def choice_keys(cls: type = Config, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Every key limited to a set of values (``one_of``), with its values."""
+    out: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(cls):
+        hint = get_type_hints(cls)[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            out.update(choice_keys(hint, f"{prefix}{f.name}."))
+        elif "choices" in f.metadata:
+            out[prefix + f.name] = f.metadata["choices"]
+    return out
 
 
 def _unknown_key(key: str) -> ConfigError:
@@ -291,10 +331,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def validate(cfg: Config) -> Config:
     """Check ranges and choices; the message names key, value and what is allowed."""
-    for key, choices in _CHOICES.items():
+    for key, choices in choice_keys().items():
         v = get_key(cfg, key)
         if v not in choices:
             raise ConfigError(f"config key '{key}' = {v!r} is not allowed; choose one of {', '.join(choices)}")
+    RolloutConfig.penalty(cfg.rollout.repetition_penalty)
     for key in all_keys():
         v = get_key(cfg, key)
         if isinstance(v, float) and not math.isfinite(v):
@@ -307,7 +348,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"config key 'es.population_size' = {cfg.es.population_size} must be even when es.antithetic is true"
         )
-    if cfg.es.noise == "lowrank" and cfg.es.master_on == "host":
+    if cfg.es.noise == ESConfig.LOWRANK and cfg.es.master_on == "host":
         raise ConfigError("config key 'es.master_on' = 'host' does not apply with es.noise=lowrank: the model's own "
                           "parameters are the master (es.master_dtype=float32 keeps an fp32 copy beside them); "
                           "use es.master_on=device")

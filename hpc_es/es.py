@@ -69,16 +69,9 @@ def shape_rewards(rewards: np.ndarray, method: str) -> np.ndarray:
     return shaped
 
 
-MASTER_DTYPES = ("model", "float32")
-
-
 def master_torch_dtype(master_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the master is kept in: the model's (``model``) or fp32 (``float32``)."""
-    if master_dtype == "model":
-        return model_dtype
-    if master_dtype == "float32":
-        return torch.float32
-    raise ValueError(f"es.master_dtype must be one of {', '.join(MASTER_DTYPES)}, got {master_dtype!r}")
+    """The dtype the master is kept in (``es.master_dtype``): the model's, or fp32."""
+    return model_dtype if master_dtype == "model" else torch.float32
 
 
 @dataclass

@@ -34,13 +34,13 @@ import numpy as np
 import torch
 
 from hpc_es import fastgen
+from hpc_es.config import ESConfig
 from hpc_es.errors import ConfigError
 from hpc_es.es import Replica, cpu_pool, update_terms
 from hpc_es.models import named_params
 from hpc_es.noise import NoiseSource, noise_source
 
-SCOPES = ("frozen", "full")
-LOWRANK, FULLRANK = "lowrank", "fullrank"
+LOWRANK, FULLRANK = "rank-r", "dense"  # how plan() perturbs a parameter: factors A Bᵀ, or eps of its own shape
 
 
 def factor_keys(name: str) -> tuple[str, str]:
@@ -73,9 +73,6 @@ def plan(model: torch.nn.Module, scope: str) -> dict[str, str]:
 
     Raises ConfigError for a parameter the hooks cannot perturb (a matrix outside nn.Linear/nn.Embedding).
     """
-    if scope not in SCOPES:
-        raise ConfigError(f"config key 'es.lowrank_scope' = {scope!r} is not allowed; choose one of "
-                          f"{', '.join(SCOPES)}")
     names = {id(p): n for n, p in named_params(model)}
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     out: dict[str, str] = {}
@@ -83,12 +80,12 @@ def plan(model: torch.nn.Module, scope: str) -> dict[str, str]:
         for pname, p in mod.named_parameters(recurse=False):
             name = names[id(p)]
             if id(p) in embedding:
-                if scope == "full":
+                if scope == ESConfig.FULL:
                     out[name] = LOWRANK
             elif isinstance(mod, torch.nn.Linear) and pname == "weight":
                 out[name] = LOWRANK
             elif p.dim() == 1:
-                if scope == "full":
+                if scope == ESConfig.FULL:
                     out[name] = FULLRANK
             else:
                 raise ConfigError(f"es.noise=lowrank cannot perturb parameter '{name}' ({p.dim()}-D, in "
@@ -264,26 +261,15 @@ def perturbed_weights(model: torch.nn.Module, scope: str, rank: int, noise: Nois
 
 
 class LowRankEngine:
-    """The update of the low-rank mode, with the ``Engine`` interface the trainer and replay call."""
+    """The exact low-rank update and restore of a set of replicas (hpc_es.search.LowRank adds the members)."""
 
     def __init__(self, chunk: int, rank: int, scope: str, block: int = 1 << 16, workers: int = 0,
-                 scheme: str = "keyed") -> None:  # issue 12: + scheme
-        self.noise = noise_source(scheme, chunk)  # issue 12: es.noise_scheme
+                 scheme: str = "keyed") -> None:
+        self.noise = noise_source(scheme, chunk)
         self.chunk, self.rank, self.scope = chunk, rank, scope
         self.block = block  # fp32 elements per accumulation block (L2-sized on the CPU); no effect on the bits
         self.workers = workers
         self._plans: dict[int, dict[str, str]] = {}
-        self.models: dict[int, LowRankModel] = {}
-
-    def attach(self, rep: Replica) -> LowRankModel:
-        """Hooks on this replica's model (once)."""
-        lm = self.models.get(id(rep.model))
-        if lm is None:
-            lm = self.models[id(rep.model)] = LowRankModel(rep.model, self.scope, self.rank, self.noise)
-        return lm
-
-    def perturb(self, rep: Replica, seed: int, sign: int, sigma: float) -> None:
-        raise RuntimeError("es.noise=lowrank never writes perturbed weights: use LowRankModel.members")
 
     def restore(self, rep: Replica) -> None:
         """Nothing to do: the working weights are the master."""
@@ -370,61 +356,3 @@ def _store(master: torch.Tensor, acc: torch.Tensor) -> None:
         acc = acc.view(master.shape)
         acc.add_(master.float())
         master.copy_(acc)
-
-
-def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: np.ndarray, signs: np.ndarray,
-                  examples: list[Any], task: Any, cfg: Any, local: np.ndarray, times: dict[str, float] | None,
-                  fault: Callable[[str], None] | None = None, engine: str = "hf") -> None:
-    """Mean reward of each of ``members`` into ``local[n]``: ``rollout.members_per_pass`` members (0 = all)
-    per batched generation, rows member-major; ``rollout.batch_size`` prompts per generate call.
-
-    ``engine`` (``fast`` or ``hf``, resolved): the fast engine takes the pass's factors itself; ``hf`` runs
-    the model's own modules with the hooks on.  Both give the same tokens."""
-    import time
-
-    from hpc_es.rollout import generate, resolve_repetition_penalty
-    from hpc_es.tasks import safe_score
-
-    penalty = resolve_repetition_penalty(cfg.rollout.repetition_penalty, lm.model)  # issue 13: per row, as HF does
-    prompts = [ex.prompt for ex in examples]
-    per_pass = cfg.rollout.members_per_pass or len(members)
-    size = cfg.rollout.batch_size or len(prompts)
-    for start in range(0, len(members), per_pass):
-        group = members[start:start + per_pass]
-        g = len(group)
-        a = time.perf_counter()
-        with lm.members([int(seeds[n]) for n in group], [int(signs[n]) for n in group], cfg.es.sigma,
-                        hooks=engine != "fast") as lp:
-            b = time.perf_counter()
-            if fault is not None:
-                fault("rollout")
-            comps: list[list[str]] = [[] for _ in range(g)]
-            for p0 in range(0, len(prompts), size):
-                batch = prompts[p0:p0 + size]
-                out = generate(lm.model, tokenizer, [p for _ in range(g) for p in batch],
-                               cfg.rollout.max_new_tokens, repetition_penalty=penalty, engine=engine,
-                               lowrank=lp if engine == "fast" else None)
-                for k in range(g):
-                    comps[k].extend(out[k * len(batch):(k + 1) * len(batch)])
-        c = time.perf_counter()
-        for k, n in enumerate(group):
-            limit = cfg.rollout.reward_timeout_s  # issue 16
-            local[n] = float(np.mean([safe_score(task, comp, ex, limit) for comp, ex in zip(comps[k], examples)]))
-        d = time.perf_counter()
-        if times is not None:
-            times["perturb"] += b - a
-            times["rollout"] += c - b
-            times["reward"] += d - c
-
-
-def make_engine(cfg: Any) -> LowRankEngine:
-    """The low-rank engine a config asks for (es.noise=lowrank)."""
-    # issue 12: + the noise scheme
-    return LowRankEngine(cfg.es.noise_chunk, cfg.es.rank, cfg.es.lowrank_scope, scheme=cfg.es.noise_scheme)
-
-
-def ledger_attrs(cfg: Any) -> dict[str, Any]:
-    """Ledger attributes naming the search distribution (also in the config attribute; these are for readers)."""
-    if cfg.es.noise != "lowrank":
-        return {"noise": "full"}
-    return {"noise": "lowrank", "noise_rank": int(cfg.es.rank), "noise_scope": cfg.es.lowrank_scope}

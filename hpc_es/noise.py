@@ -32,11 +32,12 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from hpc_es.config import ESConfig
 from hpc_es.exact import GAMMA, OCTAVES, SUB_BITS, counter_offsets, keyed_table, keyed_transform, s64
 from hpc_es.noise_kernels import CPU_COMPILE_AFTER, DEVICE_BLOCK, NoiseKernels, compile_env, compile_wanted
 from hpc_es.seeds import LEGACY_CHUNK, hash64
 
-NOISE_SCHEMES = ("keyed", "legacy")
+NOISE_SCHEMES = ESConfig.NOISE_SCHEMES
 # es.noise_chunk=0 (the default): this size per device type.  On a GPU large pieces mean few, large kernel
 # launches (a 7B model in 1M-element pieces is ~7k of them); the fp32 scratch is two pieces per thread.
 DEVICE_CHUNK = {"cuda": 1 << 26}

@@ -4,7 +4,7 @@ The paper's inner loop lives here: for each member n, perturb the weights to θ 
 iteration's prompts, score.  A rank holds one replica per device slot (``dist.devices_per_rank`` x
 ``dist.replicas_per_device``); member n goes to the rank and replica ``placement.slot_owner`` names, and
 the replicas of a rank run side by side (threads; on a GPU each replica on its own CUDA stream).  The
-update keeps every replica bit-identical (``Engine.update``).
+update keeps every replica bit-identical (``Search.update``, hpc_es/search.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from hpc_es import lowrank
-from hpc_es.config import Config
-from hpc_es.es import Engine, Replica, master_torch_dtype
+from hpc_es.config import ESConfig, RolloutConfig
+from hpc_es.es import Replica
 from hpc_es.faults import Fault
 from hpc_es.models import fingerprint, load_model, load_tokenizer
 from hpc_es.placement import device_scope, slot_owner
 from hpc_es.rollout import generate, resolve_engine, resolve_repetition_penalty
+from hpc_es.search import make as make_search
 from hpc_es.tasks import Example, Task, safe_score
 
 
@@ -38,26 +38,20 @@ class Scores:
 
 
 class Population:
-    """Replicas, tokenizers, the noise engine and the threads that evaluate this rank's members."""
+    """Replicas, tokenizers, the search distribution and the threads that evaluate this rank's members."""
 
-    def __init__(self, cfg: Config, replicas: list[Replica], tokenizers: list[Any], task: Task,
-                 rank: int = 0, world: int = 1, fault: Fault | None = None) -> None:
-        self.cfg, self.task = cfg, task
-        self.replicas, self.tokenizers = replicas, tokenizers
-        self.N = cfg.es.population_size
-        # thread-safe: replicas share it; issue 12: the noise scheme
-        self.engine: Engine | lowrank.LowRankEngine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)
-        # es.noise=lowrank: no weight is written during scoring; hooks on each replica's model add the members'
-        # low-rank perturbations, and each replica scores its members in batched passes (hpc_es/lowrank.py).
-        self.lowrank: list[lowrank.LowRankModel] = []
-        if cfg.es.noise == "lowrank":
-            low = lowrank.make_engine(cfg)
-            self.lowrank = [low.attach(rep) for rep in replicas]
-            self.engine = low
+    def __init__(self, es: ESConfig, rollout: RolloutConfig, models: list[torch.nn.Module], tokenizers: list[Any],
+                 task: Task, rank: int = 0, world: int = 1, fault: Fault | None = None) -> None:
+        self.es, self.rollout, self.task = es, rollout, task
+        self.search = make_search(es)  # thread-safe: replicas share it
+        self.replicas: list[Replica] = []
+        for model in models:
+            self.replicas.append(self.search.replica(model, share=self.replicas))
+        self.tokenizers = tokenizers
+        self.N = es.population_size
         self.fault = fault or Fault(rank)
-        # issue 11: fast or hf (after the low-rank hooks are attached: a hooked model runs on hf); rank 0 notices
-        self.rollout_engine = resolve_engine(cfg.rollout.engine, replicas[0].model, rank == 0)
-        per = len(replicas)
+        self.rollout_engine = resolve_engine(rollout.engine, models[0], rank == 0)  # fast or hf; rank 0 notices
+        per = len(models)
         # members[j]: the members replica j evaluates, in order
         self.members = [[n for n in range(self.N) if slot_owner(n, world, per) == (rank, j)] for j in range(per)]
         self.pool = ThreadPoolExecutor(per) if per > 1 else None
@@ -67,26 +61,20 @@ class Population:
         self.length_schedule: Sequence[int] | None = None
 
     @classmethod
-    def load(cls, cfg: Config, model_path: str, devices: Sequence[torch.device], dtype: torch.dtype, task: Task,
-             rank: int = 0, world: int = 1, fault: Fault | None = None) -> "Population":
+    def load(cls, es: ESConfig, rollout: RolloutConfig, model_path: str, devices: Sequence[torch.device],
+             dtype: torch.dtype, task: Task, rank: int = 0, world: int = 1,
+             fault: Fault | None = None) -> "Population":
         """One replica per entry of ``devices``, each loaded from ``model_path``; the replicas on one device
         share one master (θ), so ``dist.replicas_per_device`` adds working weights only (with
         es.noise=lowrank, each model's own weights are its master: no copy, unless es.master_dtype=float32)."""
-        replicas: list[Replica] = []
-        tokenizers = []
-        for dev in devices:
-            model = load_model(model_path, dtype, str(dev))
-            if cfg.es.noise == "lowrank":
-                replicas.append(lowrank.wrap(model, master_torch_dtype(cfg.es.master_dtype, dtype)))
-            else:
-                replicas.append(Replica.wrap(model, cfg.es.master_on, cfg.es.master_dtype, share=replicas))
-            tokenizers.append(load_tokenizer(model_path))
-        return cls(cfg, replicas, tokenizers, task, rank, world, fault)
+        models = [load_model(model_path, dtype, str(dev)) for dev in devices]
+        return cls(es, rollout, models, [load_tokenizer(model_path) for _ in devices], task, rank, world, fault)
 
     # ---- the inner loop of the algorithm -----------------------------------------------------------
     def score(self, seeds: np.ndarray, signs: np.ndarray, examples: Sequence[Example]) -> Scores:
         """For each of this rank's members: perturb to θ + σ·ε_n, generate, mean reward over ``examples``.
 
+        A pass holds one member (full rank) or several side by side (low rank, ``rollout.members_per_pass``).
         An error does not propagate: it is returned, so that the rank still takes part in the iteration's
         exchange and every rank stops together.  The working weights are then left equal to θ.
         """
@@ -94,32 +82,27 @@ class Population:
         out = Scores(np.zeros(self.N, dtype=np.float64), {"perturb": 0.0, "rollout": 0.0, "reward": 0.0,
                                                           "restore": 0.0})
         prompts = [ex.prompt for ex in examples]
+        limit = self.rollout.reward_timeout_s
 
         def members(j: int) -> None:
-            if self.lowrank:  # all of replica j's members in batched passes over its one weight copy
-                lowrank.score_members(self.lowrank[j], self.tokenizers[j], self.members[j], seeds, signs,
-                                      list(examples), self.task, self.cfg, out.rewards,
-                                      out.times if j == 0 else None, self.fault, self.rollout_engine)
-                return
             rep = self.replicas[j]
-            for n in self.members[j]:
+            for group in self.search.passes(self.members[j], self.rollout.members_per_pass):
                 a = time.perf_counter()
-                self.engine.perturb(rep, int(seeds[n]), int(signs[n]), self.cfg.es.sigma)
-                b = time.perf_counter()
-                self.fault("rollout")
-                self.fault("hang")
-                completions = self.complete(j, prompts)
+                with self.search.members(rep, [int(seeds[n]) for n in group], [int(signs[n]) for n in group],
+                                         self.es.sigma, self.rollout_engine) as lowrank:
+                    b = time.perf_counter()
+                    self.fault("rollout")
+                    self.fault("hang")
+                    completions = self.complete(j, prompts, len(group), lowrank)
                 c = time.perf_counter()
-                limit = self.cfg.rollout.reward_timeout_s
-                out.rewards[n] = float(np.mean([safe_score(self.task, text, ex, limit)
-                                                for text, ex in zip(completions, examples)]))
+                for n, texts in zip(group, completions):
+                    out.rewards[n] = float(np.mean([safe_score(self.task, text, ex, limit)
+                                                    for text, ex in zip(texts, examples)]))
                 d = time.perf_counter()
                 if j == 0:
                     out.times["perturb"] += b - a
                     out.times["rollout"] += c - b
                     out.times["reward"] += d - c
-            # No restore pass: each perturb overwrites every working weight from θ, and Engine.update
-            # reads only θ and leaves every replica's working weights equal to the new θ.
 
         try:
             self.fault("raise")
@@ -133,13 +116,26 @@ class Population:
         out.members = [n for ms in self.members for n in ms]
         return out
 
-    def complete(self, j: int, prompts: list[str]) -> list[str]:
-        """Replica j's greedy completions of ``prompts`` (new tokens only)."""
+    def complete(self, j: int, prompts: list[str], members: int = 1, lowrank: Any = None) -> list[list[str]]:
+        """Replica j's greedy completions of ``prompts`` (new tokens only) for each of ``members`` members
+        side by side: each generate call holds one batch of prompts (``rollout.batch_size``) once per member,
+        member-major, as a low-rank pass lays out its rows."""
         model = self.replicas[j].model
-        penalty = resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
-        return generate(model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
-                        self.cfg.rollout.batch_size, repetition_penalty=penalty, engine=self.rollout_engine,
-                        length_schedule=self.length_schedule)
+        penalty = resolve_repetition_penalty(self.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
+        size = self.rollout.batch_size or len(prompts)
+        starts = range(0, len(prompts), size)
+        rows = [p for s in starts for _ in range(members) for p in prompts[s:s + size]]
+        sched = self.length_schedule
+        if sched is not None:
+            sched = [n for s in starts for _ in range(members) for n in sched[s:s + size]]
+        got = generate(model, self.tokenizers[j], rows, self.rollout.max_new_tokens, size * members,
+                       repetition_penalty=penalty, engine=self.rollout_engine, length_schedule=sched, lowrank=lowrank)
+        out: list[list[str]] = [[] for _ in range(members)]
+        for s in starts:
+            for texts in out:
+                texts.extend(got[:len(prompts[s:s + size])])
+                del got[:len(prompts[s:s + size])]
+        return out
 
     def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
         with device_scope(self.replicas[j].device):  # a pool thread's current CUDA device: its replica's
@@ -158,11 +154,11 @@ class Population:
 
     def update(self, seeds: np.ndarray, signs: np.ndarray, shaped: np.ndarray, alpha: float) -> None:
         """θ ← θ + (α/N)·Σ_n Z_n·ε_n on every replica, bit-identically."""
-        self.engine.update(self.replicas, seeds, signs, shaped, alpha)
+        self.search.update(self.replicas, seeds, signs, shaped, alpha)
 
     def restore(self) -> None:
         for rep in self.replicas:
-            self.engine.restore(rep)
+            self.search.restore(rep)
 
     # ---- weights -----------------------------------------------------------------------------------
     @property

@@ -7,29 +7,32 @@ config): the saved weights are then round(master), as the run's final/ is.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
-from hpc_es import lowrank, resume
+from hpc_es import resume
 from hpc_es.checkpoint import save_model_folder
 from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
-from hpc_es.es import Engine, Replica, master_torch_dtype
+from hpc_es.es import Replica
 from hpc_es.fsio import check_model_out
 from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
 from hpc_es.seeds import scheme_of
 from hpc_es.progress import warn
+from hpc_es.search import Search
+from hpc_es.search import make as make_search
 
 
 class _Target:
     """One replica driven by the ledger's rows (what ``resume.replay_rows`` updates)."""
 
-    def __init__(self, rep: Replica, engine: Engine | lowrank.LowRankEngine) -> None:
-        self.rep, self.engine = rep, engine
+    def __init__(self, rep: Replica, search: Search) -> None:
+        self.rep, self.search = rep, search
 
     def update(self, seeds: np.ndarray, signs: np.ndarray, shaped: np.ndarray, alpha: float) -> None:
-        self.engine.update([self.rep], seeds, signs, shaped, alpha)
+        self.search.update([self.rep], seeds, signs, shaped, alpha)
 
 
 def replay(run_dir: str, out: str, iteration: int | None = None, model: str | None = None,
@@ -58,11 +61,9 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     net = load_model(base, dtype, device)
     resume.check_same_run(f"the run in '{run_dir}'", ledger.attrs.get("base_fingerprint"), None, cfg,
                           fingerprint(net), base, action="replay")
-    if cfg.es.noise == "lowrank":  # issue 14: the low-rank update, on the model's own weights
-        target = _Target(lowrank.wrap(net, master_torch_dtype(cfg.es.master_dtype, dtype)), lowrank.make_engine(cfg))
-    else:  # an fp32 master when the run had one (issue 12)
-        engine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)  # issue 12: the ledger's noise scheme
-        target = _Target(Replica.wrap(net, "device", cfg.es.master_dtype), engine)
+    # the run's distribution and noise scheme; a master beside the model (fp32 when the run had one)
+    search = make_search(dataclasses.replace(cfg.es, master_on="device"))
+    target = _Target(search.replica(net), search)
     resume.replay_rows(target, ledger.rows[:upto])
     save_model_folder(net, load_tokenizer(base), out)
     return fingerprint(net)

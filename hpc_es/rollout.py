@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
 
 from hpc_es import fastgen
+from hpc_es.config import RolloutConfig
 from hpc_es.errors import ConfigError
 
 log = logging.getLogger("hpc_es")
-ENGINES = ("auto", "fast", "hf")
 _NOTICED: set[str] = set()
 
 
@@ -32,8 +31,9 @@ def resolve_engine(requested: str, model: torch.nn.Module, notice: bool = True) 
     when ``notice``: rank 0 says it for all); an explicit ``fast`` that cannot run is a config error."""
     if requested == "hf":
         return "hf"
-    if requested not in ENGINES:
-        raise ConfigError(f"rollout.engine = {requested!r} is not allowed; choose one of {', '.join(ENGINES)}")
+    if requested not in RolloutConfig.ENGINES:
+        raise ConfigError(f"rollout.engine = {requested!r} is not allowed; choose one of "
+                          f"{', '.join(RolloutConfig.ENGINES)}")
     why = fastgen.unsupported(model)
     if why is None:
         return "fast"
@@ -69,18 +69,10 @@ def resolve_repetition_penalty(value: str, model: torch.nn.Module) -> float:
     Qwen2.5-Instruct's 1.05 applied to their greedy decoding; ``model`` reproduces that, and a folder without
     the field gives 1.0 (no penalty) as transformers would.
     """
-    text = str(value).strip()
-    if text == "model":
+    number = RolloutConfig.penalty(value)  # the config's rule: a number > 0 or 'model'
+    if number is None:
         found = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
         return 1.0 if found is None else float(found)
-    try:
-        number = float(text)
-    except ValueError:
-        raise ConfigError(f"config key 'rollout.repetition_penalty' = {value!r} is not allowed; "
-                          "give a number > 0 (1.0 = none) or 'model' (the model folder's value)") from None
-    if not math.isfinite(number) or number <= 0:
-        raise ConfigError(f"config key 'rollout.repetition_penalty' = {value!r} is out of range; "
-                          "it must be a number > 0 (1.0 = none) or 'model'")
     return number
 
 

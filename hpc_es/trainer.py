@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from hpc_es import lowrank, resume, runlock
+from hpc_es import resume, runlock
 from hpc_es.checkpoint import Checkpointer, save_model_folder
 from hpc_es.checks import DivergenceCheck
 from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
@@ -137,8 +137,8 @@ class Trainer:
             log.info("loading %s (%s, %d replica(s) per rank on %s)", self.model_path,
                      str(self.dtype).removeprefix("torch."), len(self.devices), self.devices[0].type)
         self.fault("signal")  # signal:-1 arrives while the model loads
-        self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, self.task, comm.rank,
-                                          comm.world_size, self.fault)
+        self.population = Population.load(cfg.es, cfg.rollout, self.model_path, self.devices, self.dtype, self.task,
+                                          comm.rank, comm.world_size, self.fault)
         self.base_fingerprint = self.population.model_fingerprint()  # issue 12: the model's, not the master's
         self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
@@ -149,7 +149,7 @@ class Trainer:
         self.ledger = Ledger(self.N, {
             "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
             "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
-            **lowrank.ledger_attrs(cfg),  # issue 14: noise kind, rank, scope
+            **self.population.search.ledger_attrs(),  # the search distribution: kind, rank, scope
             "rollout_engine": self.population.rollout_engine,  # issue 11: the engine that ran (auto resolved)
             "noise_scheme": cfg.es.noise_scheme})  # issue 12
         self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)

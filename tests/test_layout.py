@@ -103,3 +103,22 @@ def test_a_missing_golden_file_fails_unless_regeneration_is_asked_for(tmp_path: 
     check_golden("gone.txt", "x", tmp_path)
     with pytest.raises(AssertionError, match="changed"):
         check_golden("gone.txt", "y", tmp_path)
+
+
+def test_only_config_and_search_name_the_noise_modes() -> None:
+    """The loop holds a ``hpc_es.search.Search``: no other module compares anything with a mode's name, and
+    every mode the config allows has its class."""
+    from hpc_es.config import ESConfig
+    from hpc_es.search import MODES
+
+    assert set(MODES) == set(ESConfig.NOISES)
+    modes = set(ESConfig.NOISES)
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.name in ("config.py", "search.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            named = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in modes]
+            if named and (isinstance(node, ast.Compare) or ESConfig.LOWRANK in named and isinstance(node, ast.Module)):
+                found.append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}")
+    assert not found, f"modules other than config.py and search.py name a noise mode: {found}"

@@ -225,6 +225,7 @@ def test_config_keys_are_checked() -> None:
 def test_score_members_passes_give_the_same_rewards(tiny) -> None:
     """Members scored two or three at a time, or all at once, or prompt batch by prompt batch, on either
     rollout engine: the same rewards."""
+    from hpc_es.population import Population
     from hpc_es.tasks import load_task
 
     model, tok = tiny
@@ -233,14 +234,13 @@ def test_score_members_passes_give_the_same_rewards(tiny) -> None:
     got = []
     for engine, over in (("hf", ["rollout.members_per_pass=2"]), ("hf", []), ("hf", ["rollout.batch_size=2"]),
                          ("fast", []), ("fast", ["rollout.members_per_pass=3"]), ("fast", ["rollout.batch_size=2"])):
-        cfg = load_config(None, ["es.noise=lowrank", "es.sigma=0.3", "rollout.max_new_tokens=8", *over])
+        cfg = load_config(None, ["es.noise=lowrank", "es.sigma=0.3", "rollout.max_new_tokens=8",
+                                 "es.population_size=4", f"rollout.engine={engine}", *over])
         task = load_task(cfg)
         examples = list(task.train_examples())[:4]
-        eng = lowrank.make_engine(cfg)
-        lm = eng.attach(lowrank.wrap(model))
-        local = np.zeros(6)
-        lowrank.score_members(lm, tok, [0, 1, 2, 3], seeds, signs, examples, task, cfg, local, None, engine=engine)
-        got.append(local[:4])
+        scores = Population(cfg.es, cfg.rollout, [model], [tok], task).score(seeds, signs, examples)
+        assert scores.error is None
+        got.append(scores.rewards)
     for other in got[1:]:
         np.testing.assert_array_equal(got[0], other)
     assert len(set(got[0].tolist())) > 1

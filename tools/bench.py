@@ -4,7 +4,7 @@
 A script that prints a table, never a test.  It builds a randomly initialised Qwen2-architecture model in
 memory (no download; the tiny BPE tokenizer of hpc_es.models), then runs ES iterations of
 
-* hpc_es: the trainer's own ``Population.score`` (Engine.perturb, rollout.generate, task scoring)
+* hpc_es: the trainer's own ``Population.score`` (the search distribution's perturb, rollout.generate, task scoring)
   followed by ``Population.update``, exactly as ``Trainer.run`` calls them;
 * the baseline: tools/baseline.py, the published code's hot path (reseed per tensor, noise in the model
   dtype, add/subtract in place, model-dtype update);
@@ -44,7 +44,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
 import baseline  # noqa: E402  (tools/baseline.py)
 import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise vs torch.randn, alone)
 from hpc_es.config import Config  # noqa: E402
-from hpc_es.es import Replica, shape_rewards  # noqa: E402
+from hpc_es.es import shape_rewards  # noqa: E402
 from hpc_es.models import DTYPES, _train_tokenizer, named_params  # noqa: E402
 from hpc_es.seeds import member_seeds  # noqa: E402
 from hpc_es.rollout import generation_config  # noqa: E402
@@ -161,15 +161,15 @@ class HpcEsRun:
         self.sync = syncer(device)
         self.counter = CountTokens(model)
         task = load_task(cfg)
-        rep = Replica.wrap(model, cfg.es.master_on, cfg.es.master_dtype)
-        self.population = Population(cfg, [rep], [tokenizer()], task)
+        self.population = Population(cfg.es, cfg.rollout, [model], [tokenizer()], task)
         self.examples = list(task.train_examples())[: cfg.rollout.prompts_per_iteration]
         self.synthetic_updates = 0
         self.terms = 0
         if device.startswith("cuda"):  # the timers would see asynchronous launches only
-            eng = self.population.engine
-            for name in ("perturb", "restore", "update"):
-                setattr(eng, name, self._synced(getattr(eng, name)))
+            search = self.population.search
+            for name in ("perturb", "restore", "update"):  # low rank has no perturb: members run side by side
+                if hasattr(search, name):
+                    setattr(search, name, self._synced(getattr(search, name)))
 
     def _synced(self, fn: Callable[..., None]) -> Callable[..., None]:
         def call(*a: Any, **k: Any) -> None:

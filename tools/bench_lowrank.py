@@ -38,24 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (tools/bench.py: model building, the trainer-driven iteration)
 
 from hpc_es import lowrank  # noqa: E402
-from hpc_es.config import Config  # noqa: E402
-from hpc_es.population import Population  # noqa: E402
 
 PHASES = bench.PHASES
-
-
-class LowRankRun(bench.HpcEsRun):
-    """``bench.HpcEsRun`` with es.noise=lowrank: the trainer's ``Population`` in low-rank mode, whose replica
-    is the model itself (no master copy)."""
-
-    def __init__(self, model: torch.nn.Module, cfg: Config, device: str) -> None:
-        super().__init__(model, cfg, device)
-        for lm in self.population.lowrank:  # the parent wrapped a copy-holding replica: start again without it
-            lm.remove()
-        self.population = Population(cfg, [lowrank.wrap(model)], [bench.tokenizer()], self.population.task)
-        if device.startswith("cuda"):
-            eng = self.population.engine
-            eng.update = self._synced(eng.update)  # type: ignore[method-assign]
 
 
 @dataclass
@@ -104,7 +88,7 @@ def compare(arch: bench.Arch, *, dtype: torch.dtype, device: str = "cpu", n: int
     model = bench.build_model(arch, dtype, device)
     params = bench.n_params(model)
     full = bench.HpcEsRun(model, cfg, device)
-    low = LowRankRun(copy.deepcopy(model), lcfg, device)
+    low = bench.HpcEsRun(copy.deepcopy(model), lcfg, device)  # es.noise=lowrank: no master copy
     plain = bench.PlainGenerate(model, [ex.prompt for ex in full.examples] * n, tokens, device)
     rows: dict[str, list[dict[str, float]]] = {"full": [], "low": []}
     toks = {"full": 0.0, "low": 0.0}
