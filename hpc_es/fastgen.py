@@ -558,6 +558,11 @@ def set_compile(model: torch.nn.Module, mode: str) -> None:
     _COMPILE[model] = mode
 
 
+def compile_refused(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s compiled decode step was refused (it decodes eagerly until set again)."""
+    return _COMPILE.get(model) == "refused"
+
+
 def _compiled_step(model: torch.nn.Module, W: _Weights) -> Callable[..., torch.Tensor] | None:
     """The compiled decode step where ``model``'s setting asks for it and nothing refused it, else None.
 
