@@ -340,7 +340,7 @@ class _State:
         self.eos = torch.zeros(MAX_EOS, dtype=torch.long, device=dev)  # fixed size: graphs read its address
         self.pad = torch.zeros(1, dtype=torch.long, device=dev)
         self.graphs: dict[tuple, Any] = {}
-        self.checked: set[tuple] = set()  # decode shapes whose compiled step matched the eager one
+        self.checked: set[tuple] = set()  # decode shapes (and penalty) whose compiled step matched the eager one
         self.pool: Any = None
         self.wkey: tuple = ()
 
@@ -349,9 +349,9 @@ class _State:
                 and presence == (self.presence is not None) and sched == (self.sched is not None))
 
     def start(self, W: _Weights, ids: torch.Tensor, eos: list[int], pad: int, new: int,
-              stop_at: Sequence[int] | None) -> None:
+              stop_at: Sequence[int] | None, members: Members | None) -> None:
         """Per-call state: RoPE tables (HF's formula: fp32 angle, cos/sin scaled, rounded to the model dtype),
-        stop ids, the rows' counters, the penalty's seen ids, the stop schedule."""
+        stop ids, the rows' counters, the penalty's seen ids, the stop schedule, each row's member."""
         dev, (B, P) = W.device, ids.shape
         if not 1 <= len(eos) <= MAX_EOS:
             raise ValueError(f"the fast engine takes 1 to {MAX_EOS} EOS ids, got {len(eos)}")
@@ -378,6 +378,8 @@ class _State:
             if len(stop_at) != B:
                 raise ValueError(f"the stop schedule has {len(stop_at)} entries for {B} prompts")
             self.sched[:B].copy_(torch.tensor([int(s) - 1 for s in stop_at], dtype=torch.long).to(dev))
+        if members is not None:
+            self.grp[:B].copy_(members.member_major(B))
 
     def keep(self, live: torch.Tensor, nb: int, used: int) -> None:
         """Move the live rows to slots ``[:n]`` (one layer at a time, over the written slots only); slots
@@ -405,6 +407,7 @@ def _state(model: torch.nn.Module, W: _Weights, want: tuple[int, int, int, bool,
             _STATES[model] = st
     if keep and st.wkey != W.key():  # weights moved (reloaded, another dtype): graphs are stale
         st.graphs.clear()
+        st.checked.clear()
         st.wkey = W.key()
     return st
 
@@ -428,9 +431,18 @@ class _Decoder:
         W, x = self.W, x[:, -1:]
         return lin.proj(_rms(x, lin.weight(W.norm, x), W.norm_eps), ((W.head, None),))[0][:, -1].float()
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, r0: int, logits_out: torch.Tensor) -> None:
-        """Rows ``r0 : r0+n`` of the prompt batch through every layer (eager); their K/V into the cache, their
-        last position's fp32 logits into ``logits_out``."""
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The prompts through every layer (eager), in chunks of rows that bound the activations: their K/V
+        into the cache; returns the last position's fp32 logits."""
+        logits = torch.empty(ids.shape[0], self.st.vocab, dtype=torch.float32, device=ids.device)
+        chunk = max(1, 16384 // max(ids.shape[1], 1))
+        for r0 in range(0, ids.shape[0], chunk):
+            self._prefill(ids[r0:r0 + chunk], mask[r0:r0 + chunk], r0, logits)
+        return logits
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, r0: int, logits_out: torch.Tensor) -> None:
+        """Rows ``r0 : r0+n`` of the prompt batch through every layer; their K/V into the cache, their last
+        position's fp32 logits into ``logits_out``."""
         W, st = self.W, self.st
         n, P = ids.shape
         r1, dev = r0 + n, ids.device
@@ -505,7 +517,7 @@ class _Decoder:
         if self.compiled is None:
             self.step(b, S)
             return
-        if (b, S) in self.st.checked:
+        if (b, S, self.penalty) in self.st.checked:
             self.compiled(self, b, S)
             return
         st = self.st
@@ -519,7 +531,7 @@ class _Decoder:
         except Exception as e:  # noqa: BLE001 - any failure to build or run means: eager
             why = f"it failed to build or run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         if why is None:
-            st.checked.add((b, S))
+            st.checked.add((b, S, self.penalty))
             return
         _refuse(self.model, why)
         self.compiled = None
@@ -634,14 +646,9 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     st = _state(model, W, (B, slots, W.head.shape[0], repetition_penalty != 1.0, obs.stop_at is not None),
                 bucketed)
     eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-    st.start(W, ids, eos, int(pad_token_id), max_new_tokens, obs.stop_at)
+    st.start(W, ids, eos, int(pad_token_id), max_new_tokens, obs.stop_at, lowrank)
     dec = _Decoder(model, W, st, float(repetition_penalty), lowrank, not bool(mask.all()), bucketed, compiled)
-    if lowrank is not None:
-        st.grp[:B].copy_(lowrank.member_major(B))
-    logits = torch.empty(B, st.vocab, dtype=torch.float32, device=dev)
-    chunk = max(1, 16384 // max(P, 1))
-    for r0 in range(0, B, chunk):
-        dec.prefill(ids[r0:r0 + chunk], mask[r0:r0 + chunk], r0, logits)
+    logits = dec.prefill(ids, mask)
     rows = torch.arange(B, device=dev)  # original row of each live slot (-1: a filler slot)
     if obs.logits is not None:
         sink = obs.logits

@@ -105,3 +105,14 @@ def compiled_over_eager(model: torch.nn.Module, input_ids: torch.Tensor, attenti
                 out["refused"] = fastgen.compile_refused(model)
     out["compiled_over_eager"] = out["compiled_tokens_per_s"] / max(out["eager_tokens_per_s"], 1e-12)
     return out
+
+
+def figures(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            max_new_tokens: int, *, steps: int = 8, reps: int = 3) -> dict[str, Any]:
+    """tools/bench.py's ``--json`` keys: ``decode_kernels_per_step`` ({eager, compiled}) and
+    ``compiled_over_eager`` (tokens/s ratio; the tokens/s and ``refused`` under ``compiled_decode``)."""
+    kernels = {name: decode_kernels_per_step(model, input_ids, attention_mask, compiled=name == "compiled",
+                                             steps=steps) for name in ("eager", "compiled")}
+    speed = compiled_over_eager(model, input_ids, attention_mask, max_new_tokens, reps=reps)
+    return {"decode_kernels_per_step": kernels, "compiled_over_eager": speed["compiled_over_eager"],
+            "compiled_decode": speed}
