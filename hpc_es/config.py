@@ -63,6 +63,7 @@ class ESConfig:
 @dataclass
 class RolloutConfig:
     ENGINES: ClassVar[tuple[str, ...]] = ("auto", "fast", "hf")  # rollout.resolve_engine
+    COMPILES: ClassVar[tuple[str, ...]] = ("auto", "true", "false")  # fastgen.set_compile
     FROM_MODEL: ClassVar[str] = "model"  # repetition_penalty: the model folder's value
 
     max_new_tokens: int = 16
@@ -76,6 +77,9 @@ class RolloutConfig:
     # auto: the fast engine (hpc_es.fastgen) where the model allows it, else hf with a notice | fast: fast or a
     # config error | hf: HF generate.  Both give the same tokens; part of the trajectory like all of rollout.
     engine: str = one_of("auto", ENGINES)
+    # the fast engine's decode step compiled with torch.compile (inside the CUDA graphs on a GPU), checked against
+    # the eager step when built and refused with a warning if it differs: auto (on CUDA) | true | false
+    compile: str = one_of("auto", COMPILES)
 
     @staticmethod
     def penalty(value: str) -> float | None:
@@ -179,7 +183,7 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-_BOOL_WORDS = ("eval.kl",)  # string keys whose choices include true/false, which YAML reads as booleans
+_BOOL_WORDS = ("eval.kl", "rollout.compile")  # string keys whose choices include true/false (YAML booleans)
 
 
 def _int_range(lo: int, hi: int, note: str = "") -> tuple[Any, str]:

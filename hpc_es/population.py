@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from hpc_es import fastgen
 from hpc_es.config import ESConfig, RolloutConfig
 from hpc_es.es import Replica
 from hpc_es.faults import Fault
@@ -56,9 +57,11 @@ class Population:
         self.members = [[n for n in range(self.N) if slot_owner(n, world, per) == (rank, j)] for j in range(per)]
         self.pool = ThreadPoolExecutor(per) if per > 1 else None
         self._streams: dict[int, Any] = {}  # replica index -> its CUDA stream (replicas that share a GPU)
-        # Benchmarks and tests only: EOS forced at these completion lengths (prompt i ends by its i-th entry),
-        # so that speed is measured on ragged completions with a random-weight model.  None in training.
-        self.length_schedule: Sequence[int] | None = None
+        # Benchmarks and tests only (fastgen.Observer: e.g. EOS forced at set completion lengths, so that speed
+        # is measured on ragged completions with a random-weight model).  None in training.
+        self.observer: fastgen.Observer | None = None
+        for model in models:
+            fastgen.set_compile(model, rollout.compile)
 
     @classmethod
     def load(cls, es: ESConfig, rollout: RolloutConfig, model_path: str, devices: Sequence[torch.device],
@@ -125,11 +128,12 @@ class Population:
         size = self.rollout.batch_size or len(prompts)
         starts = range(0, len(prompts), size)
         rows = [p for s in starts for _ in range(members) for p in prompts[s:s + size]]
-        sched = self.length_schedule
-        if sched is not None:
-            sched = [n for s in starts for _ in range(members) for n in sched[s:s + size]]
+        obs = self.observer
+        if obs is not None and obs.stop_at is not None:
+            sched = obs.stop_at
+            obs = fastgen.Observer([n for s in starts for _ in range(members) for n in sched[s:s + size]], obs.logits)
         got = generate(model, self.tokenizers[j], rows, self.rollout.max_new_tokens, size * members,
-                       repetition_penalty=penalty, engine=self.rollout_engine, length_schedule=sched, lowrank=lowrank)
+                       repetition_penalty=penalty, engine=self.rollout_engine, observer=obs, lowrank=lowrank)
         out: list[list[str]] = [[] for _ in range(members)]
         for s in starts:
             for texts in out:

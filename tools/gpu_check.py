@@ -180,7 +180,7 @@ def _decode(engine: str, model: torch.nn.Module, ids: torch.Tensor, mask: torch.
     t0 = time.perf_counter()
     with torch.no_grad():
         if engine == "fast":
-            out = fastgen.generate_ids(model, ids, mask, new, eos, pad, length_schedule=sched)
+            out = fastgen.generate_ids(model, ids, mask, new, eos, pad, observer=fastgen.Observer(sched))
         else:
             gen_cfg.max_new_tokens = new
             procs = [_ForceEOS(sched, ids.shape[1], eos)] if sched is not None else None
