@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from hpc_es import lowrank, resume
+from hpc_es import lowrank, ownership, resume
 from hpc_es.checkpoint import save_model_folder
 from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
@@ -40,6 +40,9 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     if not os.path.isdir(run_dir):
         raise HpcEsError(f"run_dir '{run_dir}' does not exist")
     check_model_out(out)  # issue 16: never replace a folder that is not an earlier hpc_es model
+    ownership.require(f"{out}.old", None)  # nor remove one beside it that a save would move out's old copy to
+    if os.path.realpath(out) == os.path.realpath(os.path.join(run_dir, "final")):
+        raise HpcEsError(f"--out '{out}' is the run's own final model; replay into another folder")
     ledger, note = resume.read_ledger(run_dir)
     if note:
         warn(note)

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from hpc_es import lowrank, resume, runlock
+from hpc_es import lowrank, ownership, resume, runlock
 from hpc_es.checkpoint import Checkpointer, save_model_folder
 from hpc_es.checks import DivergenceCheck
 from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
@@ -122,6 +122,7 @@ class Trainer:
         if comm.is_main:
             check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
             self.lock = runlock.acquire(cfg.run_dir)  # one run per run_dir; other ranks learn through agree()
+            ownership.check_run_dir(cfg.run_dir, cfg.log.tensorboard)  # replace only what hpc_es wrote
         # issue 15: rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
         self.tboard = TensorBoardLog(cfg.run_dir) if cfg.log.tensorboard and comm.is_main else None
         if comm.is_main:
