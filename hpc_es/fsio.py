@@ -72,6 +72,15 @@ def as_os_error(e: BaseException) -> OSError | None:
     return None
 
 
+def create_new(path: str) -> int:
+    """A descriptor of a new file at ``path`` (a temporary of hpc_es's own): whatever was there (a kill's
+    leftover, or a symbolic link in a run_dir handed over by someone) is unlinked, never followed, and the
+    file is created exclusively, so a write can only land in run_dir itself."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
 def check_writable_dir(path: str, what: str = "run_dir") -> None:
     """Create ``path`` if needed and prove it writable (a probe file), before anything slow happens."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -79,8 +88,7 @@ def check_writable_dir(path: str, what: str = "run_dir") -> None:
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".hpc_es-probe-{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        os.close(create_new(probe))
         os.remove(probe)
     except OSError as e:
         raise FileSystemError(f"{what} {describe_os_error(e, path)}") from None

@@ -72,10 +72,13 @@ def acquire(run_dir: str) -> RunLock:
     if os.environ.get(ENV_SWITCH, "").lower() in ("off", "0", "false", "no"):
         return RunLock(path, None)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
         from hpc_es.fsio import FileSystemError, describe_os_error
 
+        if e.errno == errno.ELOOP:
+            raise FileSystemError(f"the run_dir lock '{path}' is a symbolic link; hpc_es writes its own file there "
+                                  "and refuses to follow it (remove the link)") from None
         raise FileSystemError(f"cannot create the run_dir lock {describe_os_error(e, path)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

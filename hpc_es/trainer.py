@@ -8,6 +8,7 @@ components own their parts: ``Population`` (perturb, generate, score), ``resume`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -77,6 +78,9 @@ def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: in
 
 class Trainer:
     def __init__(self, cfg: Config, comm: Comm) -> None:
+        # run_dir made absolute before any user code runs: a task or reward that changes the working
+        # directory cannot send the ledger, the checkpoint or final/ away from the locked run_dir.
+        cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(cfg.run_dir))
         self.cfg, self.comm = cfg, comm
         self.fault = Fault(comm.rank)
         self.stop_signal = 0  # set by the signal handler of this rank

@@ -95,3 +95,59 @@ def test_stale_final_temporaries_are_cleaned(tmp_path: Path) -> None:
     (foreign / "mine.txt").write_text("x")
     assert ckpt.clean_stale(str(tmp_path)) == [str(stale)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.tmp-456"]
+
+
+# ---- no write follows a link out of run_dir ---------------------------------------------------------
+
+def test_a_symlinked_lock_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    from hpc_es import runlock
+    from hpc_es.fsio import FileSystemError
+
+    elsewhere = tmp_path / "precious.txt"
+    elsewhere.write_text("keep")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(elsewhere)
+    with pytest.raises(FileSystemError, match="is a symbolic link"):
+        runlock.acquire(str(tmp_path / "run"))
+    assert elsewhere.read_text() == "keep"
+
+
+def test_the_ledger_temporary_never_follows_a_link(tmp_path: Path) -> None:
+    from hpc_es.ledger import Ledger
+
+    elsewhere = tmp_path / "precious.txt"
+    elsewhere.write_text("keep")
+    (tmp_path / "log.h5.tmp").symlink_to(elsewhere)
+    Ledger(4, {"config": "{}"}).save(str(tmp_path / "log.h5"))
+    assert elsewhere.read_text() == "keep"
+    assert (tmp_path / "log.h5").is_file() and not (tmp_path / "log.h5").is_symlink()
+    assert len(Ledger.load(str(tmp_path / "log.h5"))) == 0
+
+
+@pytest.mark.parametrize("name", ["log.h5.tmp", "log.h5"])
+def test_training_refuses_symlinked_own_files(tmp_path: Path, name: str) -> None:
+    elsewhere = tmp_path / "precious.txt"
+    elsewhere.write_text("keep")
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / name).symlink_to(elsewhere)
+    with pytest.raises(NotOurs, match=f"'{run / name}' is a link or not a plain file"):
+        train(load_config(None, SMALL + [f"run_dir={run}", "es.iterations=2"]), Comm())
+    assert elsewhere.read_text() == "keep"
+
+
+# ---- a reward that changes the working directory -------------------------------------------------------
+
+def test_a_reward_that_changes_directory_writes_nothing_elsewhere(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import user_task
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    task = tmp_path / "wander.py"
+    task.write_text(user_task(f"import os; os.chdir({str(elsewhere)!r}); return 1.0"))
+    monkeypatch.chdir(tmp_path)
+    result = train(load_config(None, SMALL + ["run_dir=ft", "es.iterations=2", f"task={task}:task"]), Comm())
+    assert list(elsewhere.iterdir()) == []
+    assert result.run_dir == str(tmp_path / "ft")
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == [".lock", "checkpoint", "final", "log.h5"]
