@@ -48,6 +48,7 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
         warn(note)
     cfg = config_from_dict(ledger.config)
     cfg.es.noise_scheme = scheme_of(ledger.attrs)  # issue 12: the ledger's record (none: legacy) decides
+    resume.check_rows(ledger, cfg, f"cannot replay '{run_dir}'")
     total = len(ledger)
     upto = total if iteration is None else iteration
     if not 0 <= upto <= total:

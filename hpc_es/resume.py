@@ -25,7 +25,7 @@ import torch
 from hpc_es import checkpoint as ckpt
 from hpc_es.config import Config
 from hpc_es.ledger import Ledger, LedgerError
-from hpc_es.seeds import scheme_of, trajectory_keys
+from hpc_es.seeds import member_seeds, scheme_of, trajectory_keys
 from hpc_es.progress import say, warn
 
 # Config keys that define the trajectory: a resumed run must agree on all of them.
@@ -105,6 +105,38 @@ def check_same_run(what: str, base_fingerprint: Any, config: str | dict[str, Any
     if diff:
         raise ckpt.CheckpointError(f"{what} belongs to a run with different {', '.join(diff)}; "
                                    "use a new run_dir or the same settings")
+
+
+def check_rows(ledger: Ledger, cfg: Config, where: str) -> None:
+    """Every row is one this run wrote for its iteration, or one ``CheckpointError`` naming the first that
+    is not.  The seed table is a pure function of (seed, t) and sigma and alpha are the config's, so a row
+    removed, duplicated or moved and the iterations renumbered by hand cannot pass for the run's own."""
+    n, anti = cfg.es.population_size, cfg.es.antithetic
+    for t, row in enumerate(ledger.rows):
+        seeds, signs = member_seeds(cfg.seed, t, n, anti)
+        bad = ("its seeds are not iteration {t}'s" if not np.array_equal(row["seeds"], seeds) else
+               "its signs are not iteration {t}'s" if not np.array_equal(row["signs"], signs) else
+               "its sigma is not the run's es.sigma" if row["sigma"] != cfg.es.sigma else
+               "its alpha is not the run's es.alpha" if row["alpha"] != cfg.es.alpha else "")
+        if bad:
+            raise ckpt.CheckpointError(f"{where}: ledger row {t} (iteration {row['iteration']}) is not one this run "
+                                       f"wrote: {bad.format(t=t)} (rows removed, repeated or edited?); nothing "
+                                       "was changed")
+
+
+def check_copy(ledger: Ledger, folder: str | None, where: str) -> None:
+    """The checkpoint's copy of the ledger is the start of the run's ledger, row for row."""
+    copy = ckpt.ledger_copy(folder) if folder is not None else None
+    if copy is None:
+        return
+    try:
+        rows = Ledger.load(copy).rows
+    except LedgerError:
+        return  # a damaged copy is only a fallback; log.h5 stands on its own checks
+    for t, (mine, theirs) in enumerate(zip(ledger.rows, rows)):
+        if any(not np.array_equal(mine[k], theirs[k]) for k in ("seeds", "signs", "shaped", "alpha", "sigma")):
+            raise ckpt.CheckpointError(f"{where}: ledger row {t} differs from the checkpoint's copy of the ledger "
+                                       f"('{copy}'); nothing was changed")
 
 
 def noise_device(ledger: Ledger) -> str:
@@ -207,6 +239,8 @@ def plan(cfg: Config, model_fingerprint: str, model_path: str, device_type: str)
         notes.append(f"{ckpt_damage}; rebuilding the weights from the base model and the ledger")
     check_same_run(f"run_dir '{run_dir}'", old.attrs.get("base_fingerprint"), old.config, cfg,
                    model_fingerprint, model_path)
+    check_rows(old, cfg, f"cannot resume run_dir '{run_dir}'")
+    check_copy(old, folder, f"cannot resume run_dir '{run_dir}'")
     if len(old) > cfg.es.iterations:
         raise ckpt.CheckpointError(
             f"run_dir '{run_dir}' holds {len(old)} completed iterations, more than es.iterations="
