@@ -21,7 +21,7 @@ import torch
 
 from hpc_es import lowrank, ownership, resume, runlock
 from hpc_es.checkpoint import Checkpointer, save_model_folder
-from hpc_es.checks import DivergenceCheck
+from hpc_es.checks import DivergenceCheck, check_same_setup
 from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
@@ -93,6 +93,7 @@ class Trainer:
         # reported once, without an abort.
         try:
             agree(comm, attempt(self._setup_devices))
+            check_same_setup(comm, cfg.to_json(), self.train_set)  # before any rank loads the model
             agree(comm, attempt(self._setup_model))
         except BaseException:
             self.release()
