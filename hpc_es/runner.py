@@ -81,9 +81,24 @@ def signal_handlers(comm: Comm, grace_s: float) -> Callable[[Trainer], None]:
         if comm.is_main:
             print(f"\nhpc_es: got {name}; checkpointing after this iteration", file=sys.stderr, flush=True)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
+    if not _RESET_IN_CHILD:  # a process that reward code forks is not the run: a signal ends it plainly
+        os.register_at_fork(after_in_child=_default_handlers)
+        _RESET_IN_CHILD.append(True)
     return held.append
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
+_RESET_IN_CHILD: list[bool] = []
+
+
+def _default_handlers() -> None:
+    try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+    except ValueError:  # forked from a thread other than the main one: nothing to reset there
+        pass
 
 
 def run_training(cfg: Config, comm: Comm, *, own_process: bool) -> dict[str, Any]:
