@@ -383,7 +383,7 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
     import time
 
     from hpc_es.rollout import generate, resolve_repetition_penalty
-    from hpc_es.tasks import safe_score
+    from hpc_es.tasks import mean_reward, safe_score
 
     penalty = resolve_repetition_penalty(cfg.rollout.repetition_penalty, lm.model)  # issue 13: per row, as HF does
     prompts = [ex.prompt for ex in examples]
@@ -409,7 +409,8 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
         c = time.perf_counter()
         for k, n in enumerate(group):
             limit = cfg.rollout.reward_timeout_s  # issue 16
-            local[n] = float(np.mean([safe_score(task, comp, ex, limit) for comp, ex in zip(comps[k], examples)]))
+            local[n] = mean_reward(task, [safe_score(task, comp, ex, limit) for comp, ex in zip(comps[k], examples)],
+                                   examples)
         d = time.perf_counter()
         if times is not None:
             times["perturb"] += b - a

@@ -24,7 +24,7 @@ from hpc_es.fsio import MODEL_MARKER, FileSystemError
 CHECKPOINT_NAMES = ("state.json", "model.safetensors", "log.h5", "log.h5.tmp")
 TENSORBOARD_NAMES = ("events.out.tfevents.*",)
 # The plain files hpc_es writes in run_dir; each must be a file, never a link.
-OWN_FILES = (".lock", "log.h5", "log.h5.tmp", "log.h5.damaged")
+OWN_FILES = (".lock", "log.h5", "log.h5.tmp", "log.h5.damaged", ".hpc_es-summary")
 
 
 class NotOurs(FileSystemError):

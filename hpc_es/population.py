@@ -24,7 +24,7 @@ from hpc_es.faults import Fault
 from hpc_es.models import fingerprint, load_model, load_tokenizer
 from hpc_es.placement import device_scope, slot_owner
 from hpc_es.rollout import generate, resolve_engine, resolve_repetition_penalty
-from hpc_es.tasks import Example, Task, safe_score
+from hpc_es.tasks import Example, Task, mean_reward, safe_score
 
 
 @dataclass
@@ -111,8 +111,8 @@ class Population:
                 completions = self.complete(j, prompts)
                 c = time.perf_counter()
                 limit = self.cfg.rollout.reward_timeout_s
-                out.rewards[n] = float(np.mean([safe_score(self.task, text, ex, limit)
-                                                for text, ex in zip(completions, examples)]))
+                out.rewards[n] = mean_reward(self.task, [safe_score(self.task, text, ex, limit)
+                                                         for text, ex in zip(completions, examples)], examples)
                 d = time.perf_counter()
                 if j == 0:
                     out.times["perturb"] += b - a
