@@ -420,7 +420,7 @@ def load_yaml(text: str, where: str) -> Any:
                 sizes[event.anchor] = 1
             add(1)
         elif isinstance(event, yaml.AliasEvent):
-            add(sizes.get(event.anchor, 1))
+            add(sizes.get(event.anchor or "", 1))
         else:
             continue
         if stack[0][0] + sum(f[0] for f in stack[1:]) > MAX_YAML_VALUES:
