@@ -21,7 +21,7 @@ import torch
 
 from hpc_es import ownership
 from hpc_es.errors import HpcEsError
-from hpc_es.fsio import MODEL_MARKER, FileSystemError, as_os_error, describe_os_error
+from hpc_es.fsio import MODEL_MARKER, FileSystemError, as_os_error, describe_os_error, folder_lock
 from hpc_es.ownership import CHECKPOINT_NAMES
 from hpc_es.schedule import Every
 
@@ -129,8 +129,13 @@ def save_model_folder(model: Any, tokenizer: Any, out: str) -> None:
 
     The folder is marked (``fsio.MODEL_MARKER``) as a model hpc_es saved, so a later save may replace it
     (``fsio.check_model_out``).  A failing write removes the temporary folder, leaves ``out`` as it was
-    and is one FileSystemError line.
+    and is one FileSystemError line.  Saves into one folder take turns (``fsio.folder_lock``).
     """
+    with folder_lock(os.path.dirname(os.path.abspath(out))):
+        _save_model_folder(model, tokenizer, out)
+
+
+def _save_model_folder(model: Any, tokenizer: Any, out: str) -> None:
     tmp = f"{out}.tmp-{os.getpid()}"
     ownership.remove(tmp, None)
     try:

@@ -12,7 +12,7 @@ import json
 from typing import Any, Iterable
 
 from hpc_es.comm import Comm
-from hpc_es.errors import DistributedError
+from hpc_es.errors import ConfigError, DistributedError
 from hpc_es.schedule import Every
 
 
@@ -24,6 +24,20 @@ def data_digest(examples: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
+def check_context(tokenizer: Any, model_config: Any, prompts: list[str], max_new_tokens: int) -> None:
+    """Set-up, once the model is loaded: the longest prompt plus ``max_new_tokens`` fits the model's
+    positions (past them a model computes garbage, or the KV cache asks for gigabytes)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or not prompts:
+        return
+    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    if longest + max_new_tokens > limit:
+        raise ConfigError(
+            f"the longest training prompt is {longest} tokens and rollout.max_new_tokens={max_new_tokens}: "
+            f"{longest + max_new_tokens} positions, more than the model's max_position_embeddings={limit}; "
+            "lower rollout.max_new_tokens or shorten the prompts")
+
+
 def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix.rstrip("."): d}
@@ -33,13 +47,13 @@ def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_same_setup(comm: Comm, config_json: str, examples: Iterable[Any]) -> None:
+def check_same_setup(comm: Comm, config_json: str, data: str) -> None:
     """A collective at set-up: every rank resolved the same config and read the same data, or every rank
     raises one ``DistributedError`` naming the keys that differ (ranks that disagree on the population,
     the iterations or a check's schedule would otherwise fail in a collective, or finish with a wrong model)."""
     if comm.world_size == 1:
         return
-    mine = json.dumps({"config": json.loads(config_json), "data": data_digest(examples)}, sort_keys=True).encode()
+    mine = json.dumps({"config": json.loads(config_json), "data": data}, sort_keys=True).encode()
     gathered = comm.allgather(mine)
     if len(set(gathered)) == 1:
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 from hpc_es import lowrank, ownership, resume
 from hpc_es.checkpoint import save_model_folder
@@ -17,7 +18,7 @@ from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
 from hpc_es.es import Engine, Replica, master_torch_dtype
 from hpc_es.fsio import check_model_out
-from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
+from hpc_es.models import fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
 from hpc_es.seeds import scheme_of
 from hpc_es.progress import warn
 
@@ -68,5 +69,9 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
         engine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)  # issue 12: the ledger's noise scheme
         target = _Target(Replica.wrap(net, "device", cfg.es.master_dtype), engine)
     resume.replay_rows(target, ledger.rows[:upto])
+    bad = next((name for name, p in named_params(net) if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:  # as training stops before saving such weights
+        raise HpcEsError(f"replaying {upto} iterations of '{run_dir}' gives non-finite weights (first in '{bad}'); "
+                         f"nothing was saved to '{out}' (an earlier --iteration may still be finite)")
     save_model_folder(net, load_tokenizer(base), out)
     return fingerprint(net)

@@ -89,22 +89,22 @@ def trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 def check_same_run(what: str, base_fingerprint: Any, config: str | dict[str, Any] | None, cfg: Config,
                    model_fingerprint: str, model_path: str, action: str = "resume") -> None:
     """The one trajectory check: ``what`` (a checkpoint or a ledger) was made from this base model with the
-    same trajectory keys (``model`` itself may move: the base model's fingerprint is what counts)."""
+    same trajectory keys (``model`` itself may move: the base model's fingerprint is what counts).  The
+    keys are compared first: a changed ``dtype`` also changes the fingerprint, and is named as itself."""
+    if config:
+        now = trajectory(json.loads(cfg.to_json()))
+        try:
+            was = trajectory(json.loads(config) if isinstance(config, str) else config)
+            diff = [k for k in was if was[k] != now[k] and k != "model"]
+        except (KeyError, TypeError, ValueError):
+            diff = ["config (unreadable)"]
+        if diff:
+            raise ckpt.CheckpointError(f"{what} belongs to a run with different {', '.join(diff)}; "
+                                       "use a new run_dir or the same settings")
     if base_fingerprint != model_fingerprint:
         raise ckpt.CheckpointError(
             f"{what} was made from a base model with fingerprint {str(base_fingerprint)[:16]}, but "
             f"'{model_path}' has {model_fingerprint[:16]}; refusing to {action} onto a different model")
-    if not config:
-        return
-    now = trajectory(json.loads(cfg.to_json()))
-    try:
-        was = trajectory(json.loads(config) if isinstance(config, str) else config)
-        diff = [k for k in was if was[k] != now[k] and k != "model"]
-    except (KeyError, TypeError, ValueError):
-        diff = ["config (unreadable)"]
-    if diff:
-        raise ckpt.CheckpointError(f"{what} belongs to a run with different {', '.join(diff)}; "
-                                   "use a new run_dir or the same settings")
 
 
 def check_rows(ledger: Ledger, cfg: Config, where: str) -> None:
@@ -186,7 +186,11 @@ def _checkpoint_folder(run_dir: str) -> str | None:
     return None
 
 
-def plan(cfg: Config, model_fingerprint: str, model_path: str, device_type: str) -> ResumePlan | None:
+DATA_CHANGED_ENV = "HPC_ES_DATA_CHANGED"  # "ok": resume although the train data differ from the run's
+
+
+def plan(cfg: Config, model_fingerprint: str, model_path: str, device_type: str,
+         data_digest: str = "") -> ResumePlan | None:
     """Read ``cfg.run_dir`` and decide how to continue; None for a fresh run_dir.  Reads only.
 
     A run_dir that holds a run is never silently restarted from zero: what cannot be worked around is
@@ -240,6 +244,13 @@ def plan(cfg: Config, model_fingerprint: str, model_path: str, device_type: str)
     check_same_run(f"run_dir '{run_dir}'", old.attrs.get("base_fingerprint"), old.config, cfg,
                    model_fingerprint, model_path)
     check_rows(old, cfg, f"cannot resume run_dir '{run_dir}'")
+    recorded_data = old.attrs.get("data_digest")  # absent in ledgers written before it was recorded
+    if (recorded_data and data_digest and recorded_data != data_digest
+            and os.environ.get(DATA_CHANGED_ENV, "").lower() != "ok"):
+        raise ckpt.CheckpointError(
+            f"cannot resume run_dir '{run_dir}': the task's train examples differ from the ones the run trained on "
+            f"(the data file changed?); restore them, use a new run_dir, or set {DATA_CHANGED_ENV}=ok to continue "
+            "on the new data")
     check_copy(old, folder, f"cannot resume run_dir '{run_dir}'")
     if len(old) > cfg.es.iterations:
         raise ckpt.CheckpointError(

@@ -21,7 +21,7 @@ import torch
 
 from hpc_es import lowrank, ownership, resume, runlock
 from hpc_es.checkpoint import Checkpointer, save_model_folder
-from hpc_es.checks import DivergenceCheck, check_same_setup
+from hpc_es.checks import DivergenceCheck, check_context, check_same_setup, data_digest
 from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
@@ -93,7 +93,7 @@ class Trainer:
         # reported once, without an abort.
         try:
             agree(comm, attempt(self._setup_devices))
-            check_same_setup(comm, cfg.to_json(), self.train_set)  # before any rank loads the model
+            check_same_setup(comm, cfg.to_json(), self.data_digest)  # before any rank loads the model
             agree(comm, attempt(self._setup_model))
         except BaseException:
             self.release()
@@ -123,6 +123,7 @@ class Trainer:
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
             raise HpcEsError(f"task '{cfg.task}' has no training examples")
+        self.data_digest = data_digest(self.train_set)  # recorded in the ledger: a resume must see the same data
         self.devices = local_devices(cfg, comm)
         if comm.is_main:
             check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
@@ -145,6 +146,8 @@ class Trainer:
         self.fault("signal")  # signal:-1 arrives while the model loads
         self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, self.task, comm.rank,
                                           comm.world_size, self.fault)
+        check_context(self.population.tokenizer, self.population.model.config, [e.prompt for e in self.train_set],
+                      cfg.rollout.max_new_tokens)
         self.base_fingerprint = self.population.model_fingerprint()  # issue 12: the model's, not the master's
         self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
@@ -157,8 +160,8 @@ class Trainer:
             "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
             **lowrank.ledger_attrs(cfg),  # issue 14: noise kind, rank, scope
             "rollout_engine": self.population.rollout_engine,  # issue 11: the engine that ran (auto resolved)
-            "noise_scheme": cfg.es.noise_scheme})  # issue 12
-        self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
+            "noise_scheme": cfg.es.noise_scheme, "data_digest": self.data_digest})  # issue 12
+        self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type, self.data_digest)
         if self.plan is not None:
             resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)
             self.ledger.rows, self.ledger.events = list(self.plan.rows), list(self.plan.events)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PY, ROOT, SMALL, mpiexec
-from hpc_es.checks import check_same_setup
+from hpc_es.checks import check_same_setup, data_digest
 from hpc_es.comm import Comm
 from hpc_es.config import load_config
 from hpc_es.errors import DistributedError
@@ -39,7 +39,7 @@ def payload(overrides: list[str], examples: list[Example]) -> bytes:
             sent.append(p)
             return [p, p]
 
-    check_same_setup(Capture(), load_config(None, SMALL + overrides).to_json(), examples)
+    check_same_setup(Capture(), load_config(None, SMALL + overrides).to_json(), data_digest(examples))
     return sent[0]
 
 
@@ -48,7 +48,7 @@ DATA = [Example("Q: 1\nA:", {"target": 1}), Example("Q: 2\nA:", {"target": 2})]
 
 def test_the_same_setup_passes() -> None:
     cfg = load_config(None, SMALL).to_json()
-    check_same_setup(Ranks([payload([], DATA), payload([], DATA)]), cfg, DATA)
+    check_same_setup(Ranks([payload([], DATA), payload([], DATA)]), cfg, data_digest(DATA))
 
 
 @pytest.mark.parametrize("other, data, words", [
@@ -59,7 +59,7 @@ def test_the_same_setup_passes() -> None:
 def test_ranks_that_differ_are_named(other: list[str], data: list[Example], words: str) -> None:
     cfg = load_config(None, SMALL).to_json()
     with pytest.raises(DistributedError) as e:
-        check_same_setup(Ranks([payload(other, data)]), cfg, DATA)
+        check_same_setup(Ranks([payload(other, data)]), cfg, data_digest(DATA))
     assert words in str(e.value)
 
 

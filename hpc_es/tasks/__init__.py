@@ -107,6 +107,9 @@ def _import_module(modname: str) -> ModuleType:
 
 
 def _load_file(path: str) -> ModuleType:
+    if os.path.isdir(path):
+        raise TaskError(f"task file '{path}' is a folder; give a .py file (path/to/file.py:attr) or a module "
+                        "(package.module:attr)")
     if not os.path.isfile(path):
         raise TaskError(f"task file '{path}' does not exist")
     abspath = os.path.abspath(path)
