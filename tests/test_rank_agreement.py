@@ -63,6 +63,7 @@ def test_ranks_that_differ_are_named(other: list[str], data: list[Example], word
     assert words in str(e.value)
 
 
+@pytest.mark.integration
 def test_two_ranks_with_different_sigma_stop_before_training(tmp_path: Path) -> None:
     """A real two-rank launch (MPMD: each rank its own command line) stops at set-up with one line."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

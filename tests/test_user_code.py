@@ -96,6 +96,7 @@ def launch(tmp_path: Path, extra: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_the_launcher_tells_a_run_ended_by_os_exit_from_one_that_finished(tmp_path: Path) -> None:
     f = tmp_path / "quits.py"
     f.write_text(user_task("import os; os._exit(0)"))
