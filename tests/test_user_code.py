@@ -108,3 +108,22 @@ def test_the_launcher_tells_a_run_ended_by_os_exit_from_one_that_finished(tmp_pa
     assert (tmp_path / "b" / "run" / ".hpc_es-summary").read_text() == proc.stdout.splitlines()[-1] + "\n"
 
 
+
+
+class Interrupting:
+    name = "interrupting"
+
+    def score(self, completion: str, example: Example) -> float:
+        raise KeyboardInterrupt
+
+
+def test_without_the_clis_handler_a_keyboard_interrupt_stays_one() -> None:
+    """In a notebook (Python's own SIGINT handler) a Ctrl-C and a reward's KeyboardInterrupt look alike: interrupt."""
+    import signal
+
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            safe_score(Interrupting(), "c", Example("Q"))  # type: ignore[arg-type]
+    finally:
+        signal.signal(signal.SIGINT, saved)

@@ -17,6 +17,7 @@ import importlib.util
 import math
 import numbers
 import os
+import signal
 import sys
 from types import ModuleType
 from typing import Any, Sequence
@@ -227,8 +228,8 @@ def safe_score(task: Task, completion: str, example: Example,
     except RewardTimeout:
         raise TaskError(overran()) from None
     except KeyboardInterrupt:
-        if CTRL_C.is_set():
-            raise
+        if CTRL_C.is_set() or signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            raise  # the user's Ctrl-C, or no handler that could tell (a notebook): an interrupt
         raise TaskError(f"task '{name}' reward raised KeyboardInterrupt {where} (not a Ctrl-C)") from None
     except USER_EXITS as e:
         raise TaskError(f"task '{name}' reward {_user_exit(e)} {where}") from None
