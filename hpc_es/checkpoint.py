@@ -19,8 +19,10 @@ from typing import Any, Callable
 
 import torch
 
+from hpc_es import ownership
 from hpc_es.errors import HpcEsError
-from hpc_es.fsio import MODEL_MARKER, FileSystemError, as_os_error, describe_os_error
+from hpc_es.fsio import MODEL_MARKER, FileSystemError, as_os_error, describe_os_error, folder_lock
+from hpc_es.ownership import CHECKPOINT_NAMES
 from hpc_es.schedule import Every
 
 STATE = "state.json"
@@ -73,6 +75,7 @@ def save(run_dir: str, state: CheckpointState, weights: dict[str, torch.Tensor] 
     checkpoint and the ledger are untouched, so a rerun resumes exactly.
     """
     final, _old, tmp = _dirs(run_dir)
+    ownership.remove(tmp, CHECKPOINT_NAMES)
     try:
         _write(final, tmp, state, weights, fault, ledger)
     except Exception as e:
@@ -87,7 +90,6 @@ def _write(final: str, tmp: str, state: CheckpointState, weights: dict[str, torc
            fault: Any, ledger: Any) -> None:
     from safetensors.torch import save_file
 
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if weights is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, os.path.join(tmp, WEIGHTS))
@@ -100,18 +102,21 @@ def _write(final: str, tmp: str, state: CheckpointState, weights: dict[str, torc
         json.dump(state.__dict__, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
-    replace_dir(tmp, final)
+    replace_dir(tmp, final, CHECKPOINT_NAMES)
 
 
-def replace_dir(tmp: str, final: str) -> None:
+def replace_dir(tmp: str, final: str, names: tuple[str, ...] | None) -> None:
     """Swap the complete folder ``tmp`` in as ``final``, durably, so that a kill leaves one of them whole.
 
     The old ``final`` is renamed to ``final.old`` first and removed last; a kill between the two renames
-    leaves ``final.old`` (which ``load`` falls back to) and ``tmp``, never a torn ``final``.
+    leaves ``final.old`` (which ``load`` falls back to) and ``tmp``, never a torn ``final``.  Both are
+    removed only when they are ours (``ownership``: ``names`` are what hpc_es writes in them; None: a
+    model folder, known by its marker).
     """
     old = f"{final}.old"
     _fsync(tmp)
-    shutil.rmtree(old, ignore_errors=True)
+    ownership.require(final, names)
+    ownership.remove(old, names)
     if os.path.isdir(final):
         os.rename(final, old)
     os.rename(tmp, final)
@@ -124,32 +129,41 @@ def save_model_folder(model: Any, tokenizer: Any, out: str) -> None:
 
     The folder is marked (``fsio.MODEL_MARKER``) as a model hpc_es saved, so a later save may replace it
     (``fsio.check_model_out``).  A failing write removes the temporary folder, leaves ``out`` as it was
-    and is one FileSystemError line.
+    and is one FileSystemError line.  Saves into one folder take turns (``fsio.folder_lock``).
     """
+    with folder_lock(os.path.dirname(os.path.abspath(out))):
+        _save_model_folder(model, tokenizer, out)
+
+
+def _save_model_folder(model: Any, tokenizer: Any, out: str) -> None:
     tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    ownership.remove(tmp, None)
     try:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, MODEL_MARKER), "x", encoding="utf-8") as fh:  # first: a killed save's
+            fh.write("saved by hpc_es; a later save may replace this folder\n")  # leftover is known as ours
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, MODEL_MARKER), "w", encoding="utf-8") as fh:
-            fh.write("saved by hpc_es; a later save may replace this folder\n")
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, None)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: made above
         if os.path.isdir(f"{out}.old") and not os.path.exists(out):  # failed between the two renames
             os.rename(f"{out}.old", out)
         cause = as_os_error(e) if isinstance(e, Exception) else None
-        if cause is None:
+        if cause is None or isinstance(e, FileSystemError):
             raise
         raise FileSystemError(f"cannot save the model to {describe_os_error(cause, out)}") from None
 
 
 def clean_stale(run_dir: str) -> list[str]:
-    """Remove what a killed writer left behind (temporary checkpoint folders); returns what went."""
+    """Remove what a killed writer left behind (temporary checkpoint and final folders) when it is ours
+    (``ownership``; set-up has refused a run_dir where it is not); returns what went."""
     gone = []
-    for path in glob.glob(os.path.join(glob.escape(run_dir), "checkpoint.tmp-*")):
-        shutil.rmtree(path, ignore_errors=True)
-        gone.append(path)
+    for pattern, names in (("checkpoint.tmp-*", CHECKPOINT_NAMES), ("final.tmp-*", None)):
+        for path in sorted(glob.glob(os.path.join(glob.escape(run_dir), pattern))):
+            if ownership.foreign_entry(path, names) is None:
+                shutil.rmtree(path, ignore_errors=True)
+                gone.append(path)
     return gone
 
 

@@ -7,9 +7,64 @@ Only 16 bytes per rank cross: a flag (1 = this rank's own replicas differ) and 1
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any, Iterable
+
 from hpc_es.comm import Comm
-from hpc_es.errors import DistributedError
+from hpc_es.errors import ConfigError, DistributedError
 from hpc_es.schedule import Every
+
+
+def data_digest(examples: Iterable[Any]) -> str:
+    """SHA-256 of the examples' prompts and infos, in order (what the ranks must agree on)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.info], sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
+def check_context(tokenizer: Any, model_config: Any, prompts: list[str], max_new_tokens: int) -> None:
+    """Set-up, once the model is loaded: the longest prompt plus ``max_new_tokens`` fits the model's
+    positions (past them a model computes garbage, or the KV cache asks for gigabytes)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or not prompts:
+        return
+    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    if longest + max_new_tokens > limit:
+        raise ConfigError(
+            f"the longest training prompt is {longest} tokens and rollout.max_new_tokens={max_new_tokens}: "
+            f"{longest + max_new_tokens} positions, more than the model's max_position_embeddings={limit}; "
+            "lower rollout.max_new_tokens or shorten the prompts")
+
+
+def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}."))
+    return out
+
+
+def check_same_setup(comm: Comm, config_json: str, data: str) -> None:
+    """A collective at set-up: every rank resolved the same config and read the same data, or every rank
+    raises one ``DistributedError`` naming the keys that differ (ranks that disagree on the population,
+    the iterations or a check's schedule would otherwise fail in a collective, or finish with a wrong model)."""
+    if comm.world_size == 1:
+        return
+    mine = json.dumps({"config": json.loads(config_json), "data": data}, sort_keys=True).encode()
+    gathered = comm.allgather(mine)
+    if len(set(gathered)) == 1:
+        return
+    first = _leaves(json.loads(gathered[0]))
+    for r, g in enumerate(gathered):
+        other = _leaves(json.loads(g))
+        keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if keys:
+            names = [k.removeprefix("config.") if k != "data" else "the data (train examples)" for k in keys]
+            raise DistributedError(f"rank {r} was started with a different {', '.join(names)} than rank 0; every rank "
+                                   "must be given the same config and data")
 
 
 class DivergenceCheck:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -54,11 +55,30 @@ def cmd_train(argv: list[str]) -> int:
     except Stop:
         return EXIT_REQUEUE
     if comm.is_main:
-        print(json.dumps({"run_dir": result["run_dir"], "final": result["final_dir"],
-                          "iterations": result["iterations"], "fingerprint": result["fingerprint"],
-                          "reward_mean_first": _finite(result["reward_mean_first"]),
-                          "reward_mean_last": _finite(result["reward_mean_last"])}), flush=True)
+        summary = json.dumps({"run_dir": result["run_dir"], "final": result["final_dir"],
+                              "iterations": result["iterations"], "fingerprint": result["fingerprint"],
+                              "reward_mean_first": _finite(result["reward_mean_first"]),
+                              "reward_mean_last": _finite(result["reward_mean_last"])})
+        print(summary, flush=True)
+        _record_summary(summary)
     return 0
+
+
+SUMMARY_ENV = "HPC_ES_SUMMARY"
+
+
+def _record_summary(summary: str) -> None:
+    """The summary line, also written to the file ``$HPC_ES_SUMMARY`` names (the Slurm launchers set it).
+
+    Reward code can end the process with any exit code (``os._exit(0)`` cannot be caught in-process); a
+    launcher that finds exit 0 without this file knows that the run did not finish.
+    """
+    from hpc_es.fsio import create_new
+
+    path = os.environ.get(SUMMARY_ENV)
+    if path:
+        with os.fdopen(create_new(path), "w", encoding="utf-8") as fh:
+            fh.write(summary + "\n")
 
 
 def _finite(x: float) -> float | None:

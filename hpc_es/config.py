@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import reprlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_type_hints
@@ -256,22 +257,36 @@ def choice_keys(cls: type = Config, prefix: str = "") -> dict[str, tuple[str, ..
 
 
 def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(key[:200], all_keys(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config key '{_show_text(key)}'{hint}")
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 3, 6, 6, 80, 80
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut short: a message never formats an unbounded value (a YAML alias bomb
+    would otherwise expand in the error message itself)."""
+    return _show_text(_SHOW.repr(value))
+
+
+def _show_text(text: str) -> str:
+    return text if len(text) <= 160 else text[:150] + "..."
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be true or false, got {_show(value)}")
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be an integer, got {_show(value)}")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -280,11 +295,11 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be a number, got {_show(value)}")
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be a string, got {_show(value)}")
     raise ConfigError(f"config key '{key}' has an unsupported type")  # pragma: no cover
 
 
@@ -338,7 +353,7 @@ def validate(cfg: Config) -> Config:
     for key, choices in choice_keys().items():
         v = get_key(cfg, key)
         if v not in choices:
-            raise ConfigError(f"config key '{key}' = {v!r} is not allowed; choose one of {', '.join(choices)}")
+            raise ConfigError(f"config key '{key}' = {_show(v)} is not allowed; choose one of {', '.join(choices)}")
     RolloutConfig.penalty(cfg.rollout.repetition_penalty)
     for key in all_keys():
         v = get_key(cfg, key)
@@ -347,7 +362,7 @@ def validate(cfg: Config) -> Config:
     for key, (ok, allowed) in _RANGES.items():
         v = get_key(cfg, key)
         if not ok(v):
-            raise ConfigError(f"config key '{key}' = {v!r} is out of range; it must be {allowed}")
+            raise ConfigError(f"config key '{key}' = {_show(v)} is out of range; it must be {allowed}")
     if cfg.es.antithetic and cfg.es.population_size % 2:
         raise ConfigError(
             f"config key 'es.population_size' = {cfg.es.population_size} must be even when es.antithetic is true"
@@ -376,7 +391,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override '{_show_text(key)}'") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if value is None:
@@ -395,7 +410,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     cfg = base if base is not None else Config()
     if path:
         try:
-            data = yaml.safe_load(read_text_file(path, "config file", MAX_CONFIG_BYTES, ConfigError))
+            text = read_text_file(path, "config file", MAX_CONFIG_BYTES, ConfigError)
+            data = load_yaml(text, f"config file '{path}'")
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
         if data is None:
@@ -411,6 +427,50 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
 
 
 MAX_CONFIG_BYTES = 16 << 20  # a config is kilobytes; this refuses /dev/zero or a model file given by mistake
+MAX_YAML_DEPTH = 64  # a config nests three levels; deeper is a mistake or an attack (a RecursionError otherwise)
+MAX_YAML_VALUES = 100_000  # values after aliases are expanded: an alias bomb is refused before it is built
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` of a config, after a pass over the parser's events (iterative: no recursion)
+    that refuses nesting deeper than ``MAX_YAML_DEPTH``, more than ``MAX_YAML_VALUES`` values once
+    aliases are expanded, and a key given twice in one mapping (YAML would keep the last silently)."""
+    sizes: dict[str, int] = {}  # anchor -> values it expands to
+    stack: list[list[Any]] = [[0, None, None, set()]]  # [values, anchor, expecting a key (mappings), keys seen]
+
+    def add(n: int) -> None:
+        frame = stack[-1]
+        frame[0] += n
+        if frame[2] is not None:
+            frame[2] = not frame[2]
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if len(stack) > MAX_YAML_DEPTH:
+                raise ConfigError(f"{where} nests more than {MAX_YAML_DEPTH} levels deep")
+            stack.append([1, event.anchor, True if isinstance(event, yaml.MappingStartEvent) else None, set()])
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            n, anchor, _, _ = stack.pop()
+            if anchor:
+                sizes[anchor] = n
+            add(n)
+        elif isinstance(event, yaml.ScalarEvent):
+            frame = stack[-1]
+            if frame[2] and len(stack) > 1:
+                if event.value in frame[3]:
+                    raise ConfigError(f"{where} gives key '{_show_text(event.value)}' twice in one mapping "
+                                      "(the first would be ignored); give it once")
+                frame[3].add(event.value)
+            if event.anchor:
+                sizes[event.anchor] = 1
+            add(1)
+        elif isinstance(event, yaml.AliasEvent):
+            add(sizes.get(event.anchor or "", 1))
+        else:
+            continue
+        if stack[0][0] + sum(f[0] for f in stack[1:]) > MAX_YAML_VALUES:
+            raise ConfigError(f"{where} expands to more than {MAX_YAML_VALUES:,} values (YAML aliases?)")
+    return yaml.safe_load(text)
 
 
 PATH_KEYS = ("model", "run_dir", "data.path", "tiny.cache_dir", "eval.base_model")

@@ -4,10 +4,13 @@ already hold something, and OS errors (a full disk, a read-only mount) turned in
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import re
 import stat
+from collections.abc import Iterator
 
 from hpc_es.errors import HpcEsError
 
@@ -72,15 +75,45 @@ def as_os_error(e: BaseException) -> OSError | None:
     return None
 
 
+def create_new(path: str) -> int:
+    """A descriptor of a new file at ``path`` (a temporary of hpc_es's own): whatever was there (a kill's
+    leftover, or a symbolic link in a run_dir handed over by someone) is unlinked, never followed, and the
+    file is created exclusively, so a write can only land in run_dir itself."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str) -> Iterator[None]:
+    """Hold an flock on ``folder`` itself (waiting for another holder): two saves into one folder (two
+    replays to one ``--out``) take turns instead of interleaving their renames.  Best effort where the file
+    system has no flock."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
 def check_writable_dir(path: str, what: str = "run_dir") -> None:
     """Create ``path`` if needed and prove it writable (a probe file), before anything slow happens."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise FileSystemError(f"{what} '{path}' is a symbolic link to '{os.readlink(path)}', which does not exist")
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileSystemError(f"{what} '{path}' is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".hpc_es-probe-{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        os.close(create_new(probe))
         os.remove(probe)
     except OSError as e:
         raise FileSystemError(f"{what} {describe_os_error(e, path)}") from None

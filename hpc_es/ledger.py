@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from hpc_es.errors import HpcEsError
-from hpc_es.fsio import FileSystemError, describe_os_error
+from hpc_es.fsio import FileSystemError, create_new, describe_os_error
 
 MATRIX = {"seeds": np.int64, "signs": np.int8, "rewards": np.float64, "shaped": np.float64}
 SCALARS = {
@@ -87,7 +87,7 @@ class Ledger:
                 f.create_dataset(key, data=data, maxshape=(None,), chunks=(max(1, min(1024, len(data) or 1)),))
         tmp = f"{path}.tmp"
         try:
-            with open(tmp, "wb") as fh:
+            with os.fdopen(create_new(tmp), "wb") as fh:
                 fh.write(image.getbuffer())
                 fh.flush()
                 os.fsync(fh.fileno())

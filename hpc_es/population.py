@@ -25,7 +25,7 @@ from hpc_es.models import fingerprint, load_model, load_tokenizer
 from hpc_es.placement import device_scope, slot_owner
 from hpc_es.rollout import generate, resolve_engine, resolve_repetition_penalty
 from hpc_es.search import make as make_search
-from hpc_es.tasks import Example, Task, safe_score
+from hpc_es.tasks import Example, Task, mean_reward, safe_score
 
 
 @dataclass
@@ -99,8 +99,8 @@ class Population:
                     completions = self.complete(j, prompts, len(group), lowrank)
                 c = time.perf_counter()
                 for n, texts in zip(group, completions):
-                    out.rewards[n] = float(np.mean([safe_score(self.task, text, ex, limit)
-                                                    for text, ex in zip(texts, examples)]))
+                    out.rewards[n] = mean_reward(self.task, [safe_score(self.task, text, ex, limit)
+                                                             for text, ex in zip(texts, examples)], examples)
                 d = time.perf_counter()
                 if j == 0:
                     out.times["perturb"] += b - a

@@ -11,14 +11,15 @@ import dataclasses
 import os
 
 import numpy as np
+import torch
 
-from hpc_es import resume
+from hpc_es import ownership, resume
 from hpc_es.checkpoint import save_model_folder
 from hpc_es.config import config_from_dict
 from hpc_es.errors import HpcEsError
 from hpc_es.es import Replica
 from hpc_es.fsio import check_model_out
-from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
+from hpc_es.models import fingerprint, load_model, load_tokenizer, named_params, resolve_dtype
 from hpc_es.seeds import scheme_of
 from hpc_es.progress import warn
 from hpc_es.search import Search
@@ -43,11 +44,15 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     if not os.path.isdir(run_dir):
         raise HpcEsError(f"run_dir '{run_dir}' does not exist")
     check_model_out(out)  # issue 16: never replace a folder that is not an earlier hpc_es model
+    ownership.require(f"{out}.old", None)  # nor remove one beside it that a save would move out's old copy to
+    if os.path.realpath(out) == os.path.realpath(os.path.join(run_dir, "final")):
+        raise HpcEsError(f"--out '{out}' is the run's own final model; replay into another folder")
     ledger, note = resume.read_ledger(run_dir)
     if note:
         warn(note)
     cfg = config_from_dict(ledger.config)
     cfg.es.noise_scheme = scheme_of(ledger.attrs)  # issue 12: the ledger's record (none: legacy) decides
+    resume.check_rows(ledger, cfg, f"cannot replay '{run_dir}'")
     total = len(ledger)
     upto = total if iteration is None else iteration
     if not 0 <= upto <= total:
@@ -65,5 +70,9 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     search = make_search(dataclasses.replace(cfg.es, master_on="device"))
     target = _Target(search.replica(net), search)
     resume.replay_rows(target, ledger.rows[:upto])
+    bad = next((name for name, p in named_params(net) if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:  # as training stops before saving such weights
+        raise HpcEsError(f"replaying {upto} iterations of '{run_dir}' gives non-finite weights (first in '{bad}'); "
+                         f"nothing was saved to '{out}' (an earlier --iteration may still be finite)")
     save_model_folder(net, load_tokenizer(base), out)
     return fingerprint(net)

@@ -305,6 +305,8 @@ def _finish(fig: Any, ax: Any, title: str, ylabel: str, many: bool) -> Any:
 def save(fig: Any, path: str) -> str:
     """Write a PNG under a temporary name, then rename: a viewer never opens half a file."""
     folder = os.path.dirname(path) or "."
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise HpcEsError(f"cannot write the figure '{path}': '{folder}' is a file, not a folder (give --out a folder)")
     try:
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}.png"

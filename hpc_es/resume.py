@@ -25,7 +25,7 @@ import torch
 from hpc_es import checkpoint as ckpt
 from hpc_es.config import Config
 from hpc_es.ledger import Ledger, LedgerError
-from hpc_es.seeds import scheme_of, trajectory_keys
+from hpc_es.seeds import member_seeds, scheme_of, trajectory_keys
 from hpc_es.progress import say, warn
 
 # Config keys that define the trajectory: a resumed run must agree on all of them.
@@ -89,22 +89,54 @@ def trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 def check_same_run(what: str, base_fingerprint: Any, config: str | dict[str, Any] | None, cfg: Config,
                    model_fingerprint: str, model_path: str, action: str = "resume") -> None:
     """The one trajectory check: ``what`` (a checkpoint or a ledger) was made from this base model with the
-    same trajectory keys (``model`` itself may move: the base model's fingerprint is what counts)."""
+    same trajectory keys (``model`` itself may move: the base model's fingerprint is what counts).  The
+    keys are compared first: a changed ``dtype`` also changes the fingerprint, and is named as itself."""
+    if config:
+        now = trajectory(json.loads(cfg.to_json()))
+        try:
+            was = trajectory(json.loads(config) if isinstance(config, str) else config)
+            diff = [k for k in was if was[k] != now[k] and k != "model"]
+        except (KeyError, TypeError, ValueError):
+            diff = ["config (unreadable)"]
+        if diff:
+            raise ckpt.CheckpointError(f"{what} belongs to a run with different {', '.join(diff)}; "
+                                       "use a new run_dir or the same settings")
     if base_fingerprint != model_fingerprint:
         raise ckpt.CheckpointError(
             f"{what} was made from a base model with fingerprint {str(base_fingerprint)[:16]}, but "
             f"'{model_path}' has {model_fingerprint[:16]}; refusing to {action} onto a different model")
-    if not config:
+
+
+def check_rows(ledger: Ledger, cfg: Config, where: str) -> None:
+    """Every row is one this run wrote for its iteration, or one ``CheckpointError`` naming the first that
+    is not.  The seed table is a pure function of (seed, t) and sigma and alpha are the config's, so a row
+    removed, duplicated or moved and the iterations renumbered by hand cannot pass for the run's own."""
+    n, anti = cfg.es.population_size, cfg.es.antithetic
+    for t, row in enumerate(ledger.rows):
+        seeds, signs = member_seeds(cfg.seed, t, n, anti)
+        bad = ("its seeds are not iteration {t}'s" if not np.array_equal(row["seeds"], seeds) else
+               "its signs are not iteration {t}'s" if not np.array_equal(row["signs"], signs) else
+               "its sigma is not the run's es.sigma" if row["sigma"] != cfg.es.sigma else
+               "its alpha is not the run's es.alpha" if row["alpha"] != cfg.es.alpha else "")
+        if bad:
+            raise ckpt.CheckpointError(f"{where}: ledger row {t} (iteration {row['iteration']}) is not one this run "
+                                       f"wrote: {bad.format(t=t)} (rows removed, repeated or edited?); nothing "
+                                       "was changed")
+
+
+def check_copy(ledger: Ledger, folder: str | None, where: str) -> None:
+    """The checkpoint's copy of the ledger is the start of the run's ledger, row for row."""
+    copy = ckpt.ledger_copy(folder) if folder is not None else None
+    if copy is None:
         return
-    now = trajectory(json.loads(cfg.to_json()))
     try:
-        was = trajectory(json.loads(config) if isinstance(config, str) else config)
-        diff = [k for k in was if was[k] != now[k] and k != "model"]
-    except (KeyError, TypeError, ValueError):
-        diff = ["config (unreadable)"]
-    if diff:
-        raise ckpt.CheckpointError(f"{what} belongs to a run with different {', '.join(diff)}; "
-                                   "use a new run_dir or the same settings")
+        rows = Ledger.load(copy).rows
+    except LedgerError:
+        return  # a damaged copy is only a fallback; log.h5 stands on its own checks
+    for t, (mine, theirs) in enumerate(zip(ledger.rows, rows)):
+        if any(not np.array_equal(mine[k], theirs[k]) for k in ("seeds", "signs", "shaped", "alpha", "sigma")):
+            raise ckpt.CheckpointError(f"{where}: ledger row {t} differs from the checkpoint's copy of the ledger "
+                                       f"('{copy}'); nothing was changed")
 
 
 def noise_device(ledger: Ledger) -> str:
@@ -154,7 +186,11 @@ def _checkpoint_folder(run_dir: str) -> str | None:
     return None
 
 
-def plan(cfg: Config, model_fingerprint: str, model_path: str, device_type: str) -> ResumePlan | None:
+DATA_CHANGED_ENV = "HPC_ES_DATA_CHANGED"  # "ok": resume although the train data differ from the run's
+
+
+def plan(cfg: Config, model_fingerprint: str, model_path: str, device_type: str,
+         data_digest: str = "") -> ResumePlan | None:
     """Read ``cfg.run_dir`` and decide how to continue; None for a fresh run_dir.  Reads only.
 
     A run_dir that holds a run is never silently restarted from zero: what cannot be worked around is
@@ -207,6 +243,15 @@ def plan(cfg: Config, model_fingerprint: str, model_path: str, device_type: str)
         notes.append(f"{ckpt_damage}; rebuilding the weights from the base model and the ledger")
     check_same_run(f"run_dir '{run_dir}'", old.attrs.get("base_fingerprint"), old.config, cfg,
                    model_fingerprint, model_path)
+    check_rows(old, cfg, f"cannot resume run_dir '{run_dir}'")
+    recorded_data = old.attrs.get("data_digest")  # absent in ledgers written before it was recorded
+    if (recorded_data and data_digest and recorded_data != data_digest
+            and os.environ.get(DATA_CHANGED_ENV, "").lower() != "ok"):
+        raise ckpt.CheckpointError(
+            f"cannot resume run_dir '{run_dir}': the task's train examples differ from the ones the run trained on "
+            f"(the data file changed?); restore them, use a new run_dir, or set {DATA_CHANGED_ENV}=ok to continue "
+            "on the new data")
+    check_copy(old, folder, f"cannot resume run_dir '{run_dir}'")
     if len(old) > cfg.es.iterations:
         raise ckpt.CheckpointError(
             f"run_dir '{run_dir}' holds {len(old)} completed iterations, more than es.iterations="

@@ -19,7 +19,7 @@ from hpc_es.comm import Comm
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.trainer import Stop, Trainer, train
-from hpc_es.watchdog import watchdog
+from hpc_es.watchdog import CTRL_C, watchdog
 
 EXIT_REQUEUE = 75  # checkpointed on a signal: the launcher should requeue (EX_TEMPFAIL)
 
@@ -81,9 +81,31 @@ def signal_handlers(comm: Comm, grace_s: float) -> Callable[[Trainer], None]:
         if comm.is_main:
             print(f"\nhpc_es: got {name}; checkpointing after this iteration", file=sys.stderr, flush=True)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
+    signal.signal(signal.SIGINT, _ctrl_c)
+    if not _RESET_IN_CHILD:  # a process that reward code forks is not the run: a signal ends it plainly
+        os.register_at_fork(after_in_child=_default_handlers)
+        _RESET_IN_CHILD.append(True)
     return held.append
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
+_RESET_IN_CHILD: list[bool] = []
+
+
+def _ctrl_c(_signum: int, _frame: Any) -> None:
+    """Ctrl-C as Python's own handler does it, marked as the user's (a reward's KeyboardInterrupt is not)."""
+    CTRL_C.set()
+    raise KeyboardInterrupt
+
+
+def _default_handlers() -> None:
+    try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+    except ValueError:  # forked from a thread other than the main one: nothing to reset there
+        pass
 
 
 def run_training(cfg: Config, comm: Comm, *, own_process: bool) -> dict[str, Any]:

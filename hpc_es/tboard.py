@@ -16,7 +16,9 @@ import time
 from collections.abc import Iterable
 from typing import IO, Any
 
+from hpc_es import ownership
 from hpc_es.errors import ExtraMissing
+from hpc_es.ownership import TENSORBOARD_NAMES
 
 FOLDER = "tensorboard"
 
@@ -83,8 +85,9 @@ class TensorBoardLog:
 
     def start(self, done_rows: Iterable[dict[str, Any]]) -> None:
         """Rebuild the folder from the ledger rows of the completed iterations; new rows append to it."""
-        for stale in glob.glob(f"{self.folder}.tmp-*") + glob.glob(f"{self.folder}.old-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in glob.glob(f"{glob.escape(self.folder)}.tmp-*") + glob.glob(f"{glob.escape(self.folder)}.old-*"):
+            ownership.remove(stale, TENSORBOARD_NAMES)
+        ownership.require(self.folder, TENSORBOARD_NAMES)
         pid = os.getpid()
         tmp, old = f"{self.folder}.tmp-{pid}", f"{self.folder}.old-{pid}"
         os.makedirs(tmp)

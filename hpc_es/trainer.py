@@ -8,6 +8,7 @@ components own their parts: ``Population`` (perturb, generate, score), ``resume`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -18,9 +19,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from hpc_es import resume, runlock
+from hpc_es import ownership, resume, runlock
 from hpc_es.checkpoint import Checkpointer, save_model_folder
-from hpc_es.checks import DivergenceCheck
+from hpc_es.checks import DivergenceCheck, check_context, check_same_setup, data_digest
 from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
@@ -77,6 +78,9 @@ def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: in
 
 class Trainer:
     def __init__(self, cfg: Config, comm: Comm) -> None:
+        # run_dir made absolute before any user code runs: a task or reward that changes the working
+        # directory cannot send the ledger, the checkpoint or final/ away from the locked run_dir.
+        cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(cfg.run_dir))
         self.cfg, self.comm = cfg, comm
         self.fault = Fault(comm.rank)
         self.stop_signal = 0  # set by the signal handler of this rank
@@ -89,6 +93,7 @@ class Trainer:
         # reported once, without an abort.
         try:
             agree(comm, attempt(self._setup_devices))
+            check_same_setup(comm, cfg.to_json(), self.data_digest)  # before any rank loads the model
             agree(comm, attempt(self._setup_model))
         except BaseException:
             self.release()
@@ -118,10 +123,12 @@ class Trainer:
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
             raise HpcEsError(f"task '{cfg.task}' has no training examples")
+        self.data_digest = data_digest(self.train_set)  # recorded in the ledger: a resume must see the same data
         self.devices = local_devices(cfg, comm)
         if comm.is_main:
             check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
             self.lock = runlock.acquire(cfg.run_dir)  # one run per run_dir; other ranks learn through agree()
+            ownership.check_run_dir(cfg.run_dir, cfg.log.tensorboard)  # replace only what hpc_es wrote
         # issue 15: rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
         self.tboard = TensorBoardLog(cfg.run_dir) if cfg.log.tensorboard and comm.is_main else None
         if comm.is_main:
@@ -139,6 +146,8 @@ class Trainer:
         self.fault("signal")  # signal:-1 arrives while the model loads
         self.population = Population.load(cfg.es, cfg.rollout, self.model_path, self.devices, self.dtype, self.task,
                                           comm.rank, comm.world_size, self.fault)
+        check_context(self.population.tokenizer, self.population.model.config, [e.prompt for e in self.train_set],
+                      cfg.rollout.max_new_tokens)
         self.base_fingerprint = self.population.model_fingerprint()  # issue 12: the model's, not the master's
         self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
@@ -151,8 +160,8 @@ class Trainer:
             "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
             **self.population.search.ledger_attrs(),  # the search distribution: kind, rank, scope
             "rollout_engine": self.population.rollout_engine,  # issue 11: the engine that ran (auto resolved)
-            "noise_scheme": cfg.es.noise_scheme})  # issue 12
-        self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
+            "noise_scheme": cfg.es.noise_scheme, "data_digest": self.data_digest})  # issue 12
+        self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type, self.data_digest)
         if self.plan is not None:
             resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)
             self.ledger.rows, self.ledger.events = list(self.plan.rows), list(self.plan.events)

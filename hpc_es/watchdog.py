@@ -32,6 +32,9 @@ from contextlib import contextmanager
 HARD_EXIT_AFTER_S = 5.0  # after the asynchronous exception, how long a stuck call gets before the process ends
 EXIT_TASK = 2  # a reward that never returns is the task's bug: a user error, not a requeue
 EXIT_REQUEUE = 75
+# Set by the CLI's SIGINT handler: under it, a KeyboardInterrupt is the user's Ctrl-C only when this is set
+# (reward code that raises KeyboardInterrupt itself is the task's error, not an interrupt).
+CTRL_C = threading.Event()
 
 
 class RewardTimeout(BaseException):

@@ -79,6 +79,10 @@ hpc_es_launch() {
     # srun runs in the background so this shell stays alive to see the ranks' exit status when Slurm
     # signals the whole job (SIGTERM on preemption or scontrol requeue); a signal sent to this shell
     # only (scancel --batch, --signal=B:USR2@T) is passed on to the ranks.
+    # Rank 0 writes its summary line here at the very end: exit 0 without it is a run that user code
+    # ended (os._exit in a reward cannot be caught), not one that finished.
+    export HPC_ES_SUMMARY="$HPC_ES_RUN_DIR/.hpc_es-summary"
+    rm -f -- "$HPC_ES_SUMMARY"
     srun "${srun_args[@]}" "$HPC_ES_PYTHON" -m hpc_es "${HPC_ES_ARGS[@]}" &
     local pid=$! rc
     trap 'kill -USR2 "$pid" 2>/dev/null' USR2
@@ -89,6 +93,11 @@ hpc_es_launch() {
         kill -0 "$pid" 2>/dev/null || break  # wait was only interrupted by a trapped signal
     done
     trap - USR1 USR2 TERM
+    if [[ $rc -eq 0 && ! -s $HPC_ES_SUMMARY ]]; then
+        echo "hpc_es: error: the ranks exited 0 without hpc_es's summary line: the run did not finish (user code" \
+             "ended the process, e.g. os._exit in a reward); see the output above" >&2
+        rc=1
+    fi
     if [[ $rc -eq $EXIT_REQUEUE ]]; then
         if [[ -n ${SLURM_JOB_ID:-} ]] && scontrol requeue "$SLURM_JOB_ID"; then
             echo "hpc_es: checkpointed; job $SLURM_JOB_ID requeued, it resumes from $HPC_ES_RUN_DIR" >&2

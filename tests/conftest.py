@@ -26,6 +26,9 @@ os.environ.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")
 TINY = ["es.population_size=4", "es.iterations=3", "es.sigma=0.05", "es.alpha=0.02",
         "rollout.max_new_tokens=8", "rollout.prompts_per_iteration=4", "threads=1", "progress=false",
         "checkpoint.every=0"]
+# The smallest run that still checkpoints (the durability cases): 4 members, 2 prompts of 4 new tokens.
+SMALL = ["model=tiny", "es.population_size=4", "rollout.prompts_per_iteration=2", "rollout.max_new_tokens=4",
+         "checkpoint.every=2", "threads=1", "progress=false"]
 
 
 def run_hpc_es(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,

@@ -15,6 +15,7 @@ from hpc_es import checkpoint as ckpt
 from hpc_es import resume
 from hpc_es.config import Config, load_config
 from hpc_es.ledger import SCALARS, Ledger
+from hpc_es.seeds import member_seeds
 
 N = 4
 BASE_FP = "ab" * 32
@@ -25,9 +26,11 @@ def config(run_dir: Path, *overrides: str) -> Config:
 
 
 def row(t: int) -> dict:
-    rng = np.random.default_rng(t)
-    r = {"iteration": t, "seeds": rng.integers(0, 2**62, N, dtype=np.int64), "signs": np.ones(N, np.int8),
-         "rewards": rng.normal(size=N), "shaped": rng.normal(size=N)}
+    """Iteration t's row as the run writes it: its seed table, the config's sigma and alpha (resume checks them)."""
+    rng, es = np.random.default_rng(t), Config().es
+    seeds, signs = member_seeds(Config().seed, t, N, es.antithetic)
+    r = {"iteration": t, "seeds": seeds, "signs": signs, "rewards": rng.normal(size=N), "shaped": rng.normal(size=N),
+         "sigma": es.sigma, "alpha": es.alpha}
     for key in SCALARS:
         r.setdefault(key, 0.5 if SCALARS[key] == np.float64 else 1)
     return r

@@ -9,22 +9,25 @@ The built-in modules are imported inside :func:`load_task`, so a user task pays 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
 import math
 import numbers
 import os
+import signal
 import sys
 from types import ModuleType
 from typing import Any, Sequence
 
 from hpc_es.errors import HpcEsError, TaskError
 from hpc_es.tasks.base import Example, SplitTask, Task, split_examples
-from hpc_es.watchdog import RewardTimeout, watchdog
+from hpc_es.watchdog import CTRL_C, RewardTimeout, watchdog
 
 __all__ = ["Example", "Task", "SplitTask", "BUILTIN_TASKS", "DEFAULT_REWARD_TIMEOUT_S", "load_task", "safe_score",
-           "split_examples", "check_task"]
+           "mean_reward", "split_examples", "check_task"]
 
 BUILTIN_TASKS: tuple[str, ...] = ("countdown", "conciseness")
 
@@ -34,6 +37,21 @@ _PROTOCOL_METHODS = ("train_examples", "test_examples", "score")
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _user_exit(e: BaseException) -> str:
+    """What user code did that would have ended the process: ``sys.exit(3)``, ``exit()`` with a Config, ..."""
+    if isinstance(e, SystemExit):
+        code = e.code
+        shown = (repr(code) if code is None or isinstance(code, int) else repr(code[:80]) if isinstance(code, str)
+                 else f"a {type(code).__name__}")
+        return f"called sys.exit({shown})"
+    return f"raised {type(e).__name__}"
+
+
+# What user code may raise that is not an Exception but must not end the run as if hpc_es had chosen to:
+# sys.exit (an exit code of the user's choosing) and GeneratorExit.
+USER_EXITS = (SystemExit, GeneratorExit)
 
 
 def _missing_members(obj: Any) -> list[str]:
@@ -55,6 +73,8 @@ def check_task(task: Any, spec: str) -> Task:
         test = task.test_examples()
     except HpcEsError:
         raise
+    except USER_EXITS as e:
+        raise TaskError(f"task '{spec}' {_user_exit(e)} while listing its examples") from None
     except Exception as e:
         raise TaskError(f"task '{spec}' failed while listing its examples: {_first_line(e)}") from e
     for split, examples in (("train_examples", train), ("test_examples", test)):
@@ -81,11 +101,16 @@ def _import_module(modname: str) -> ModuleType:
             raise TaskError(f"task module '{modname}' not found (searched sys.path, which includes the "
                             f"current directory {cwd})") from None
         raise TaskError(f"cannot import task module '{modname}': {_first_line(e)}") from e
+    except USER_EXITS as e:
+        raise TaskError(f"task module '{modname}' {_user_exit(e)} while being imported") from None
     except Exception as e:  # SyntaxError, errors raised at import time
         raise TaskError(f"cannot import task module '{modname}': {_first_line(e)}") from e
 
 
 def _load_file(path: str) -> ModuleType:
+    if os.path.isdir(path):
+        raise TaskError(f"task file '{path}' is a folder; give a .py file (path/to/file.py:attr) or a module "
+                        "(package.module:attr)")
     if not os.path.isfile(path):
         raise TaskError(f"task file '{path}' does not exist")
     abspath = os.path.abspath(path)
@@ -101,6 +126,9 @@ def _load_file(path: str) -> ModuleType:
     sys.modules[modname] = module
     try:
         spec.loader.exec_module(module)
+    except USER_EXITS as e:
+        del sys.modules[modname]
+        raise TaskError(f"task file '{path}' {_user_exit(e)} while being imported") from None
     except Exception as e:
         del sys.modules[modname]
         raise TaskError(f"cannot import task file '{path}': {_first_line(e)}") from e
@@ -143,9 +171,36 @@ def load_task(cfg: Any) -> Task:
         task = obj(cfg)
     except HpcEsError:
         raise
+    except USER_EXITS as e:
+        raise TaskError(f"task '{spec}': calling {attr}(cfg) {_user_exit(e)}") from None
     except Exception as e:
         raise TaskError(f"task '{spec}': calling {attr}(cfg) raised {_first_line(e)}") from e
     return check_task(task, spec)
+
+
+def _own_copy(example: Example) -> Example:
+    """The example with its own copy of ``info``: a reward that changes it cannot change what a later call
+    sees (which would make rewards depend on how members are spread over ranks).  An info that cannot be
+    copied is passed as it is."""
+    try:
+        return dataclasses.replace(example, info=copy.deepcopy(example.info))
+    except Exception:  # noqa: BLE001 - an uncopyable object in info: the task's own business
+        return example
+
+
+def mean_reward(task: Task, rewards: list[float], examples: Sequence[Example]) -> float:
+    """One member's mean reward over its prompts (as ``np.mean`` adds them), or a TaskError naming the task
+    and the prompts when finite rewards add up beyond a float (the update would silently be skipped)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        mean = float(np.mean(rewards))
+    if not math.isfinite(mean):
+        name = getattr(task, "name", type(task).__name__)
+        raise TaskError(f"task '{name}' rewards (up to {max(abs(r) for r in rewards):.3g}) on prompt "
+                        f"{examples[0].prompt[:60]!r} and {len(examples) - 1} more add up beyond a float's range; "
+                        "keep rewards well below 1e300")
+    return mean
 
 
 DEFAULT_REWARD_TIMEOUT_S = 60.0  # rollout.reward_timeout_s's default, for callers without a config
@@ -167,17 +222,25 @@ def safe_score(task: Task, completion: str, example: Example,
                 "(rollout.reward_timeout_s)")
 
     try:
+        mine = _own_copy(example)
         with watchdog().guard(timeout_s, overran):
-            value = task.score(completion, example)
+            value = task.score(completion, mine)
     except RewardTimeout:
         raise TaskError(overran()) from None
-    except SystemExit as e:
-        raise TaskError(f"task '{name}' reward called sys.exit({e.code!r}) {where}") from None
+    except KeyboardInterrupt:
+        if CTRL_C.is_set() or signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            raise  # the user's Ctrl-C, or no handler that could tell (a notebook): an interrupt
+        raise TaskError(f"task '{name}' reward raised KeyboardInterrupt {where} (not a Ctrl-C)") from None
+    except USER_EXITS as e:
+        raise TaskError(f"task '{name}' reward {_user_exit(e)} {where}") from None
     except Exception as e:
         raise TaskError(f"task '{name}' reward raised {_first_line(e)} {where}") from e
     if not isinstance(value, numbers.Real):
         raise TaskError(f"task '{name}' reward returned {value!r} ({type(value).__name__}), not a number {where}")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:
+        raise TaskError(f"task '{name}' reward returned an integer too large for a float {where}") from None
     if not math.isfinite(out):
         raise TaskError(f"task '{name}' reward returned a non-finite value {out!r} {where}")
     return out
