@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any
 
 import numpy as np
 
 from hpc_es.errors import HpcEsError
-from hpc_es.fsio import FileSystemError, describe_os_error
+from hpc_es.fsio import FileSystemError, describe_os_error, write_atomic
 
 MATRIX = {"seeds": np.int64, "signs": np.int8, "rewards": np.float64, "shaped": np.float64}
 SCALARS = {
@@ -85,27 +84,10 @@ class Ledger:
             for key in SCALARS:
                 data = self.column(key)
                 f.create_dataset(key, data=data, maxshape=(None,), chunks=(max(1, min(1024, len(data) or 1)),))
-        tmp = f"{path}.tmp"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(image.getbuffer())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, image.getbuffer())
         except OSError as e:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
             raise FileSystemError(f"cannot write the ledger {describe_os_error(e, path)}") from None
-        try:  # make the rename itself durable
-            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
 
     @classmethod
     def load(cls, path: str) -> "Ledger":
