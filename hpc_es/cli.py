@@ -45,14 +45,12 @@ def _config_and_comm(argv: list[str], prog: str) -> tuple[Any, Any]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from hpc_es.runner import EXIT_REQUEUE, run_training
-    from hpc_es.trainer import Stop
+    from hpc_es.runner import run_training
 
     cfg, comm = _config_and_comm(argv, "python -m hpc_es")
-    try:
-        result = run_training(cfg, comm, own_process=True)
-    except Stop:
-        return EXIT_REQUEUE
+    result = run_training(cfg, comm, own_process=True)
+    if result["exit_code"]:  # stopped by a signal after a checkpoint: requeue to resume
+        return result["exit_code"]
     if comm.is_main:
         print(json.dumps({"run_dir": result["run_dir"], "final": result["final_dir"],
                           "iterations": result["iterations"], "fingerprint": result["fingerprint"],
@@ -135,6 +133,7 @@ _RANK = [0]
 
 def main(argv: list[str] | None = None) -> int:
     from hpc_es.errors import HpcEsError
+    from hpc_es.stopping import EXIT_INTERRUPTED, EXIT_USER_ERROR
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; for a config file use --config {argv[0]}" if argv[0].endswith((".yaml", ".yml")) else ""
         print(f"hpc_es: error: unknown command '{argv[0]}'; the commands are {', '.join(COMMANDS)} (train is the "
               f"default; settings are given as key=value){hint}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USER_ERROR
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     try:
         from hpc_es.runner import quiet_libraries
@@ -158,4 +157,4 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("hpc_es: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,9 +33,9 @@ from hpc_es.noise import _hash64, member_seeds
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.population import Population, Scores
 from hpc_es.progress import Progress, announce
+from hpc_es.stopping import Stopping
 from hpc_es.tasks import Example, load_task
-from hpc_es.tboard import TensorBoardLog  # issue 15
-from hpc_es.watchdog import watchdog
+from hpc_es.tboard import TensorBoardLog
 
 log = logging.getLogger("hpc_es")
 
@@ -49,14 +48,7 @@ class TrainResult:
     fingerprint: str
     reward_mean_first: float
     reward_mean_last: float
-
-
-class Stop(Exception):
-    """A signal asked the run to checkpoint and leave."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+    stopped: bool = False  # a signal stopped the run after a checkpoint (no final/): requeue to resume
 
 
 def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: int) -> list[Example]:
@@ -76,11 +68,11 @@ def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: in
 
 
 class Trainer:
-    def __init__(self, cfg: Config, comm: Comm) -> None:
+    def __init__(self, cfg: Config, comm: Comm, stopping: Stopping | None = None) -> None:
         self.cfg, self.comm = cfg, comm
         self.fault = Fault(comm.rank)
-        self.stop_signal = 0  # set by the signal handler of this rank
-        self.stop_now = False  # every rank agrees (through the reward exchange) to stop after this iteration
+        # signals, the grace period, and whether every rank agreed to stop after this iteration
+        self.stopping = stopping or Stopping(comm.rank, comm.world_size, cfg.checkpoint.stop_grace_s)
         self.N = cfg.es.population_size
         self.log_path = os.path.join(cfg.run_dir, "log.h5")
         self.lock: runlock.RunLock | None = None  # rank 0's hold on run_dir (issue 16)
@@ -178,7 +170,8 @@ class Trainer:
             self.population.update(seeds, signs, shaped, cfg.es.alpha)             # θ += α/N Σ Z_n ε_n
             check_finite(self.population.replicas[0], t, cfg.es.alpha, cfg.es.sigma)  # before anything is saved
             scores.times["update"] = time.perf_counter() - t1
-            self.after_iteration(t, seeds, signs, rewards, shaped, scores.times, t0)
+            if self.after_iteration(t, seeds, signs, rewards, shaped, scores.times, t0):
+                return self.result(stopped=True)                                   # a signal: requeue to resume
         self.bar.close()
         return self.finish()
 
@@ -199,7 +192,7 @@ class Trainer:
 
     def exchange(self, scores: Scores, t: int) -> np.ndarray:
         """All-reduce the rewards; a failure or a signal on any rank reaches every rank here."""
-        got = exchange_rewards(self.comm, scores.rewards, scores.error is not None, bool(self.stop_signal))
+        got = exchange_rewards(self.comm, scores.rewards, scores.error is not None, self.stopping.signalled)
         if got.failed:
             error = scores.error
             msg = "" if error is None else f"{type(error).__name__}: {error}"
@@ -208,14 +201,13 @@ class Trainer:
                 raise error
             where = "; ".join(f"rank {r}: {m}" for r, m in failed)
             raise DistributedError(f"iteration {t} failed on {len(failed)} rank(s) — {where}")
-        if got.stopping:
-            self.stop_now = True  # some rank was signalled: all stop after this iteration
-            self.stop_signal = self.stop_signal or int(signal.SIGTERM)
+        self.stopping.agree(got.stopping)  # some rank was signalled: all stop after this iteration
         return got.rewards
 
     def after_iteration(self, t: int, seeds: np.ndarray, signs: np.ndarray, rewards: np.ndarray,
-                        shaped: np.ndarray, times: dict[str, float], t0: float) -> None:
-        """Test split, ledger row, weight check, then a checkpoint when due or when a signal asks to stop."""
+                        shaped: np.ndarray, times: dict[str, float], t0: float) -> bool:
+        """Test split, ledger row, weight check, then a checkpoint when due or when a signal asks to stop;
+        True: stop now (checkpointed)."""
         done = t + 1
         tested = self.test_split.run(done, self.population.model, self.population.tokenizer)
         times["eval"] = tested.pop("time_eval")
@@ -223,13 +215,10 @@ class Trainer:
         self.fault("after_ledger")
         self.check_weights(t)
         self.bar.update(t, rewards, time.perf_counter() - t0)
-        stop = self.stop_now or (self.comm.world_size == 1 and self.stop_signal)
-        if stop:
-            watchdog().disarm_stop()  # the iteration ended within checkpoint.stop_grace_s: checkpoint and leave
-        if (stop or self.checkpointer.due(done)) and done < self.cfg.es.iterations:
+        stop = self.stopping.should_stop() and done < self.cfg.es.iterations  # the last iteration just finishes
+        if stop or (self.checkpointer.due(done) and done < self.cfg.es.iterations):
             self.save_checkpoint(done)
-        if stop and done < self.cfg.es.iterations:
-            raise Stop(self.stop_signal)
+        return stop
 
     def record(self, t: int, seeds: np.ndarray, signs: np.ndarray, rewards: np.ndarray, shaped: np.ndarray,
                times: dict[str, float], elapsed: float, tested: dict[str, float]) -> None:
@@ -273,24 +262,26 @@ class Trainer:
         if self.tboard is not None:  # issue 15
             self.tboard.close()
         self.comm.barrier()
+        return self.result(final, fp)
+
+    def result(self, final_dir: str = "", fingerprint: str = "", stopped: bool = False) -> TrainResult:
         means = self.ledger.column("reward_mean") if len(self.ledger) else np.array([np.nan])
-        return TrainResult(self.cfg.run_dir, final, len(self.ledger), fp, float(means[0]), float(means[-1]))
+        return TrainResult(self.cfg.run_dir, final_dir, len(self.ledger), fingerprint, float(means[0]),
+                           float(means[-1]), stopped)
 
 
-def train(cfg: Config, comm: Comm | None = None,
-          on_signal: Callable[[Trainer], None] | None = None) -> TrainResult:
+def train(cfg: Config, comm: Comm | None = None, stopping: Stopping | None = None) -> TrainResult:
     """Train with ``cfg`` on the ranks of ``comm`` (detected from the environment when None).
 
-    ``on_signal(trainer)`` installs signal handlers once the trainer exists (the CLI's; submitit keeps
-    its own).
+    ``stopping``: the signal handling the caller installed before set-up (the CLI's; submitit keeps its
+    own); from the end of set-up on, a signal stops the run after a checkpoint (``TrainResult.stopped``).
     """
     own = comm is None
     comm = comm or make_comm(cfg.dist.backend, cfg.dist.timeout_s)
     trainer = None
     try:
-        trainer = Trainer(cfg, comm)
-        if on_signal is not None:
-            on_signal(trainer)
+        trainer = Trainer(cfg, comm, stopping)
+        trainer.stopping.start_training()
         return trainer.run()
     finally:
         if trainer is not None:
