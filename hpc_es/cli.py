@@ -60,7 +60,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def _finite(x: float) -> float | None:
-    """NaN (no iteration ran) as JSON null: strict parsers reject NaN.  (issue 16)"""
+    """NaN (no iteration ran) as JSON null: strict parsers reject NaN."""
     return x if x == x and abs(x) != float("inf") else None
 
 
@@ -120,14 +120,14 @@ def cmd_submit(argv: list[str]) -> int:
     return submit_main(argv)
 
 
-def cmd_report(argv: list[str]) -> int:  # issue 15
+def cmd_report(argv: list[str]) -> int:
     from hpc_es.report import main as report_main
 
     return report_main(argv)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "fingerprint": cmd_fingerprint, "replay": cmd_replay,
-            "submit": cmd_submit, "report": cmd_report}  # issue 15: report
+            "submit": cmd_submit, "report": cmd_report}
 _RANK = [0]
 
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
-    if argv and not argv[0].startswith("-") and "=" not in argv[0] and argv[0] not in COMMANDS:  # issue 16
+    if argv and not argv[0].startswith("-") and "=" not in argv[0] and argv[0] not in COMMANDS:  # a typo must not train
         hint = f"; for a config file use --config {argv[0]}" if argv[0].endswith((".yaml", ".yml")) else ""
         print(f"hpc_es: error: unknown command '{argv[0]}'; the commands are {', '.join(COMMANDS)} (train is the "
               f"default; settings are given as key=value){hint}", file=sys.stderr, flush=True)

@@ -229,7 +229,7 @@ def submit(config: str | os.PathLike[str] | Config | None = None, *,
     cfg = resolve_config(config, items)
     folder, cluster, params = executor_parameters(cfg, **options)
     executor = make_executor(folder, cluster, params)
-    from submitit.core.utils import FailedJobError  # issue 16: a failing sbatch is one line, exit 2
+    from submitit.core.utils import FailedJobError  # a failing sbatch is one line, exit 2
 
     import contextlib
     import io

@@ -22,7 +22,7 @@ SCALARS = {
     "iteration": np.int64, "sigma": np.float64, "alpha": np.float64,
     "reward_mean": np.float64, "reward_max": np.float64, "reward_min": np.float64,
     "time_perturb": np.float64, "time_rollout": np.float64, "time_reward": np.float64,
-    "time_restore": np.float64, "time_update": np.float64, "time_iteration": np.float64,
+    "time_update": np.float64, "time_iteration": np.float64,
     "bytes_sent": np.int64, "world_size": np.int64, "slots": np.int64,
     # test split (eval.every): NaN in the iterations that were not evaluated (hpc_es.evaluate.METRICS)
     "eval_reward": np.float64, "eval_accuracy": np.float64, "eval_accuracy_paper": np.float64,

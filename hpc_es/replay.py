@@ -35,33 +35,32 @@ class _Target:
 def replay(run_dir: str, out: str, iteration: int | None = None, model: str | None = None,
            device: str = "cpu") -> str:
     """Weights after ``iteration`` completed iterations (default: all) saved to ``out``; returns the fingerprint."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):  # issue 16
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise HpcEsError(f"run_dir '{run_dir}' is a file, not a run folder")
     if not os.path.isdir(run_dir):
         raise HpcEsError(f"run_dir '{run_dir}' does not exist")
-    check_model_out(out)  # issue 16: never replace a folder that is not an earlier hpc_es model
+    check_model_out(out)  # never replace a folder that is not an earlier hpc_es model
     ledger, note = resume.read_ledger(run_dir)
     if note:
         warn(note)
     cfg = config_from_dict(ledger.config)
-    cfg.es.noise_scheme = scheme_of(ledger.attrs)  # issue 12: the ledger's record (none: legacy) decides
+    cfg.es.noise_scheme = scheme_of(ledger.attrs)  # the ledger's record (none: legacy) decides
     total = len(ledger)
     upto = total if iteration is None else iteration
     if not 0 <= upto <= total:
         raise HpcEsError(f"--iteration {upto} is outside the ledger's 0..{total} completed iterations")
     base = model or ledger.attrs["base_model"]
-    drawn_on = resume.noise_device(ledger)  # issue 12: "" for keyed noise (any device)
-    if drawn_on and drawn_on != device.split(":")[0]:
-        raise HpcEsError(f"the run drew its noise on {drawn_on}; replay with --device {drawn_on} "
-                         "(CPU and CUDA generators differ)")
+    drawn_on = resume.noise_device(ledger)
+    resume.check_noise_device(f"the run in '{run_dir}'", drawn_on, device.split(":")[0],
+                              f"replay with --device {drawn_on}")
     dtype = resolve_dtype(ledger.attrs.get("model_dtype", cfg.dtype), device)
     net = load_model(base, dtype, device)
     resume.check_same_run(f"the run in '{run_dir}'", ledger.attrs.get("base_fingerprint"), None, cfg,
                           fingerprint(net), base, action="replay")
-    if cfg.es.noise == "lowrank":  # issue 14: the low-rank update, on the model's own weights
+    if cfg.es.noise == "lowrank":  # the low-rank update, on the model's own weights
         target = _Target(lowrank.wrap(net, master_torch_dtype(cfg.es.master_dtype, dtype)), lowrank.make_engine(cfg))
-    else:  # an fp32 master when the run had one (issue 12)
-        engine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)  # issue 12: the ledger's noise scheme
+    else:  # an fp32 master when the run had one
+        engine = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)  # the ledger's noise scheme
         target = _Target(Replica.wrap(net, "device", cfg.es.master_dtype), engine)
     resume.replay_rows(target, ledger.rows[:upto])
     save_model_folder(net, load_tokenizer(base), out)

@@ -5,7 +5,7 @@ model folder's generation defaults (temperature, top_p, top_k, do_sample, repeti
 ...) never apply.  transformers fills every field a caller leaves unset from ``model.generation_config``, so
 setting fields is not enough; :func:`clean_generation_defaults` also swaps in a default-free config for the call.
 
-Two engines produce the same token ids (issue 11): ``hf`` (``model.generate``, the reference) and ``fast``
+Two engines produce the same token ids: ``hf`` (``model.generate``, the reference) and ``fast``
 (hpc_es.fastgen, for Qwen2/Llama); ``rollout.engine: auto`` runs ``fast`` where the model allows it.
 """
 
@@ -148,7 +148,7 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tok
         batch = list(prompts[start:start + size])
         enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
         sched = None if length_schedule is None else list(length_schedule[start:start + size])
-        if engine == "fast":  # issue 11: the same ids as the hf branch
+        if engine == "fast":  # the same ids as the hf branch
             new = fastgen.generate_ids(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, eos, pad,
                                        repetition_penalty=repetition_penalty, length_schedule=sched,
                                        lowrank=lowrank)

@@ -75,7 +75,7 @@ class Trainer:
         self.stopping = stopping or Stopping(comm.rank, comm.world_size, cfg.checkpoint.stop_grace_s)
         self.N = cfg.es.population_size
         self.log_path = os.path.join(cfg.run_dir, "log.h5")
-        self.lock: runlock.RunLock | None = None  # rank 0's hold on run_dir (issue 16)
+        self.lock: runlock.RunLock | None = None  # rank 0's hold on run_dir
         # Two set-up steps, each closed by an agreement that every rank reaches, failed or not: a rank whose
         # set-up fails never leaves the others in a collective, and an error that every rank hits alike is
         # reported once, without an abort.
@@ -106,7 +106,7 @@ class Trainer:
             if comm.is_main:
                 log.warning("%d ranks but only %d population members: ranks %d..%d idle (dist.allow_idle_ranks)",
                             comm.world_size, self.N, self.N, comm.world_size - 1)
-        self.task = load_task(cfg)  # data and task errors before the model loads (issue 16)
+        self.task = load_task(cfg)  # data and task errors before the model loads
         self.train_set = list(self.task.train_examples())
         if not self.train_set:
             raise HpcEsError(f"task '{cfg.task}' has no training examples")
@@ -114,7 +114,7 @@ class Trainer:
         if comm.is_main:
             check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
             self.lock = runlock.acquire(cfg.run_dir)  # one run per run_dir; other ranks learn through agree()
-        # issue 15: rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
+        # rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
         self.tboard = TensorBoardLog(cfg.run_dir) if cfg.log.tensorboard and comm.is_main else None
         if comm.is_main:
             self.model_path = resolve_model_path(cfg)
@@ -131,8 +131,8 @@ class Trainer:
         self.fault("signal")  # signal:-1 arrives while the model loads
         self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, self.task, comm.rank,
                                           comm.world_size, self.fault)
-        self.base_fingerprint = self.population.model_fingerprint()  # issue 12: the model's, not the master's
-        self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
+        self.base_fingerprint = self.population.model_fingerprint()  # the model's, not the (maybe fp32) master's
+        self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # the KL reference
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
                                           comm.world_size * len(self.devices))
         base_model = os.path.abspath(self.model_path)
@@ -141,9 +141,9 @@ class Trainer:
         self.ledger = Ledger(self.N, {
             "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
             "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
-            **lowrank.ledger_attrs(cfg),  # issue 14: noise kind, rank, scope
-            "rollout_engine": self.population.rollout_engine,  # issue 11: the engine that ran (auto resolved)
-            "noise_scheme": cfg.es.noise_scheme})  # issue 12
+            **lowrank.ledger_attrs(cfg),  # noise kind, rank, scope
+            "rollout_engine": self.population.rollout_engine,  # the engine that ran (auto resolved)
+            "noise_scheme": cfg.es.noise_scheme})  # replay draws the same noise from it
         self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
         if self.plan is not None:
             resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)
@@ -181,12 +181,12 @@ class Trainer:
         if self.comm.is_main:
             if self.plan is not None:
                 resume.repair(self.plan, self.cfg.run_dir, self.ledger)
-            if self.tboard is not None:  # issue 15: the event files rebuilt from the ledger rows already done
+            if self.tboard is not None:  # the event files rebuilt from the ledger rows already done
                 self.tboard.start(self.ledger.rows)
             announce(os.path.basename(os.path.normpath(self.model_path)), self.population.parameter_count(),
                      self.comm.world_size, len(self.devices), self.comm.name, self.cfg.task, self.N,
                      self.cfg.es.sigma, self.cfg.es.alpha, self.start, self.cfg.es.iterations, self.log_path,
-                     engine=self.population.rollout_engine)  # issue 11
+                     engine=self.population.rollout_engine)
         self.comm.bytes_sent = 0
         self.bar = Progress(self.cfg.es.iterations, self.start, enabled=self.comm.is_main and self.cfg.progress)
 
@@ -232,7 +232,7 @@ class Trainer:
         self.ledger.append(row)
         if self.comm.is_main:
             self.ledger.save(self.log_path)
-        if self.tboard is not None:  # issue 15: after the ledger holds the row (fault point for the tests)
+        if self.tboard is not None:  # after the ledger holds the row (fault point for the tests)
             self.fault("tensorboard")
             self.tboard.write(row)
 
@@ -255,11 +255,11 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         final = os.path.join(self.cfg.run_dir, "final")
-        fp = self.population.model_fingerprint()  # issue 12: final/'s (the master may be fp32)
+        fp = self.population.model_fingerprint()  # final/'s (the master may be fp32)
         if self.comm.is_main:
             save_model_folder(self.population.model, self.population.tokenizer, final)
             self.save_checkpoint(len(self.ledger))
-        if self.tboard is not None:  # issue 15
+        if self.tboard is not None:
             self.tboard.close()
         self.comm.barrier()
         return self.result(final, fp)
