@@ -20,7 +20,7 @@ import torch
 from hpc_es import lowrank, resume, runlock
 from hpc_es.checkpoint import Checkpointer, save_model_folder
 from hpc_es.checks import DivergenceCheck
-from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
+from hpc_es.comm import Comm, agreement, exchange_rewards, make_comm
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import check_finite, shape_rewards
@@ -80,24 +80,67 @@ class Trainer:
         # set-up fails never leaves the others in a collective, and an error that every rank hits alike is
         # reported once, without an abort.
         try:
-            agree(comm, attempt(self._setup_devices))
-            agree(comm, attempt(self._setup_model))
+            with agreement(comm):
+                # World size against N, the task and its data, this rank's devices; rank 0 takes run_dir (a
+                # writable folder, locked against a second run) and builds the tiny model (once, into the cache).
+                # Everything that can be wrong with the input is found here, before minutes of model loading.
+                if cfg.threads:
+                    torch.set_num_threads(cfg.threads)
+                self.check_world_size()
+                self.task = load_task(cfg)  # data and task errors before the model loads
+                self.train_set = list(self.task.train_examples())
+                if not self.train_set:
+                    raise HpcEsError(f"task '{cfg.task}' has no training examples")
+                self.devices = local_devices(cfg, comm)
+                if comm.is_main:
+                    check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
+                    self.lock = runlock.acquire(cfg.run_dir)  # one run per run_dir; other ranks learn through agree()
+                # rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
+                self.tboard = TensorBoardLog(cfg.run_dir) if cfg.log.tensorboard and comm.is_main else None
+                self.model_path = resolve_model_path(cfg) if comm.is_main else ""
+            with agreement(comm):
+                # Every rank: its population share, the task, and what run_dir holds (``self.start``).
+                if not comm.is_main:
+                    self.model_path = resolve_model_path(cfg)  # rank 0 has built it: now a cache hit
+                self.dtype = resolve_dtype(cfg.dtype, self.devices[0].type)
+                if comm.is_main:  # loading a 7B model on every rank takes a while: say what is happening
+                    log.info("loading %s (%s, %d replica(s) per rank on %s)", self.model_path,
+                             str(self.dtype).removeprefix("torch."), len(self.devices), self.devices[0].type)
+                self.fault("signal")  # signal:-1 arrives while the model loads
+                self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, self.task,
+                                                  comm.rank, comm.world_size, self.fault)
+                self.base_fingerprint = self.population.model_fingerprint()  # the model's, not the fp32 master's
+                self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # the KL reference
+                self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
+                                                  comm.world_size * len(self.devices))
+                base_model = os.path.abspath(self.model_path)
+                self.checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.every, cfg.es.iterations,
+                                                 cfg.checkpoint.weights, base_model, self.base_fingerprint,
+                                                 cfg.to_json(), comm.is_main, self.fault)
+                self.ledger = Ledger(self.N, {
+                    "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
+                    "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
+                    **lowrank.ledger_attrs(cfg),  # noise kind, rank, scope
+                    "rollout_engine": self.population.rollout_engine,  # the engine that ran (auto resolved)
+                    "noise_scheme": cfg.es.noise_scheme})  # replay draws the same noise from it
+                self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
+                if self.plan is not None:
+                    resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)
+                    self.ledger.rows, self.ledger.events = list(self.plan.rows), list(self.plan.events)
         except BaseException:
             self.release()
             raise
+        self.start = len(self.ledger)
+        self.bar = Progress(cfg.es.iterations, self.start, enabled=comm.is_main and cfg.progress)
 
     def release(self) -> None:
         """Let go of run_dir (the process's exit does too; this is for runs in a longer-lived process)."""
         if self.lock is not None:
             self.lock.release()
 
-    def _setup_devices(self) -> None:
-        """World size against N, the task and its data, this rank's devices; rank 0 takes run_dir (a
-        writable folder, locked against a second run) and builds the tiny model (once, into the cache).
-        Everything that can be wrong with the input is found here, before minutes of model loading."""
+    def check_world_size(self) -> None:
+        """Every rank needs a population member, unless idle ranks are allowed (dist.allow_idle_ranks)."""
         cfg, comm = self.cfg, self.comm
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         if comm.world_size > self.N:
             if not cfg.dist.allow_idle_ranks:
                 raise DistributedError(
@@ -106,49 +149,6 @@ class Trainer:
             if comm.is_main:
                 log.warning("%d ranks but only %d population members: ranks %d..%d idle (dist.allow_idle_ranks)",
                             comm.world_size, self.N, self.N, comm.world_size - 1)
-        self.task = load_task(cfg)  # data and task errors before the model loads
-        self.train_set = list(self.task.train_examples())
-        if not self.train_set:
-            raise HpcEsError(f"task '{cfg.task}' has no training examples")
-        self.devices = local_devices(cfg, comm)
-        if comm.is_main:
-            check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
-            self.lock = runlock.acquire(cfg.run_dir)  # one run per run_dir; other ranks learn through agree()
-        # rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
-        self.tboard = TensorBoardLog(cfg.run_dir) if cfg.log.tensorboard and comm.is_main else None
-        if comm.is_main:
-            self.model_path = resolve_model_path(cfg)
-
-    def _setup_model(self) -> None:
-        """Every rank: its population share, the task, and what run_dir holds (``self.start``)."""
-        cfg, comm = self.cfg, self.comm
-        if not comm.is_main:
-            self.model_path = resolve_model_path(cfg)  # rank 0 has built it: now a cache hit
-        self.dtype = resolve_dtype(cfg.dtype, self.devices[0].type)
-        if comm.is_main:  # loading a 7B model on every rank takes a while: say what is happening
-            log.info("loading %s (%s, %d replica(s) per rank on %s)", self.model_path,
-                     str(self.dtype).removeprefix("torch."), len(self.devices), self.devices[0].type)
-        self.fault("signal")  # signal:-1 arrives while the model loads
-        self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, self.task, comm.rank,
-                                          comm.world_size, self.fault)
-        self.base_fingerprint = self.population.model_fingerprint()  # the model's, not the (maybe fp32) master's
-        self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # the KL reference
-        self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
-                                          comm.world_size * len(self.devices))
-        base_model = os.path.abspath(self.model_path)
-        self.checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.every, cfg.es.iterations, cfg.checkpoint.weights,
-                                         base_model, self.base_fingerprint, cfg.to_json(), comm.is_main, self.fault)
-        self.ledger = Ledger(self.N, {
-            "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
-            "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
-            **lowrank.ledger_attrs(cfg),  # noise kind, rank, scope
-            "rollout_engine": self.population.rollout_engine,  # the engine that ran (auto resolved)
-            "noise_scheme": cfg.es.noise_scheme})  # replay draws the same noise from it
-        self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
-        if self.plan is not None:
-            resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)
-            self.ledger.rows, self.ledger.events = list(self.plan.rows), list(self.plan.events)
-        self.start = len(self.ledger)
 
     def base_weights(self) -> dict[str, torch.Tensor]:
         """The base model's parameters, read again from its folder (to undo a partial load)."""
@@ -188,7 +188,6 @@ class Trainer:
                      self.cfg.es.sigma, self.cfg.es.alpha, self.start, self.cfg.es.iterations, self.log_path,
                      engine=self.population.rollout_engine)
         self.comm.bytes_sent = 0
-        self.bar = Progress(self.cfg.es.iterations, self.start, enabled=self.comm.is_main and self.cfg.progress)
 
     def exchange(self, scores: Scores, t: int) -> np.ndarray:
         """All-reduce the rewards; a failure or a signal on any rank reaches every rank here."""

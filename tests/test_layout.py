@@ -94,6 +94,29 @@ def test_replay_does_not_import_the_trainer() -> None:
     assert "hpc_es.trainer" not in import_graph()["hpc_es.replay"]
 
 
+def test_every_trainer_attribute_is_set_in_its_init() -> None:
+    """The Trainer's state is read in one place: no method adds an attribute that __init__ does not set."""
+    tree = ast.parse((PKG / "trainer.py").read_text(encoding="utf-8"))
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+
+    def assigned(fn: ast.AST) -> set[str]:
+        names = set()
+        for node in ast.walk(fn):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+            for t in targets:
+                for el in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                    if isinstance(el, ast.Attribute) and isinstance(el.value, ast.Name) and el.value.id == "self":
+                        names.add(el.attr)
+        return names
+
+    methods = {f.name: assigned(f) for f in cls.body if isinstance(f, ast.FunctionDef)}
+    in_init = methods.pop("__init__")
+    assert {"population", "ledger", "stopping", "bar", "start"} <= in_init
+    outside = {name: sorted(attrs - in_init) for name, attrs in methods.items() if attrs - in_init}
+    assert not outside, f"Trainer attributes first set outside __init__: {outside}"
+
+
 def test_the_readme_layout_lists_every_module() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
