@@ -28,7 +28,7 @@ class ESConfig:
     iterations: int = 80
     antithetic: bool = False  # members 2k, 2k+1 share a seed with opposite signs
     shaping: str = "zscore"  # zscore (the paper's) | rank (centered ranks)
-    noise_chunk: int = 1 << 20  # elements per noise piece: bounds the fp32 scratch; changes results only under legacy
+    noise_chunk: int = 0  # elements per noise piece, 0: 1M (64M on CUDA); bounds the scratch; a result under legacy
     noise_scheme: str = "keyed"  # keyed: eps = f(seed, name, element) on any device | legacy: randn per chunk
     master_on: str = "device"  # where the master (theta_t) lives: device (one extra copy) | host (CPU memory)
     master_dtype: str = "model"  # the master's dtype: model (the weights') | float32 (small updates accumulate)
@@ -170,7 +170,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "es.sigma": _float_range(0, 1e3, lo_open=True),
     "es.alpha": _float_range(0, 1e6),
     "es.iterations": _int_range(0, 100_000_000),
-    "es.noise_chunk": _int_range(1024, 1 << 30),
+    "es.noise_chunk": (lambda v: v == 0 or 1024 <= v <= 1 << 30,
+                       "0 (the device's default) or an integer >= 1024 and <= 1,073,741,824"),
     "es.rank": _int_range(1, 65_536),
     "rollout.members_per_pass": _int_range(0, 100_000, " (0 = all of a replica's members)"),
     "rollout.max_new_tokens": _int_range(1, 1 << 17),

@@ -21,9 +21,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from hpc_es import exact
 from hpc_es.errors import DistributedError
 from hpc_es.models import fingerprint_named, named_params, weights_digest
-from hpc_es.noise import KeyedNoise, chunks, noise_source
+from hpc_es.noise import KeyedNoise, chunks, default_chunk, noise_source
 
 log = logging.getLogger("hpc_es")
 
@@ -141,7 +142,7 @@ class Engine:
 
     def __init__(self, chunk: int, workers: int = 0, scheme: str = "keyed") -> None:
         self.noise = noise_source(scheme, chunk)  # es.noise_scheme
-        self.chunk = chunk
+        self.chunk = chunk  # es.noise_chunk; 0: noise.default_chunk of each replica's device type
         self.workers = workers  # CPU threads for noise; 0 = torch.get_num_threads() at the time of use
         self._local = threading.local()
 
@@ -164,7 +165,7 @@ class Engine:
                 fn(*task)
             return
         tasks = sorted(tasks, key=lambda t: t[-1] - t[-2], reverse=True)  # biggest first: even finish
-        for _ in _cpu_pool(workers).map(lambda t: fn(*t), tasks):
+        for _ in cpu_pool(workers).map(lambda t: fn(*t), tasks):
             pass
 
     def _fused(self, device: torch.device) -> KeyedNoise | None:
@@ -174,8 +175,9 @@ class Engine:
         return self.noise if isinstance(self.noise, KeyedNoise) and self.noise.fused_now(device) else None
 
     def _pieces(self, rep: Replica) -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, int]]:
+        chunk = default_chunk(self.chunk, self.noise.scheme, rep.device.type)
         return [(name, p.view(-1), rep.master[name].view(-1), i, s, e)
-                for name, p in rep.params for i, s, e in chunks(p.numel(), self.chunk)]
+                for name, p in rep.params for i, s, e in chunks(p.numel(), chunk)]
 
     @torch.no_grad()
     def perturb(self, rep: Replica, seed: int, sign: int, sigma: float) -> None:
@@ -186,10 +188,8 @@ class Engine:
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
             if keyed is not None and keyed.perturb(flat[s:e], master[s:e], seed, name, s, scale):
                 return  # the compiled fused kernel: the same ops in one pass, the same bits
-            eps = self.noise.fill(self._buf(flat.device, e - s, "eps"), seed, name, s)
-            eps.mul_(scale)
-            # fp32 sum, rounded once to the weights' dtype on the store (the same bits as add_ then copy_)
-            torch.add(eps, master[s:e].to(flat.device, non_blocking=True), out=flat[s:e])
+            exact.perturb(self.noise.fill(self._buf(flat.device, e - s, "eps"), seed, name, s), scale, master[s:e],
+                          flat[s:e])
 
         self._run(rep.device, self._pieces(rep), piece, serial=keyed is not None)
 
@@ -218,7 +218,7 @@ class Engine:
         workings = [dict(rep.params) for rep in replicas[1:]]
         compute = bool(terms) and scale != 0.0
         on_cpu = lead.device.type == "cpu"  # copy each chunk out while it is in cache; on a GPU, per tensor
-        exact_terms = self.noise.scheme != "legacy"
+        legacy = self.noise.scheme == "legacy"
         keyed = self._fused(lead.device)
 
         def piece(name: str, flat: torch.Tensor, master: torch.Tensor, i: int, s: int, e: int) -> None:
@@ -231,19 +231,11 @@ class Engine:
                 fused = keyed is not None and keyed.accumulate(acc, terms, name, s)
                 if not fused:
                     eps = self._buf(dev, e - s, "eps")
-                    for seed, c in terms:
-                        if exact_terms:  # c*eps, then the sum: two exactly rounded ops, the same bits on CPU and CUDA
-                            acc.add_(self.noise.fill(eps, seed, name, s).mul_(c))
-                        else:  # legacy runs keep their fused multiply-add (and their bits)
-                            acc.add_(self.noise.fill(eps, seed, name, s), alpha=c)
+                    for seed, c in terms:  # legacy runs keep their fused multiply-add (and their bits)
+                        exact.accumulate(acc, self.noise.fill(eps, seed, name, s), c, fma=legacy)
                 written = fused and keyed is not None and keyed.apply(acc, scale, master[s:e], flat[s:e])
                 if not written:
-                    acc.mul_(scale)
-                    if master.device == dev:
-                        master[s:e].add_(acc)  # master + acc in fp32, rounded once to the master's dtype
-                    else:
-                        acc.add_(master[s:e].to(dev, non_blocking=True))
-                        master[s:e].copy_(acc)
+                    exact.apply(acc, scale, master[s:e])
             if on_cpu:
                 new = master[s:e]
                 if not written:
@@ -264,10 +256,6 @@ class Engine:
                     work[name].copy_(new)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
 def _one_thread() -> None:
     # Under OpenMP the thread count is a per-thread setting: this worker's ops run single-threaded (the
     # pool is the parallelism) while the caller keeps its own.  Other backends share one global setting.
@@ -275,14 +263,29 @@ def _one_thread() -> None:
         torch.set_num_threads(1)
 
 
-def _cpu_pool(workers: int) -> ThreadPoolExecutor:
-    """One shared pool per size: its threads are idle between calls and hold only scratch buffers."""
-    with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
-        if pool is None:
-            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hpc_es-noise",
-                                                        initializer=_one_thread)
-        return pool
+class CpuPools:
+    """Thread pools by size.  One instance serves the process (``cpu_pool``): a pool's threads are idle
+    between calls and hold only scratch buffers, so every engine shares them."""
+
+    def __init__(self) -> None:
+        self._pools: dict[int, ThreadPoolExecutor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, workers: int) -> ThreadPoolExecutor:
+        with self._lock:
+            pool = self._pools.get(workers)
+            if pool is None:
+                pool = self._pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hpc_es-noise",
+                                                                 initializer=_one_thread)
+            return pool
+
+
+_PROCESS_POOLS = CpuPools()
+
+
+def cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of ``workers`` threads for noise pieces."""
+    return _PROCESS_POOLS.get(workers)
 
 
 class WeightsNotFinite(DistributedError):

@@ -35,7 +35,7 @@ import torch
 
 from hpc_es import fastgen
 from hpc_es.errors import ConfigError
-from hpc_es.es import Replica, _cpu_pool, update_terms
+from hpc_es.es import Replica, cpu_pool, update_terms
 from hpc_es.models import named_params
 from hpc_es.noise import NoiseSource, noise_source
 
@@ -341,7 +341,7 @@ class LowRankEngine:
             for s, e in blocks:
                 block(s, e)
         else:
-            for _ in _cpu_pool(workers).map(lambda se: block(*se), blocks):
+            for _ in cpu_pool(workers).map(lambda se: block(*se), blocks):
                 pass
 
 

@@ -18,7 +18,7 @@ from hpc_es.errors import HpcEsError
 from hpc_es.es import Engine, Replica, master_torch_dtype
 from hpc_es.fsio import check_model_out
 from hpc_es.models import fingerprint, load_model, load_tokenizer, resolve_dtype
-from hpc_es.noise import scheme_of
+from hpc_es.seeds import scheme_of
 from hpc_es.progress import warn
 
 

@@ -25,7 +25,7 @@ import torch
 from hpc_es import checkpoint as ckpt
 from hpc_es.config import Config
 from hpc_es.ledger import Ledger, LedgerError
-from hpc_es.noise import scheme_of, trajectory_keys
+from hpc_es.seeds import scheme_of, trajectory_keys
 from hpc_es.progress import say, warn
 
 # Config keys that define the trajectory: a resumed run must agree on all of them.

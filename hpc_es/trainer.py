@@ -29,7 +29,7 @@ from hpc_es.faults import Fault
 from hpc_es.fsio import check_writable_dir
 from hpc_es.ledger import Ledger
 from hpc_es.models import load_model, named_params, resolve_dtype
-from hpc_es.noise import _hash64, member_seeds
+from hpc_es.seeds import hash64, member_seeds
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.population import Population, Scores
 from hpc_es.progress import Progress, announce
@@ -62,7 +62,7 @@ def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: in
     out = []
     for k in range(t * per_iter, (t + 1) * per_iter):
         epoch, pos = divmod(k, n)
-        perm = np.random.default_rng(_hash64("data", seed, epoch)).permutation(n)
+        perm = np.random.default_rng(hash64("data", seed, epoch)).permutation(n)
         out.append(train[int(perm[pos])])
     return out
 

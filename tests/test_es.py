@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import TINY, fingerprint_of, run_hpc_es
 from hpc_es.es import Engine, Replica, centered_ranks, shape_rewards, zscore
 from hpc_es.models import fingerprint, load_model, named_params
 from hpc_es import noise as N
-from hpc_es.noise import KeyedNoise
+from hpc_es import noise_kernels as K
+from hpc_es.noise import KeyedNoise, default_chunk
+from hpc_es.noise_kernels import NoiseKernels
+from hpc_es.seeds import trajectory_keys
 
 
 class Net(torch.nn.Module):
@@ -315,7 +321,7 @@ needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "
 
 
 def _odd_replica(wdtype: torch.dtype, mdtype: torch.dtype) -> Replica:
-    """Odd sizes: several compiled blocks with a ragged end, a tail under _MIN_COMPILED, a tiny tensor."""
+    """Odd sizes: several compiled blocks with a ragged end, a tail under MIN_COMPILED, a tiny tensor."""
     g = torch.Generator().manual_seed(3)
     shapes = {"w.a": (2500 + 7,), "w.b": (33, 17), "w.c": (1500 + 1024 + 5,), "w.d": (7,), "w.e": (3001,)}
     params = [(n, (torch.randn(s, generator=g) * 10.0 ** torch.randint(-4, 2, s, generator=g)).to(wdtype))
@@ -324,10 +330,11 @@ def _odd_replica(wdtype: torch.dtype, mdtype: torch.dtype) -> Replica:
                    master={n: p.to(mdtype) for n, p in params})
 
 
-def _perturb_and_update(compile_: bool, wdtype: torch.dtype, mdtype: torch.dtype, nterms: int) -> list[torch.Tensor]:
+def _perturb_and_update(compile_: bool, wdtype: torch.dtype, mdtype: torch.dtype, nterms: int,
+                        kernels: NoiseKernels | None = None) -> list[torch.Tensor]:
     rep = _odd_replica(wdtype, mdtype)
     eng = Engine(chunk=1500, workers=2)  # pieces start inside compiled blocks; two threads
-    eng.noise = KeyedNoise(compile=compile_)
+    eng.noise = KeyedNoise(compile=compile_, kernels=kernels)
     out = []
     for seed, sign, sigma in ((11, 1, 1e-3), (12, -1, 0.37), (13, 1, 2.5e-5)):
         eng.perturb(rep, seed, sign, sigma)
@@ -340,28 +347,38 @@ def _perturb_and_update(compile_: bool, wdtype: torch.dtype, mdtype: torch.dtype
     return out + [t.clone() for r in (rep, other) for t in [*r.master.values(), *(p for _, p in r.params)]]
 
 
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def small_block_kernels() -> NoiseKernels:
+    """Kernels with 1024-element fused blocks (several per tensor in a tiny test), built and checked
+    afresh, shared by the dtype cases (their torch.compile wrappers are traced once)."""
+    return NoiseKernels(fused_block={"cpu": 1024})
+
+
 @needs_cxx
 @pytest.mark.parametrize("wdtype,mdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                            (torch.bfloat16, torch.float32)])
 def test_compiled_fused_perturb_and_update_give_the_eager_bits(
-        wdtype: torch.dtype, mdtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(N._FUSED_BLOCK, "cpu", 1024)  # several blocks per tensor in a tiny test
-    monkeypatch.setattr(N, "_FUSED", {})  # built (and checked) afresh with the small block
-    nterms = N.FUSED_TERMS + 2 if mdtype == torch.float32 else 3  # full groups and a remainder; one group
-    eager = _perturb_and_update(False, wdtype, mdtype, nterms)
+        wdtype: torch.dtype, mdtype: torch.dtype, small_block_kernels: NoiseKernels) -> None:
+    kernels = small_block_kernels
+    nterms = K.FUSED_TERMS + 2 if mdtype == torch.float32 else 3  # full groups and a remainder; one group
+    eager = _perturb_and_update(False, wdtype, mdtype, nterms, kernels)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a refused kernel would warn: make it fail the test
-        fused = _perturb_and_update(True, wdtype, mdtype, nterms)
-    assert N._FUSED[("cpu", "perturb", (wdtype, mdtype))] is not None
-    assert N._FUSED[("cpu", "apply", (mdtype, wdtype))] is not None
-    assert all(N._FUSED[("cpu", "accumulate", k)] is not None for k in {min(nterms, N.FUSED_TERMS),
-                                                                        nterms % N.FUSED_TERMS or N.FUSED_TERMS})
-    assert len(eager) == len(fused)
-    for a, b in zip(eager, fused):
-        assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+        fused = _perturb_and_update(True, wdtype, mdtype, nterms, kernels)
+    assert kernels.built[("cpu", "perturb", (wdtype, mdtype))] is not None
+    assert kernels.built[("cpu", "apply", (mdtype, wdtype))] is not None
+    assert all(kernels.built[("cpu", "accumulate", k)] is not None for k in {min(nterms, K.FUSED_TERMS),
+                                                                             nterms % K.FUSED_TERMS or K.FUSED_TERMS})
+    _same(eager, fused)
 
 
-def test_a_fused_kernel_with_other_bits_is_refused_and_eager_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fused_kernel_with_other_bits_is_refused_and_eager_runs() -> None:
     """What a compiler that contracts a*b + c into an FMA would produce: the build check refuses it."""
     def contracted_perturb(ramp, z0, cells, steps, scale, master, out) -> None:
         eps = N.keyed_transform(ramp + z0, cells, steps).double()  # product and sum rounded once, as an FMA
@@ -370,27 +387,104 @@ def test_a_fused_kernel_with_other_bits_is_refused_and_eager_runs(monkeypatch: p
     def broken(*args: object) -> None:
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(N, "_FUSED", {})
-    monkeypatch.setattr(N, "_fused_fn", lambda op: contracted_perturb if op == "perturb" else broken)
+    kernels = NoiseKernels(compiler=lambda body, **_: contracted_perturb if body is K._perturb_block else broken)
     eager = _perturb_and_update(False, torch.float32, torch.float32, 3)
-    with pytest.warns(RuntimeWarning, match="using the eager path"):
-        got = _perturb_and_update(True, torch.float32, torch.float32, 3)
-    assert N._FUSED[("cpu", "perturb", (torch.float32, torch.float32))] is None
-    assert N._FUSED[("cpu", "accumulate", 3)] is None
-    for a, b in zip(eager, got):
-        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    with pytest.warns(RuntimeWarning, match="eager"):
+        got = _perturb_and_update(True, torch.float32, torch.float32, 3, kernels)
+    assert kernels.built[("cpu", "perturb", (torch.float32, torch.float32))] is None
+    assert kernels.built.get(("cpu", "accumulate", 3)) is None
+    _same(eager, got)
+
+
+def test_a_kernel_that_fails_to_build_falls_back_to_eager_with_one_warning() -> None:
+    """The plain fill as well as the fused ops: the first failure turns compiling off on the device type."""
+    def no_compiler(body: object, **_: object) -> object:
+        def fails(*args: object) -> None:
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler available")
+        return fails
+
+    kernels = NoiseKernels(compiler=no_compiler)
+    eager = _perturb_and_update(False, torch.bfloat16, torch.float32, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _perturb_and_update(True, torch.bfloat16, torch.float32, 3, kernels)
+        ns = KeyedNoise(compile=True, kernels=kernels)  # the plain fill alone: no new attempt, no new warning
+        filled = ns.fill(torch.empty(5000), 3, "w", 7)
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == [
+        "hpc_es: the compiled keyed-noise perturb (torch.bfloat16, torch.float32) on cpu failed to build "
+        "(RuntimeError: InvalidCxxCompiler: no working C++ compiler available); the noise runs eagerly on cpu "
+        "(the same bits, slower)"]
+    assert "cpu" in kernels.failed and not any(kernels.built.values())
+    _same(eager, got)
+    assert torch.equal(filled, KeyedNoise(compile=False).fill(torch.empty(5000), 3, "w", 7))
+    fill_only = NoiseKernels(compiler=no_compiler)
+    with pytest.warns(RuntimeWarning, match="fill on cpu failed to build"):
+        assert torch.equal(KeyedNoise(compile=True, kernels=fill_only).fill(torch.empty(5000), 3, "w", 7), filled)
+
+
+@pytest.mark.integration
+def test_a_run_without_a_working_compiler_finishes_eagerly_with_one_warning(reference_run: Path,
+                                                                           tmp_path: Path) -> None:
+    """HPC_ES_NOISE_COMPILE=1 while CC/CXX name no compiler (inductor takes its C++ compiler from CXX) and
+    with an empty inductor cache (no earlier build to reuse): no kernel can be built, and the run gives the
+    reference fingerprint with one warning."""
+    missing = str(tmp_path / "no-such-compiler")
+    env = {"HPC_ES_NOISE_COMPILE": "1", "CC": missing, "CXX": missing,
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    proc = run_hpc_es(TINY + [f"run_dir={tmp_path / 'run'}"], env=env, check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["fingerprint"] == fingerprint_of(reference_run / "final")
+    warned = [line for line in proc.stderr.splitlines() if "hpc_es: the compiled keyed-noise" in line]
+    assert len(warned) == 1, proc.stderr
+    assert "failed to build" in warned[0] and "InvalidCxxCompiler" in warned[0], warned[0]
+
+
+def test_perturb_and_update_make_no_device_tensors_per_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scalars reach the kernels as host values: no ``torch.tensor(..., device=...)`` (a copy and a wait on
+    a GPU) in perturb or update, eager or fused.  The kernels run uncompiled here (the bodies themselves),
+    which the build check accepts: they are the eager ops' arithmetic."""
+    kernels = NoiseKernels(compiler=lambda body, **_: body, fused_block={"cpu": 1024})
+    made: list[object] = []
+    real = torch.tensor
+
+    def counting(*args: object, **kw: object) -> torch.Tensor:
+        if kw.get("device") is not None:
+            made.append(kw["device"])
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    want = _perturb_and_update(False, torch.float32, torch.float32, K.FUSED_TERMS + 1)
+    monkeypatch.setattr(torch, "tensor", counting)
+    for compile_ in (False, True):
+        got = _perturb_and_update(compile_, torch.float32, torch.float32, K.FUSED_TERMS + 1, kernels)
+        _same(want, got)
+    assert made == []
+    assert kernels.built[("cpu", "perturb", (torch.float32, torch.float32))] is K._perturb_block  # fused ran
+    assert kernels.built[("cpu", "accumulate", K.FUSED_TERMS)] is K._accumulate_block
+
+
+def test_the_default_chunk_is_large_on_a_gpu_unless_set() -> None:
+    assert default_chunk(0, "keyed", "cuda") == 1 << 26
+    assert default_chunk(0, "keyed", "cpu") == 1 << 20
+    assert default_chunk(0, "legacy", "cuda") == 1 << 20  # part of a legacy run's trajectory: never by device
+    assert default_chunk(4096, "keyed", "cuda") == 4096
+    assert trajectory_keys({"es": {"noise_scheme": "legacy", "noise_chunk": 0}})["es.noise_chunk"] == 1 << 20
+    big = torch.empty(3 << 25, device="meta")  # shapes only
+    pieces = {kind: Engine(0)._pieces(Replica(model=torch.nn.Module(), device=torch.device(kind),
+                                              params=[("w", big)], master={"w": big}))
+              for kind in ("cpu", "cuda")}
+    assert [(s, e) for *_, s, e in pieces["cuda"]] == [(0, 1 << 26), (1 << 26, 3 << 25)]
+    assert len(pieces["cpu"]) == 96
+    assert [(s, e) for *_, s, e in Engine(1 << 25)._pieces(Replica(
+        model=torch.nn.Module(), device=torch.device("cuda"), params=[("w", big)], master={"w": big}))][-1] == (
+        2 << 25, 3 << 25)
 
 
 @needs_cxx
 @pytest.mark.skipif(os.environ.get("HPC_ES_TEST_COMPILE") != "1", reason="compiles (slow); HPC_ES_TEST_COMPILE=1")
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="no FMA unit")
-def test_the_build_check_catches_a_compiler_that_contracts_into_fma(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_build_check_catches_a_compiler_that_contracts_into_fma() -> None:
     """With inductor's C++ built under -ffp-contract=fast, the check data exposes the contraction."""
-    monkeypatch.setitem(N._NO_CONTRACT, "cpp.enable_floating_point_contract_flag", "fast")
-    monkeypatch.setattr(N, "_FUSED_FNS", {})
-    ramp = KeyedNoise()._counters(torch.device("cpu"), 4099)
-    assert not N._check_fused("perturb", torch.device("cpu"), ramp, (torch.float32, torch.float32))
-    assert not N._check_fused("accumulate", torch.device("cpu"), ramp, 2)
-    monkeypatch.setitem(N._NO_CONTRACT, "cpp.enable_floating_point_contract_flag", "off")
-    monkeypatch.setattr(N, "_FUSED_FNS", {})
-    assert N._check_fused("perturb", torch.device("cpu"), ramp, (torch.float32, torch.float32))
+    fast = NoiseKernels(options={"cpp.enable_floating_point_contract_flag": "fast"}, fused_block={"cpu": 4099})
+    cpu = torch.device("cpu")
+    assert not fast.check(cpu, "perturb", (torch.float32, torch.float32))
+    assert not fast.check(cpu, "accumulate", 2)
+    assert NoiseKernels(fused_block={"cpu": 4099}).check(cpu, "perturb", (torch.float32, torch.float32))

@@ -17,7 +17,8 @@ from hpc_es import fastgen, lowrank
 from hpc_es.config import load_config
 from hpc_es.errors import ConfigError
 from hpc_es.models import load_model, load_tokenizer, named_params
-from hpc_es.noise import KeyedNoise, member_seeds
+from hpc_es.noise import KeyedNoise
+from hpc_es.seeds import member_seeds
 from hpc_es.rollout import eos_ids, generate, generate_ids
 
 PROMPTS = ["Q: what is 3 plus 4?\nA:", "What colour is the sky?", "Using the numbers [44 19 35]"]
@@ -281,14 +282,13 @@ def test_trajectory_keys_name_the_mode_and_old_ledgers_read_as_full_rank() -> No
 
 
 @pytest.mark.parametrize("scheme", ["keyed", "legacy"])
-def test_stacked_draws_are_the_per_member_bits(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stacked_draws_are_the_per_member_bits(scheme: str) -> None:
     """One pass over many members' counters (KeyedNoise.stack, lowrank.side_by_side) gives each member the
     bits of its own draw, also when the members are split over several passes."""
-    from hpc_es import noise as noise_mod
     from hpc_es.noise import noise_source
 
-    monkeypatch.setattr(noise_mod, "_STACK_BLOCK", 100)  # 3 members of 37 per pass: several passes
     src = noise_source(scheme, 16)
+    src.stack_block = 100  # (keyed) 3 members of 37 per pass: several passes
     seeds = member_seeds(4, 2, 7)[0].tolist()
     got = src.stack(seeds, "layer.w", (37,))
     for k, s in enumerate(seeds):

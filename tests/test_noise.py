@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from hpc_es.noise import LegacyNoise as NoiseSource
-from hpc_es.noise import chunk_key, chunks, member_seeds
+from hpc_es.noise import chunk_key, chunks
+from hpc_es.seeds import member_seeds
 
 
 def test_seed_table_is_a_pure_function_of_seed_and_iteration() -> None:

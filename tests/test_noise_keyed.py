@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpc_es import exact
 from hpc_es import noise as N
 from hpc_es._noise_table import QUANTILES
 from hpc_es.noise import KeyedNoise, LegacyNoise, noise_source
@@ -84,8 +85,8 @@ def test_noise_source_by_scheme_name() -> None:
 
 def test_the_shipped_table_is_the_float64_quantiles_rounded() -> None:
     ref = N.keyed_table_float64()
-    assert len(QUANTILES) == len(ref) == N.OCTAVES * 2**N.SUB_BITS + 1
-    assert all(abs(q - x * 2**N.FRAC_BITS) <= 0.5 + 1e-3 for q, x in zip(QUANTILES, ref))
+    assert len(QUANTILES) == len(ref) == exact.OCTAVES * 2**exact.SUB_BITS + 1
+    assert all(abs(q - x * 2**exact.FRAC_BITS) <= 0.5 + 1e-3 for q, x in zip(QUANTILES, ref))
     assert all(a > b for a, b in itertools.pairwise(QUANTILES))  # |x| falls as the tail probability grows
     assert QUANTILES[-1] == 0
 
@@ -93,15 +94,15 @@ def test_the_shipped_table_is_the_float64_quantiles_rounded() -> None:
 def test_the_transform_is_the_tail_quantile_of_its_bits() -> None:
     """Counters whose hash lands on a table edge give that quantile exactly (checked on the hash itself)."""
     z = torch.arange(1, 4097, dtype=torch.int64) * 0x2545F4914F6CDD1D
-    x = N.keyed_transform(z.clone(), *N._table(torch.device("cpu"))).double()
+    x = N.keyed_transform(z.clone(), *exact.keyed_table(torch.device("cpu"))).double()
     h = z.clone()  # the same hash, by Python integers: logical shifts and wrapping products spelled out
     m64 = (1 << 64) - 1
     for k in range(0, 4096, 37):
         v = int(h[k]) & m64
         v ^= v >> 30
-        v = (v * N._MUL1) & m64
+        v = (v * exact.MUL1) & m64
         v ^= v >> 27
-        v = (v * N._MUL2) & m64
+        v = (v * exact.MUL2) & m64
         v ^= v >> 31
         r = v & ((1 << 52) - 1)
         p = max(r, 1) / 2**52

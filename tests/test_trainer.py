@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY, check_golden, fingerprint_of, ledger_arrays, run_hpc_es
 from hpc_es.config import load_config
 from hpc_es.es import zscore
-from hpc_es.noise import member_seeds
+from hpc_es.seeds import member_seeds
 from hpc_es.trainer import iteration_examples
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_trace.json"

@@ -210,7 +210,8 @@ def gpu_throughput(arch: benchlib.Arch, *, dtype: torch.dtype, device: str, popu
     ``check_tokens`` tokens), and whether the fast pass gives the hooks' tokens on ``check_prompts`` prompts x
     ``check_tokens`` tokens per member."""
     from hpc_es import fastgen
-    from hpc_es.noise import KeyedNoise, member_seeds
+    from hpc_es.noise import KeyedNoise
+    from hpc_es.seeds import member_seeds
     from hpc_es.rollout import generate_ids
 
     t0 = time.perf_counter()

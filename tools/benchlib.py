@@ -19,9 +19,9 @@ import torch
 from hpc_es.config import Config
 from hpc_es.es import Replica, shape_rewards
 from hpc_es.models import DTYPES, _train_tokenizer, named_params
-from hpc_es.noise import member_seeds
 from hpc_es.population import Population
 from hpc_es.rollout import generation_config
+from hpc_es.seeds import member_seeds
 from hpc_es.tasks import load_task
 
 PHASES = ("perturb", "rollout", "reward", "restore", "update")

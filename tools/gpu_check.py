@@ -48,7 +48,7 @@ import bench  # noqa: E402  (tools/bench.py: model building, both implementation
 import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise checks and timings)
 from hpc_es.es import Engine, Replica  # noqa: E402
 from hpc_es.models import named_params, tensor_digest, weights_digest  # noqa: E402
-from hpc_es.noise import member_seeds  # noqa: E402
+from hpc_es.seeds import member_seeds  # noqa: E402
 import bench_rollout  # noqa: E402  (tools/bench_rollout.py: the length schedule)
 
 from hpc_es import fastgen  # noqa: E402
