@@ -21,7 +21,7 @@ import torch
 
 from hpc_es import ownership
 from hpc_es.errors import HpcEsError
-from hpc_es.fsio import MODEL_MARKER, FileSystemError, as_os_error, describe_os_error, folder_lock
+from hpc_es.fsio import MODEL_MARKER, FileSystemError, as_os_error, describe_os_error, folder_lock, fsync_path
 from hpc_es.ownership import CHECKPOINT_NAMES
 from hpc_es.schedule import Every
 
@@ -49,20 +49,6 @@ class CheckpointState:
 def _dirs(run_dir: str) -> tuple[str, str, str]:
     return (os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "checkpoint.old"),
             os.path.join(run_dir, f"checkpoint.tmp-{os.getpid()}"))
-
-
-def _fsync(path: str) -> None:
-    """Flush a file (or a folder's entries) to disk; best effort where the OS refuses folders."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save(run_dir: str, state: CheckpointState, weights: dict[str, torch.Tensor] | None,
@@ -93,7 +79,7 @@ def _write(final: str, tmp: str, state: CheckpointState, weights: dict[str, torc
     os.makedirs(tmp)
     if weights is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, os.path.join(tmp, WEIGHTS))
-        _fsync(os.path.join(tmp, WEIGHTS))
+        fsync_path(os.path.join(tmp, WEIGHTS))
     if ledger is not None:
         ledger.save(os.path.join(tmp, LEDGER))
     if fault is not None:
@@ -114,13 +100,13 @@ def replace_dir(tmp: str, final: str, names: tuple[str, ...] | None) -> None:
     model folder, known by its marker).
     """
     old = f"{final}.old"
-    _fsync(tmp)
+    fsync_path(tmp)
     ownership.require(final, names)
     ownership.remove(old, names)
     if os.path.isdir(final):
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync(os.path.dirname(os.path.abspath(final)))
+    fsync_path(os.path.dirname(os.path.abspath(final)))
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -46,14 +46,12 @@ def _config_and_comm(argv: list[str], prog: str) -> tuple[Any, Any]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from hpc_es.runner import EXIT_REQUEUE, run_training
-    from hpc_es.trainer import Stop
+    from hpc_es.runner import run_training
 
     cfg, comm = _config_and_comm(argv, "python -m hpc_es")
-    try:
-        result = run_training(cfg, comm, own_process=True)
-    except Stop:
-        return EXIT_REQUEUE
+    result = run_training(cfg, comm, own_process=True)
+    if result["exit_code"]:  # stopped by a signal after a checkpoint: requeue to resume
+        return result["exit_code"]
     if comm.is_main:
         summary = json.dumps({"run_dir": result["run_dir"], "final": result["final_dir"],
                               "iterations": result["iterations"], "fingerprint": result["fingerprint"],
@@ -82,7 +80,7 @@ def _record_summary(summary: str) -> None:
 
 
 def _finite(x: float) -> float | None:
-    """NaN (no iteration ran) as JSON null: strict parsers reject NaN.  (issue 16)"""
+    """NaN (no iteration ran) as JSON null: strict parsers reject NaN."""
     return x if x == x and abs(x) != float("inf") else None
 
 
@@ -142,29 +140,30 @@ def cmd_submit(argv: list[str]) -> int:
     return submit_main(argv)
 
 
-def cmd_report(argv: list[str]) -> int:  # issue 15
+def cmd_report(argv: list[str]) -> int:
     from hpc_es.report import main as report_main
 
     return report_main(argv)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "fingerprint": cmd_fingerprint, "replay": cmd_replay,
-            "submit": cmd_submit, "report": cmd_report}  # issue 15: report
+            "submit": cmd_submit, "report": cmd_report}
 _RANK = [0]
 
 
 def main(argv: list[str] | None = None) -> int:
     from hpc_es.errors import HpcEsError
+    from hpc_es.stopping import EXIT_INTERRUPTED, EXIT_USER_ERROR
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
-    if argv and not argv[0].startswith("-") and "=" not in argv[0] and argv[0] not in COMMANDS:  # issue 16
+    if argv and not argv[0].startswith("-") and "=" not in argv[0] and argv[0] not in COMMANDS:  # a typo must not train
         hint = f"; for a config file use --config {argv[0]}" if argv[0].endswith((".yaml", ".yml")) else ""
         print(f"hpc_es: error: unknown command '{argv[0]}'; the commands are {', '.join(COMMANDS)} (train is the "
               f"default; settings are given as key=value){hint}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USER_ERROR
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     try:
         from hpc_es.runner import quiet_libraries
@@ -178,4 +177,4 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("hpc_es: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

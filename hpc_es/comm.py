@@ -12,6 +12,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -373,6 +375,18 @@ def agree(comm: Comm, error: Exception | None) -> None:
     else:
         message = "; ".join(f"rank {r} failed: {text}" for r, (_, text) in sorted(failed.items()))
     raise SetupFailed(message, failed[min(failed)][0]) from error
+
+
+@contextmanager
+def agreement(comm: Comm) -> Iterator[None]:
+    """A set-up step written as a block: ``with agreement(comm): ...`` runs it, then ``agree``s on its error (or
+    on none), so that every rank reaches the collective whether or not its own part failed."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (agree re-raises it, or what the ranks' errors add up to, on every rank)
+        agree(comm, e)
+        raise
+    agree(comm, None)
 
 
 def _first_slurm_host() -> str:

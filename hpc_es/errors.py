@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hpc_es.stopping import EXIT_DISTRIBUTED, EXIT_USER_ERROR
+
 
 class HpcEsError(Exception):
     """An error caused by the user's input (config, data, model dir, task code, world size).
@@ -10,7 +12,7 @@ class HpcEsError(Exception):
     is a bug and keeps its traceback.
     """
 
-    exit_code = 2
+    exit_code = EXIT_USER_ERROR
     quiet = False  # already reported (by another rank, or once for every rank): print nothing more
 
 
@@ -33,7 +35,7 @@ class TaskError(HpcEsError):
 class DistributedError(HpcEsError):
     """A rank failed, the world size does not fit the population, or ranks diverged."""
 
-    exit_code = 3
+    exit_code = EXIT_DISTRIBUTED
 
 
 class ExtraMissing(HpcEsError):

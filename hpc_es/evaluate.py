@@ -175,7 +175,7 @@ class TestSplit:
         if not self.schedule.due(done):
             return self.skipped()
         a = time.perf_counter()
-        engine = resolve_engine(self.cfg.rollout.engine, model, notice=False)  # issue 11: as the rollouts
+        engine = resolve_engine(self.cfg.rollout.engine, model, notice=False)  # as the rollouts
         got = score_items(model, tokenizer, self.task, self.examples, self.cfg.rollout.max_new_tokens,
                           eval_batch_size(self.cfg), self.comm, engine=engine, **self.options)
         seconds = time.perf_counter() - a
@@ -201,7 +201,7 @@ def evaluate(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
         device = local_devices(cfg, comm)[0]
         model = load_model(path, resolve_dtype(cfg.dtype, device.type), str(device))
         state.update(path=path, kl_base=kl_base, model=model, tok=load_tokenizer(path), task=load_task(cfg))
-        state["engine"] = resolve_engine(cfg.rollout.engine, model, comm.is_main)  # issue 11: fast, or hf
+        state["engine"] = resolve_engine(cfg.rollout.engine, model, comm.is_main)  # fast, or hf
 
     agree(comm, attempt(build) if comm.is_main else None)
     agree(comm, attempt(load))

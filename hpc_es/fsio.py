@@ -104,6 +104,42 @@ def folder_lock(folder: str) -> Iterator[None]:
         os.close(fd)
 
 
+def fsync_path(path: str) -> None:
+    """Flush a file (or a folder's entries, which makes a rename inside it durable) to disk; best effort
+    where the OS refuses to open or sync a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes | memoryview) -> None:
+    """Replace ``path`` with ``data`` so that a kill or a crash leaves the old file or the new one whole:
+    written to ``path.tmp`` (created new, never through a link: see create_new), fsynced, renamed over
+    ``path``, and the rename itself fsynced.  An OSError (a full disk, a read-only mount) removes the
+    temporary file and propagates; ``path`` is then untouched."""
+    tmp = f"{path}.tmp"
+    try:
+        with os.fdopen(create_new(tmp), "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
 def check_writable_dir(path: str, what: str = "run_dir") -> None:
     """Create ``path`` if needed and prove it writable (a probe file), before anything slow happens."""
     if os.path.islink(path) and not os.path.exists(path):

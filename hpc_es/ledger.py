@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any
 
 import numpy as np
 
 from hpc_es.errors import HpcEsError
-from hpc_es.fsio import FileSystemError, create_new, describe_os_error
+from hpc_es.fsio import FileSystemError, describe_os_error, write_atomic
 
 MATRIX = {"seeds": np.int64, "signs": np.int8, "rewards": np.float64, "shaped": np.float64}
 SCALARS = {
     "iteration": np.int64, "sigma": np.float64, "alpha": np.float64,
     "reward_mean": np.float64, "reward_max": np.float64, "reward_min": np.float64,
     "time_perturb": np.float64, "time_rollout": np.float64, "time_reward": np.float64,
-    "time_restore": np.float64, "time_update": np.float64, "time_iteration": np.float64,
+    "time_update": np.float64, "time_iteration": np.float64,
     "bytes_sent": np.int64, "world_size": np.int64, "slots": np.int64,
     # test split (eval.every): NaN in the iterations that were not evaluated (hpc_es.evaluate.METRICS)
     "eval_reward": np.float64, "eval_accuracy": np.float64, "eval_accuracy_paper": np.float64,
@@ -85,27 +84,10 @@ class Ledger:
             for key in SCALARS:
                 data = self.column(key)
                 f.create_dataset(key, data=data, maxshape=(None,), chunks=(max(1, min(1024, len(data) or 1)),))
-        tmp = f"{path}.tmp"
         try:
-            with os.fdopen(create_new(tmp), "wb") as fh:
-                fh.write(image.getbuffer())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, image.getbuffer())
         except OSError as e:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
             raise FileSystemError(f"cannot write the ledger {describe_os_error(e, path)}") from None
-        try:  # make the rename itself durable
-            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
 
     @classmethod
     def load(cls, path: str) -> "Ledger":

@@ -243,23 +243,6 @@ class LowRankModel:
         return hook
 
 
-def perturbed_weights(model: torch.nn.Module, scope: str, rank: int, noise: NoiseSource, seed: int, sign: int,
-                      sigma: float) -> dict[str, torch.Tensor]:
-    """Member (seed, sign)'s weights written out explicitly: W + σ s A Bᵀ/√r (1-D: W + σ s ε), rounded
-    once to the weights' dtype.  The reference the batched forward is checked against; never used in a run."""
-    out = {}
-    for name, p in named_params(model):
-        kind = plan(model, scope).get(name)
-        w = p.detach().float()
-        if kind == LOWRANK:
-            a, b = factors(noise, seed, name, p.shape, rank, p.device)
-            w = w + (sign * sigma / math.sqrt(rank)) * (a @ b.T)
-        elif kind == FULLRANK:
-            w = w + (sign * sigma) * noise.tensor(seed, name, p.shape, p.device)
-        out[name] = w.to(p.dtype)
-    return out
-
-
 class LowRankEngine:
     """The exact low-rank update and restore of a set of replicas (hpc_es.search.LowRank adds the members)."""
 

@@ -33,7 +33,7 @@ class Scores:
     """One iteration's scoring on this rank."""
 
     rewards: np.ndarray  # float64[N]: this rank's members' mean rewards, zeros for the others' members
-    times: dict[str, float]  # seconds in perturb, rollout, reward (replica 0's share) and restore
+    times: dict[str, float]  # seconds in perturb, rollout and reward (replica 0's share)
     error: BaseException | None = None  # what stopped this rank's scoring; every rank learns of it
     members: list[int] = field(default_factory=list)
 
@@ -82,8 +82,7 @@ class Population:
         exchange and every rank stops together.  The working weights are then left equal to θ.
         """
         self.fault("signal")
-        out = Scores(np.zeros(self.N, dtype=np.float64), {"perturb": 0.0, "rollout": 0.0, "reward": 0.0,
-                                                          "restore": 0.0})
+        out = Scores(np.zeros(self.N, dtype=np.float64), {"perturb": 0.0, "rollout": 0.0, "reward": 0.0})
         prompts = [ex.prompt for ex in examples]
         limit = self.rollout.reward_timeout_s
 

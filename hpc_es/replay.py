@@ -39,11 +39,11 @@ class _Target:
 def replay(run_dir: str, out: str, iteration: int | None = None, model: str | None = None,
            device: str = "cpu") -> str:
     """Weights after ``iteration`` completed iterations (default: all) saved to ``out``; returns the fingerprint."""
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):  # issue 16
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise HpcEsError(f"run_dir '{run_dir}' is a file, not a run folder")
     if not os.path.isdir(run_dir):
         raise HpcEsError(f"run_dir '{run_dir}' does not exist")
-    check_model_out(out)  # issue 16: never replace a folder that is not an earlier hpc_es model
+    check_model_out(out)  # never replace a folder that is not an earlier hpc_es model
     ownership.require(f"{out}.old", None)  # nor remove one beside it that a save would move out's old copy to
     if os.path.realpath(out) == os.path.realpath(os.path.join(run_dir, "final")):
         raise HpcEsError(f"--out '{out}' is the run's own final model; replay into another folder")
@@ -51,17 +51,16 @@ def replay(run_dir: str, out: str, iteration: int | None = None, model: str | No
     if note:
         warn(note)
     cfg = config_from_dict(ledger.config)
-    cfg.es.noise_scheme = scheme_of(ledger.attrs)  # issue 12: the ledger's record (none: legacy) decides
+    cfg.es.noise_scheme = scheme_of(ledger.attrs)  # the ledger's record (none: legacy) decides
     resume.check_rows(ledger, cfg, f"cannot replay '{run_dir}'")
     total = len(ledger)
     upto = total if iteration is None else iteration
     if not 0 <= upto <= total:
         raise HpcEsError(f"--iteration {upto} is outside the ledger's 0..{total} completed iterations")
     base = model or ledger.attrs["base_model"]
-    drawn_on = resume.noise_device(ledger)  # issue 12: "" for keyed noise (any device)
-    if drawn_on and drawn_on != device.split(":")[0]:
-        raise HpcEsError(f"the run drew its noise on {drawn_on}; replay with --device {drawn_on} "
-                         "(CPU and CUDA generators differ)")
+    drawn_on = resume.noise_device(ledger)
+    resume.check_noise_device(f"the run in '{run_dir}'", drawn_on, device.split(":")[0],
+                              f"replay with --device {drawn_on}")
     dtype = resolve_dtype(ledger.attrs.get("model_dtype", cfg.dtype), device)
     net = load_model(base, dtype, device)
     resume.check_same_run(f"the run in '{run_dir}'", ledger.attrs.get("base_fingerprint"), None, cfg,

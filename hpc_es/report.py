@@ -30,7 +30,7 @@ LEDGER = "log.h5"
 CHECKPOINT_LEDGER = os.path.join("checkpoint", "log.h5")  # checkpoint.py's copy (importing it pulls in torch)
 # (ledger column, legend label) of the phases that Trainer times inside an iteration, in the order they run.
 PHASES = (("time_perturb", "perturb"), ("time_rollout", "rollout (generate)"), ("time_reward", "reward"),
-          ("time_restore", "restore"), ("time_update", "update"), ("time_eval", "test-split eval"))
+          ("time_update", "update"), ("time_eval", "test-split eval"))
 TOKENS = "rollout_tokens"  # tokens generated in an iteration (all members), if a ledger records it
 WIDTH, HEIGHT, DPI = 8.0, 4.5, 100  # figure size in inches, and pixels per inch: 800 x 450 PNGs
 
@@ -269,7 +269,7 @@ def time_figure(run: Run) -> Any:
     for i, (key, label) in enumerate(PHASES):
         col = np.nan_to_num(run.column(key))
         if col.sum() <= 0:
-            continue  # a phase this run never spent time in (restore, eval without eval.every)
+            continue  # a phase this run never spent time in (eval without eval.every)
         ax.bar(x, col, width, bottom=bottom, color=f"C{i}", label=label, linewidth=0)
         bottom += col
     total = run.column("time_iteration")

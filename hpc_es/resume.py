@@ -31,9 +31,9 @@ from hpc_es.progress import say, warn
 # Config keys that define the trajectory: a resumed run must agree on all of them.
 TRAJECTORY_KEYS = ("model", "task", "seed", "dtype", "es.population_size", "es.sigma", "es.alpha",
                    "es.antithetic", "es.shaping", "rollout", "data", "tiny",
-                   "es.noise", "es.rank", "es.lowrank_scope",  # issue 14: the low-rank mode's keys
-                   "es.master_dtype")  # issue 12: an fp32 master is another trajectory
-# (issue 12: es.noise_scheme and, under legacy noise, es.noise_chunk come from noise.trajectory_keys)
+                   "es.noise", "es.rank", "es.lowrank_scope",  # the low-rank mode's keys
+                   "es.master_dtype")  # an fp32 master is another trajectory
+# (es.noise_scheme and, under legacy noise, es.noise_chunk come from noise.trajectory_keys)
 
 
 class Updates(Protocol):
@@ -68,7 +68,7 @@ class ResumePlan:
 
 def _with_defaults(default: Any, given: Any) -> Any:
     """``given`` with the keys it lacks taken from ``default``: a ledger written before a config key
-    existed holds the run that key's default describes (issue 14)."""
+    existed holds the run that key's default describes."""
     if not isinstance(default, dict) or not isinstance(given, dict):
         return given
     return {**default, **{k: _with_defaults(default.get(k), v) for k, v in given.items()}}
@@ -82,7 +82,7 @@ def trajectory(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         for part in key.split("."):
             v = v[part]
         out[key] = v
-    out.update(trajectory_keys(cfg_dict))  # issue 12: es.noise_scheme (absent = legacy); es.noise_chunk under legacy
+    out.update(trajectory_keys(cfg_dict))  # es.noise_scheme (absent = legacy); es.noise_chunk under legacy
     return out
 
 
@@ -142,16 +142,17 @@ def check_copy(ledger: Ledger, folder: str | None, where: str) -> None:
 def noise_device(ledger: Ledger) -> str:
     """The device type the run's noise is tied to (legacy: CPU and CUDA generators differ); "" for none (keyed
     noise has the same bits on every device)."""
-    if scheme_of(ledger.attrs) != "legacy":  # issue 12
+    if scheme_of(ledger.attrs) != "legacy":
         return ""
     return str(ledger.attrs.get("noise_device", "cpu"))
 
 
-def check_noise_device(where: str, recorded: str, device_type: str) -> None:
-    if recorded and recorded != device_type:  # issue 12: "" = keyed noise, any device
-        raise ckpt.CheckpointError(
-            f"{where} drew its noise on {recorded} but this run is on {device_type}; replaying its ledger "
-            "needs the same device type (CPU and CUDA generators differ)")
+def check_noise_device(where: str, recorded: str, device_type: str,
+                       fix: str = "replaying its ledger needs the same device type") -> None:
+    """Legacy noise replays only on the device type that drew it (resume and ``python -m hpc_es replay``)."""
+    if recorded and recorded != device_type:  # "" = keyed noise, any device
+        raise ckpt.CheckpointError(f"{where} drew its noise on {recorded} but this process is on {device_type}; "
+                                   f"{fix} (CPU and CUDA generators differ)")
 
 
 def read_ledger(run_dir: str) -> tuple[Ledger, str | None]:

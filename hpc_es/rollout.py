@@ -5,7 +5,7 @@ model folder's generation defaults (temperature, top_p, top_k, do_sample, repeti
 ...) never apply.  transformers fills every field a caller leaves unset from ``model.generation_config``, so
 setting fields is not enough; :func:`clean_generation_defaults` also swaps in a default-free config for the call.
 
-Two engines produce the same token ids (issue 11): ``hf`` (``model.generate``, the reference) and ``fast``
+Two engines produce the same token ids: ``hf`` (``model.generate``, the reference) and ``fast``
 (hpc_es.fastgen, for Qwen2/Llama); ``rollout.engine: auto`` runs ``fast`` where the model allows it.
 """
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ import torch
 from hpc_es import ownership, resume, runlock
 from hpc_es.checkpoint import Checkpointer, save_model_folder
 from hpc_es.checks import DivergenceCheck, check_context, check_same_setup, data_digest
-from hpc_es.comm import Comm, agree, attempt, exchange_rewards, make_comm
+from hpc_es.comm import Comm, agreement, exchange_rewards, make_comm
 from hpc_es.config import Config
 from hpc_es.errors import DistributedError, HpcEsError
 from hpc_es.es import check_finite, shape_rewards
@@ -35,9 +34,9 @@ from hpc_es.seeds import hash64, member_seeds
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.population import Population, Scores
 from hpc_es.progress import Progress, announce
+from hpc_es.stopping import Stopping
 from hpc_es.tasks import Example, load_task
-from hpc_es.tboard import TensorBoardLog  # issue 15
-from hpc_es.watchdog import watchdog
+from hpc_es.tboard import TensorBoardLog
 
 log = logging.getLogger("hpc_es")
 
@@ -50,14 +49,7 @@ class TrainResult:
     fingerprint: str
     reward_mean_first: float
     reward_mean_last: float
-
-
-class Stop(Exception):
-    """A signal asked the run to checkpoint and leave."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+    stopped: bool = False  # a signal stopped the run after a checkpoint (no final/): requeue to resume
 
 
 def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: int) -> list[Example]:
@@ -77,40 +69,89 @@ def iteration_examples(train: Sequence[Example], t: int, per_iter: int, seed: in
 
 
 class Trainer:
-    def __init__(self, cfg: Config, comm: Comm) -> None:
+    def __init__(self, cfg: Config, comm: Comm, stopping: Stopping | None = None) -> None:
         # run_dir made absolute before any user code runs: a task or reward that changes the working
         # directory cannot send the ledger, the checkpoint or final/ away from the locked run_dir.
         cfg = dataclasses.replace(cfg, run_dir=os.path.abspath(cfg.run_dir))
         self.cfg, self.comm = cfg, comm
         self.fault = Fault(comm.rank)
-        self.stop_signal = 0  # set by the signal handler of this rank
-        self.stop_now = False  # every rank agrees (through the reward exchange) to stop after this iteration
+        # signals, the grace period, and whether every rank agreed to stop after this iteration
+        self.stopping = stopping or Stopping(comm.rank, comm.world_size, cfg.checkpoint.stop_grace_s)
         self.N = cfg.es.population_size
         self.log_path = os.path.join(cfg.run_dir, "log.h5")
-        self.lock: runlock.RunLock | None = None  # rank 0's hold on run_dir (issue 16)
+        self.lock: runlock.RunLock | None = None  # rank 0's hold on run_dir
         # Two set-up steps, each closed by an agreement that every rank reaches, failed or not: a rank whose
         # set-up fails never leaves the others in a collective, and an error that every rank hits alike is
         # reported once, without an abort.
         try:
-            agree(comm, attempt(self._setup_devices))
+            with agreement(comm):
+                # World size against N, the task and its data, this rank's devices; rank 0 takes run_dir (a
+                # writable folder, locked against a second run) and builds the tiny model (once, into the cache).
+                # Everything that can be wrong with the input is found here, before minutes of model loading.
+                if cfg.threads:
+                    torch.set_num_threads(cfg.threads)
+                self.check_world_size()
+                self.task = load_task(cfg)  # data and task errors before the model loads
+                self.train_set = list(self.task.train_examples())
+                if not self.train_set:
+                    raise HpcEsError(f"task '{cfg.task}' has no training examples")
+                self.data_digest = data_digest(self.train_set)  # in the ledger: a resume must see the same data
+                self.devices = local_devices(cfg, comm)
+                if comm.is_main:
+                    check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
+                    self.lock = runlock.acquire(cfg.run_dir)  # one run per run_dir; other ranks learn through agree()
+                    ownership.check_run_dir(cfg.run_dir, cfg.log.tensorboard)  # replace only what hpc_es wrote
+                # rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
+                self.tboard = TensorBoardLog(cfg.run_dir) if cfg.log.tensorboard and comm.is_main else None
+                self.model_path = resolve_model_path(cfg) if comm.is_main else ""
             check_same_setup(comm, cfg.to_json(), self.data_digest)  # before any rank loads the model
-            agree(comm, attempt(self._setup_model))
+            with agreement(comm):
+                # Every rank: its population share, the task, and what run_dir holds (``self.start``).
+                if not comm.is_main:
+                    self.model_path = resolve_model_path(cfg)  # rank 0 has built it: now a cache hit
+                self.dtype = resolve_dtype(cfg.dtype, self.devices[0].type)
+                if comm.is_main:  # loading a 7B model on every rank takes a while: say what is happening
+                    log.info("loading %s (%s, %d replica(s) per rank on %s)", self.model_path,
+                             str(self.dtype).removeprefix("torch."), len(self.devices), self.devices[0].type)
+                self.fault("signal")  # signal:-1 arrives while the model loads
+                self.population = Population.load(cfg.es, cfg.rollout, self.model_path, self.devices, self.dtype,
+                                                  self.task, comm.rank, comm.world_size, self.fault)
+                check_context(self.population.tokenizer, self.population.model.config,
+                              [e.prompt for e in self.train_set], cfg.rollout.max_new_tokens)
+                self.base_fingerprint = self.population.model_fingerprint()  # the model's, not the fp32 master's
+                self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # the KL reference
+                self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
+                                                  comm.world_size * len(self.devices))
+                base_model = os.path.abspath(self.model_path)
+                self.checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.every, cfg.es.iterations,
+                                                 cfg.checkpoint.weights, base_model, self.base_fingerprint,
+                                                 cfg.to_json(), comm.is_main, self.fault)
+                self.ledger = Ledger(self.N, {
+                    "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
+                    "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
+                    **self.population.search.ledger_attrs(),  # the search distribution: kind, rank, scope
+                    "rollout_engine": self.population.rollout_engine,  # the engine that ran (auto resolved)
+                    "noise_scheme": cfg.es.noise_scheme,  # replay draws the same noise from it
+                    "data_digest": self.data_digest})
+                self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type,
+                                        self.data_digest)
+                if self.plan is not None:
+                    resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)
+                    self.ledger.rows, self.ledger.events = list(self.plan.rows), list(self.plan.events)
         except BaseException:
             self.release()
             raise
+        self.start = len(self.ledger)
+        self.bar = Progress(cfg.es.iterations, self.start, enabled=comm.is_main and cfg.progress)
 
     def release(self) -> None:
         """Let go of run_dir (the process's exit does too; this is for runs in a longer-lived process)."""
         if self.lock is not None:
             self.lock.release()
 
-    def _setup_devices(self) -> None:
-        """World size against N, the task and its data, this rank's devices; rank 0 takes run_dir (a
-        writable folder, locked against a second run) and builds the tiny model (once, into the cache).
-        Everything that can be wrong with the input is found here, before minutes of model loading."""
+    def check_world_size(self) -> None:
+        """Every rank needs a population member, unless idle ranks are allowed (dist.allow_idle_ranks)."""
         cfg, comm = self.cfg, self.comm
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         if comm.world_size > self.N:
             if not cfg.dist.allow_idle_ranks:
                 raise DistributedError(
@@ -119,53 +160,6 @@ class Trainer:
             if comm.is_main:
                 log.warning("%d ranks but only %d population members: ranks %d..%d idle (dist.allow_idle_ranks)",
                             comm.world_size, self.N, self.N, comm.world_size - 1)
-        self.task = load_task(cfg)  # data and task errors before the model loads (issue 16)
-        self.train_set = list(self.task.train_examples())
-        if not self.train_set:
-            raise HpcEsError(f"task '{cfg.task}' has no training examples")
-        self.data_digest = data_digest(self.train_set)  # recorded in the ledger: a resume must see the same data
-        self.devices = local_devices(cfg, comm)
-        if comm.is_main:
-            check_writable_dir(cfg.run_dir)  # a file, read-only or not creatable: one line, before the model
-            self.lock = runlock.acquire(cfg.run_dir)  # one run per run_dir; other ranks learn through agree()
-            ownership.check_run_dir(cfg.run_dir, cfg.log.tensorboard)  # replace only what hpc_es wrote
-        # issue 15: rank 0's TensorBoard writer (checks that the extra is installed, before the model load)
-        self.tboard = TensorBoardLog(cfg.run_dir) if cfg.log.tensorboard and comm.is_main else None
-        if comm.is_main:
-            self.model_path = resolve_model_path(cfg)
-
-    def _setup_model(self) -> None:
-        """Every rank: its population share, the task, and what run_dir holds (``self.start``)."""
-        cfg, comm = self.cfg, self.comm
-        if not comm.is_main:
-            self.model_path = resolve_model_path(cfg)  # rank 0 has built it: now a cache hit
-        self.dtype = resolve_dtype(cfg.dtype, self.devices[0].type)
-        if comm.is_main:  # loading a 7B model on every rank takes a while: say what is happening
-            log.info("loading %s (%s, %d replica(s) per rank on %s)", self.model_path,
-                     str(self.dtype).removeprefix("torch."), len(self.devices), self.devices[0].type)
-        self.fault("signal")  # signal:-1 arrives while the model loads
-        self.population = Population.load(cfg.es, cfg.rollout, self.model_path, self.devices, self.dtype, self.task,
-                                          comm.rank, comm.world_size, self.fault)
-        check_context(self.population.tokenizer, self.population.model.config, [e.prompt for e in self.train_set],
-                      cfg.rollout.max_new_tokens)
-        self.base_fingerprint = self.population.model_fingerprint()  # issue 12: the model's, not the master's
-        self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
-        self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
-                                          comm.world_size * len(self.devices))
-        base_model = os.path.abspath(self.model_path)
-        self.checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.every, cfg.es.iterations, cfg.checkpoint.weights,
-                                         base_model, self.base_fingerprint, cfg.to_json(), comm.is_main, self.fault)
-        self.ledger = Ledger(self.N, {
-            "config": cfg.to_json(), "base_model": base_model, "base_fingerprint": self.base_fingerprint,
-            "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
-            **self.population.search.ledger_attrs(),  # the search distribution: kind, rank, scope
-            "rollout_engine": self.population.rollout_engine,  # issue 11: the engine that ran (auto resolved)
-            "noise_scheme": cfg.es.noise_scheme, "data_digest": self.data_digest})  # issue 12
-        self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type, self.data_digest)
-        if self.plan is not None:
-            resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)
-            self.ledger.rows, self.ledger.events = list(self.plan.rows), list(self.plan.events)
-        self.start = len(self.ledger)
 
     def base_weights(self) -> dict[str, torch.Tensor]:
         """The base model's parameters, read again from its folder (to undo a partial load)."""
@@ -187,7 +181,8 @@ class Trainer:
             self.population.update(seeds, signs, shaped, cfg.es.alpha)             # θ += α/N Σ Z_n ε_n
             check_finite(self.population.replicas[0], t, cfg.es.alpha, cfg.es.sigma)  # before anything is saved
             scores.times["update"] = time.perf_counter() - t1
-            self.after_iteration(t, seeds, signs, rewards, shaped, scores.times, t0)
+            if self.after_iteration(t, seeds, signs, rewards, shaped, scores.times, t0):
+                return self.result(stopped=True)                                   # a signal: requeue to resume
         self.bar.close()
         return self.finish()
 
@@ -197,18 +192,17 @@ class Trainer:
         if self.comm.is_main:
             if self.plan is not None:
                 resume.repair(self.plan, self.cfg.run_dir, self.ledger)
-            if self.tboard is not None:  # issue 15: the event files rebuilt from the ledger rows already done
+            if self.tboard is not None:  # the event files rebuilt from the ledger rows already done
                 self.tboard.start(self.ledger.rows)
             announce(os.path.basename(os.path.normpath(self.model_path)), self.population.parameter_count(),
                      self.comm.world_size, len(self.devices), self.comm.name, self.cfg.task, self.N,
                      self.cfg.es.sigma, self.cfg.es.alpha, self.start, self.cfg.es.iterations, self.log_path,
-                     engine=self.population.rollout_engine)  # issue 11
+                     engine=self.population.rollout_engine)
         self.comm.bytes_sent = 0
-        self.bar = Progress(self.cfg.es.iterations, self.start, enabled=self.comm.is_main and self.cfg.progress)
 
     def exchange(self, scores: Scores, t: int) -> np.ndarray:
         """All-reduce the rewards; a failure or a signal on any rank reaches every rank here."""
-        got = exchange_rewards(self.comm, scores.rewards, scores.error is not None, bool(self.stop_signal))
+        got = exchange_rewards(self.comm, scores.rewards, scores.error is not None, self.stopping.signalled)
         if got.failed:
             error = scores.error
             msg = "" if error is None else f"{type(error).__name__}: {error}"
@@ -217,14 +211,13 @@ class Trainer:
                 raise error
             where = "; ".join(f"rank {r}: {m}" for r, m in failed)
             raise DistributedError(f"iteration {t} failed on {len(failed)} rank(s) — {where}")
-        if got.stopping:
-            self.stop_now = True  # some rank was signalled: all stop after this iteration
-            self.stop_signal = self.stop_signal or int(signal.SIGTERM)
+        self.stopping.agree(got.stopping)  # some rank was signalled: all stop after this iteration
         return got.rewards
 
     def after_iteration(self, t: int, seeds: np.ndarray, signs: np.ndarray, rewards: np.ndarray,
-                        shaped: np.ndarray, times: dict[str, float], t0: float) -> None:
-        """Test split, ledger row, weight check, then a checkpoint when due or when a signal asks to stop."""
+                        shaped: np.ndarray, times: dict[str, float], t0: float) -> bool:
+        """Test split, ledger row, weight check, then a checkpoint when due or when a signal asks to stop;
+        True: stop now (checkpointed)."""
         done = t + 1
         tested = self.test_split.run(done, self.population.model, self.population.tokenizer)
         times["eval"] = tested.pop("time_eval")
@@ -232,13 +225,10 @@ class Trainer:
         self.fault("after_ledger")
         self.check_weights(t)
         self.bar.update(t, rewards, time.perf_counter() - t0)
-        stop = self.stop_now or (self.comm.world_size == 1 and self.stop_signal)
-        if stop:
-            watchdog().disarm_stop()  # the iteration ended within checkpoint.stop_grace_s: checkpoint and leave
-        if (stop or self.checkpointer.due(done)) and done < self.cfg.es.iterations:
+        stop = self.stopping.should_stop() and done < self.cfg.es.iterations  # the last iteration just finishes
+        if stop or (self.checkpointer.due(done) and done < self.cfg.es.iterations):
             self.save_checkpoint(done)
-        if stop and done < self.cfg.es.iterations:
-            raise Stop(self.stop_signal)
+        return stop
 
     def record(self, t: int, seeds: np.ndarray, signs: np.ndarray, rewards: np.ndarray, shaped: np.ndarray,
                times: dict[str, float], elapsed: float, tested: dict[str, float]) -> None:
@@ -252,7 +242,7 @@ class Trainer:
         self.ledger.append(row)
         if self.comm.is_main:
             self.ledger.save(self.log_path)
-        if self.tboard is not None:  # issue 15: after the ledger holds the row (fault point for the tests)
+        if self.tboard is not None:  # after the ledger holds the row (fault point for the tests)
             self.fault("tensorboard")
             self.tboard.write(row)
 
@@ -275,31 +265,33 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         final = os.path.join(self.cfg.run_dir, "final")
-        fp = self.population.model_fingerprint()  # issue 12: final/'s (the master may be fp32)
+        fp = self.population.model_fingerprint()  # final/'s (the master may be fp32)
         if self.comm.is_main:
             save_model_folder(self.population.model, self.population.tokenizer, final)
             self.save_checkpoint(len(self.ledger))
-        if self.tboard is not None:  # issue 15
+        if self.tboard is not None:
             self.tboard.close()
         self.comm.barrier()
+        return self.result(final, fp)
+
+    def result(self, final_dir: str = "", fingerprint: str = "", stopped: bool = False) -> TrainResult:
         means = self.ledger.column("reward_mean") if len(self.ledger) else np.array([np.nan])
-        return TrainResult(self.cfg.run_dir, final, len(self.ledger), fp, float(means[0]), float(means[-1]))
+        return TrainResult(self.cfg.run_dir, final_dir, len(self.ledger), fingerprint, float(means[0]),
+                           float(means[-1]), stopped)
 
 
-def train(cfg: Config, comm: Comm | None = None,
-          on_signal: Callable[[Trainer], None] | None = None) -> TrainResult:
+def train(cfg: Config, comm: Comm | None = None, stopping: Stopping | None = None) -> TrainResult:
     """Train with ``cfg`` on the ranks of ``comm`` (detected from the environment when None).
 
-    ``on_signal(trainer)`` installs signal handlers once the trainer exists (the CLI's; submitit keeps
-    its own).
+    ``stopping``: the signal handling the caller installed before set-up (the CLI's; submitit keeps its
+    own); from the end of set-up on, a signal stops the run after a checkpoint (``TrainResult.stopped``).
     """
     own = comm is None
     comm = comm or make_comm(cfg.dist.backend, cfg.dist.timeout_s)
     trainer = None
     try:
-        trainer = Trainer(cfg, comm)
-        if on_signal is not None:
-            on_signal(trainer)
+        trainer = Trainer(cfg, comm, stopping)
+        trainer.stopping.start_training()
         return trainer.run()
     finally:
         if trainer is not None:

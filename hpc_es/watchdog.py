@@ -1,4 +1,4 @@
-"""Time limits that hold even when user code never returns: reward calls and the stop after a signal.
+"""Time limits on reward calls that hold even when user code never returns.
 
 A reward function may loop forever or block (``while True: pass``, a ``sleep``, a dead network call), in
 the main thread or in a replica's worker thread.  Python cannot kill a thread, and a SIGALRM timer works
@@ -13,9 +13,7 @@ only in the main thread, so one watchdog thread per process keeps the deadlines:
    iteration in flight is lost; everything saved before it (ledger, checkpoint) is intact, since every
    write is atomic.
 
-``arm_stop`` bounds the time from SIGTERM/SIGUSR2 to exit: if the iteration in flight has not ended
-``checkpoint.stop_grace_s`` after the signal, the process leaves with exit 75 (requeue) without it; the
-resumed run starts from the last checkpoint and replays the ledger, so nothing completed is lost.
+The stop after a signal has its own deadline (``checkpoint.stop_grace_s``), kept by hpc_es/stopping.py.
 """
 
 from __future__ import annotations
@@ -29,12 +27,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from hpc_es.stopping import EXIT_USER_ERROR
+
 HARD_EXIT_AFTER_S = 5.0  # after the asynchronous exception, how long a stuck call gets before the process ends
-EXIT_TASK = 2  # a reward that never returns is the task's bug: a user error, not a requeue
-EXIT_REQUEUE = 75
-# Set by the CLI's SIGINT handler: under it, a KeyboardInterrupt is the user's Ctrl-C only when this is set
-# (reward code that raises KeyboardInterrupt itself is the task's error, not an interrupt).
-CTRL_C = threading.Event()
 
 
 class RewardTimeout(BaseException):
@@ -56,10 +51,7 @@ class Watchdog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._guards: dict[int, _Guard] = {}
-        self._stop_at = 0.0
-        self._stop_message = ""
         self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
         self._main_id = threading.main_thread().ident
         self._main_expired = False
         self._alarm_installed = False
@@ -95,20 +87,6 @@ class Watchdog:
                 except RewardTimeout:
                     continue
 
-    # ---- the stop after a signal -------------------------------------------------------------------
-    def arm_stop(self, grace_s: float, message: str) -> None:
-        """From a signal handler: if the iteration in flight has not ended in ``grace_s``, exit 75."""
-        if self._stop_at:
-            return
-        self._stop_message = message
-        self._stop_at = time.monotonic() + grace_s
-        self._start()
-        self._wake.set()
-
-    def disarm_stop(self) -> None:
-        """The iteration ended: the trainer writes its checkpoint and exits on its own."""
-        self._stop_at = 0.0
-
     # ---- the watchdog thread -----------------------------------------------------------------------
     def _start(self) -> None:
         if threading.current_thread() is threading.main_thread() and not self._alarm_installed:
@@ -132,11 +110,8 @@ class Watchdog:
 
     def _loop(self) -> None:
         while True:
-            self._wake.wait(0.2)
-            self._wake.clear()
+            time.sleep(0.2)
             now = time.monotonic()
-            if self._stop_at and now >= self._stop_at:
-                self._leave(self._stop_message, EXIT_REQUEUE)
             stuck = None
             with self._lock:  # under the lock: a call that returns meanwhile is never interrupted afterwards
                 for g in self._guards.values():
@@ -149,7 +124,7 @@ class Watchdog:
                         stuck = g
             if stuck is not None:
                 self._leave(f"hpc_es: error: {stuck.describe()} (it did not stop when interrupted; exiting)",
-                            EXIT_TASK)
+                            EXIT_USER_ERROR)  # a reward that never returns is the task's bug
 
     def _interrupt(self, thread_id: int) -> None:
         if thread_id == self._main_id and self._alarm_installed:  # a signal also wakes a blocking call
@@ -164,8 +139,7 @@ class Watchdog:
             sys.stdout.flush()
         finally:
             self.exit(code)
-            self._stop_at = 0.0  # only reached when a test replaced ``exit``
-            with self._lock:
+            with self._lock:  # only reached when a test replaced ``exit``
                 self._guards.clear()
 
 

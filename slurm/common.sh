@@ -12,12 +12,14 @@
 #   HPC_ES_SRUN_ARGS extra srun arguments, split on spaces        (default: none)
 # Arguments given to the script are passed on as config overrides (key=value).
 
+# hpc_es's exit codes (hpc_es/stopping.py; tests/test_stopping.py checks that they agree)
+EXIT_USER_ERROR=2
 EXIT_REQUEUE=75
 
 hpc_es_die() {
     echo "hpc_es: error: $*" >&2
     echo "hpc_es: job ${SLURM_JOB_ID:-?} stopped before launching any rank" >&2
-    exit 2
+    exit "$EXIT_USER_ERROR"
 }
 
 # Pre-flight: everything that can be checked without loading a model, so bad input fails in seconds.

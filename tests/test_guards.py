@@ -194,21 +194,6 @@ def test_a_reward_that_returns_in_time_is_untouched() -> None:
     assert safe_score(Reward("ok"), "x", Example("p"), timeout_s=0) == 0.5
 
 
-def test_stop_deadline_exits_75_and_disarm_cancels_it(monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture) -> None:
-    exits: list[int] = []
-    dog = wd.watchdog()
-    monkeypatch.setattr(dog, "exit", exits.append)
-    dog.arm_stop(0.2, "hpc_es: stopping now")
-    dog.disarm_stop()
-    time.sleep(0.6)
-    assert exits == []
-    dog.arm_stop(0.2, "hpc_es: stopping now")
-    time.sleep(0.8)
-    assert exits == [75]
-    assert "hpc_es: stopping now" in capsys.readouterr().err
-
-
 # ---- case 2, 10: model output folders ----------------------------------------------------------
 
 def test_output_folder_rules(tmp_path: Path) -> None:

@@ -64,6 +64,23 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert len(back) == 6
 
 
+def test_a_ledger_with_the_retired_time_restore_column_still_loads_and_continues(tmp_path: Path) -> None:
+    """Earlier releases wrote a time_restore column (always 0); it is ignored, and the next save drops it."""
+    path = str(tmp_path / "log.h5")
+    led = make(3)
+    led.save(path)
+    with h5py.File(path, "r+") as f:
+        f.create_dataset("time_restore", data=np.zeros(3))
+    back = Ledger.load(path)
+    assert "time_restore" not in SCALARS and all("time_restore" not in r for r in back.rows)
+    for key in list(MATRIX) + list(SCALARS):
+        np.testing.assert_array_equal(back.column(key), led.column(key), err_msg=key)
+    back.append(row(3))
+    back.save(path)
+    with h5py.File(path, "r") as f:
+        assert "time_restore" not in f and f["iteration"][()].tolist() == [0, 1, 2, 3]
+
+
 def test_empty_ledger_round_trip(tmp_path: Path) -> None:
     path = str(tmp_path / "log.h5")
     make(0).save(path)

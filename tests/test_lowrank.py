@@ -24,6 +24,23 @@ from hpc_es.rollout import eos_ids, generate, generate_ids
 PROMPTS = ["Q: what is 3 plus 4?\nA:", "What colour is the sky?", "Using the numbers [44 19 35]"]
 
 
+def perturbed_weights(model: torch.nn.Module, scope: str, rank: int, noise: KeyedNoise, seed: int, sign: int,
+                      sigma: float) -> dict[str, torch.Tensor]:
+    """Member (seed, sign)'s weights written out explicitly: W + σ s A Bᵀ/√r (1-D: W + σ s ε), rounded
+    once to the weights' dtype.  The reference the batched forward is checked against (a run never needs it)."""
+    out = {}
+    for name, p in named_params(model):
+        kind = lowrank.plan(model, scope).get(name)
+        w = p.detach().float()
+        if kind == lowrank.LOWRANK:
+            a, b = lowrank.factors(noise, seed, name, p.shape, rank, p.device)
+            w = w + (sign * sigma / math.sqrt(rank)) * (a @ b.T)
+        elif kind == lowrank.FULLRANK:
+            w = w + (sign * sigma) * noise.tensor(seed, name, p.shape, p.device)
+        out[name] = w.to(p.dtype)
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: str) -> tuple[torch.nn.Module, object]:
     return load_model(tiny_model_dir, torch.float32, "cpu"), load_tokenizer(tiny_model_dir)
@@ -33,7 +50,7 @@ def explicit(model: torch.nn.Module, scope: str, rank: int, noise: KeyedNoise, s
              sigma: float) -> torch.nn.Module:
     """A copy of ``model`` whose weights are member (seed, sign)'s, written out."""
     ref = copy.deepcopy(model)
-    weights = lowrank.perturbed_weights(model, scope, rank, noise, seed, sign, sigma)
+    weights = perturbed_weights(model, scope, rank, noise, seed, sign, sigma)
     with torch.no_grad():
         for name, p in named_params(ref):
             p.copy_(weights[name])

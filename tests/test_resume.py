@@ -162,7 +162,7 @@ def test_more_iterations_than_configured_are_refused(tmp_path: Path) -> None:
 def test_noise_from_another_device_type_is_refused_when_rows_must_be_replayed(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     ledger(cfg, 2, noise_device="cuda").save(str(tmp_path / "log.h5"))
-    with pytest.raises(ckpt.CheckpointError, match="drew its noise on cuda but this run is on cpu"):
+    with pytest.raises(ckpt.CheckpointError, match="drew its noise on cuda but this process is on cpu"):
         plan(cfg)
 
 

@@ -15,8 +15,7 @@ import fcntl
 import pytest
 
 from hpc_es import runlock
-from hpc_es.comm import Comm
-from hpc_es.runner import signal_handlers
+from hpc_es.stopping import Stopping
 
 
 def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
@@ -43,7 +42,7 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
 def test_a_forked_child_has_default_signal_handlers() -> None:
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
     try:
-        signal_handlers(Comm(), 1.0)
+        Stopping(0, 1, 1.0).install()
         assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
         child = os.fork()
         if child == 0:

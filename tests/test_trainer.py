@@ -156,7 +156,7 @@ def test_keyed_runs_replay_on_another_device_type_legacy_runs_do_not(reference_r
         f.attrs["noise_scheme"] = "legacy"
     proc = run_hpc_es(["replay", str(run_dir), "--out", str(tmp_path / "refused")])
     assert proc.returncode != 0
-    assert "the run drew its noise on cuda; replay with --device cuda" in proc.stderr
+    assert "drew its noise on cuda but this process is on cpu; replay with --device cuda" in proc.stderr
 
 
 @pytest.mark.integration

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 from hpc_es.noise import KeyedNoise, LegacyNoise, compile_wanted  # noqa: E402
 
-TARGET = 0.7  # issue 12: keyed noise >= 0.7x torch.randn's elements/s on the CPU (0.5x on a GPU)
+TARGET = 0.7  # keyed noise >= 0.7x torch.randn's elements/s on the CPU (0.5x on a GPU)
 
 
 def rate(fn: Callable[[int], int], sync: Callable[[], None], min_s: float, reps: int = 3) -> float:

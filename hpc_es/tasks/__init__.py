@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 from hpc_es.errors import HpcEsError, TaskError
 from hpc_es.tasks.base import Example, SplitTask, Task, split_examples
-from hpc_es.watchdog import CTRL_C, RewardTimeout, watchdog
+from hpc_es.stopping import CTRL_C
+from hpc_es.watchdog import RewardTimeout, watchdog
 
 __all__ = ["Example", "Task", "SplitTask", "BUILTIN_TASKS", "DEFAULT_REWARD_TIMEOUT_S", "load_task", "safe_score",
            "mean_reward", "split_examples", "check_task"]
