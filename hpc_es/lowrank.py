@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
@@ -374,9 +375,10 @@ def _store(master: torch.Tensor, acc: torch.Tensor) -> None:
 
 def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: np.ndarray, signs: np.ndarray,
                   examples: list[Any], task: Any, cfg: Any, local: np.ndarray, times: dict[str, float] | None,
-                  fault: Callable[[str], None] | None = None, engine: str = "hf") -> None:
-    """Mean reward of each of ``members`` into ``local[n]``: ``rollout.members_per_pass`` members (0 = all)
-    per batched generation, rows member-major; ``rollout.batch_size`` prompts per generate call.
+                  fault: Callable[[str], None] | None = None, engine: str = "hf", per_pass: int = 0) -> None:
+    """Mean reward of each of ``members`` into ``local[n]``: ``per_pass`` members (0 = all; a run's figure
+    comes from :func:`plan_passes`) per batched generation, rows member-major; ``rollout.batch_size`` prompts
+    per generate call.
 
     ``engine`` (``fast`` or ``hf``, resolved): the fast engine takes the pass's factors itself; ``hf`` runs
     the model's own modules with the hooks on.  Both give the same tokens."""
@@ -387,7 +389,7 @@ def score_members(lm: LowRankModel, tokenizer: Any, members: list[int], seeds: n
 
     penalty = resolve_repetition_penalty(cfg.rollout.repetition_penalty, lm.model)  # issue 13: per row, as HF does
     prompts = [ex.prompt for ex in examples]
-    per_pass = cfg.rollout.members_per_pass or len(members)
+    per_pass = per_pass or len(members)
     size = cfg.rollout.batch_size or len(prompts)
     for start in range(0, len(members), per_pass):
         group = members[start:start + per_pass]
@@ -428,3 +430,61 @@ def ledger_attrs(cfg: Any) -> dict[str, Any]:
     if cfg.es.noise != "lowrank":
         return {"noise": "full"}
     return {"noise": "lowrank", "noise_rank": int(cfg.es.rank), "noise_scope": cfg.es.lowrank_scope}
+
+
+# ---- rollout.members_per_pass=0: as many members per pass as the device holds ----------------------------
+HEADROOM = 0.85  # share of the free memory a pass may fill: the allocator's fragments and the kernels' workspace
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a pass can still take on ``device``: the driver's free memory plus what PyTorch holds unused
+    (CUDA), or the host's free pages (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def member_bytes(lm: LowRankModel, rows: int, prompt_len: int, max_new_tokens: int, engine: str) -> int:
+    """Device memory one member adds to a pass: its rows' KV cache over prompt + completion, their fp32
+    logits and per-row state, its factors; with ``hf`` also the rows' prefill activations (the fast engine
+    prefills a bounded number of tokens at a time whatever the batch)."""
+    c: Any = lm.model.config  # (an HF config: typed as a module attribute)
+    p0 = next(lm.model.parameters())
+    size = p0.element_size()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    slots = prompt_len + max_new_tokens
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * slots * size
+    per_row = kv + c.vocab_size * 4 * 2 + slots * 9  # logits and their penalised copy; ids and mask per slot
+    if engine == "hf":
+        per_row += prompt_len * (2 * c.intermediate_size + 4 * c.hidden_size) * size
+    factors = 0
+    for name, kind in lm.plan.items():
+        p = lm.params[name]
+        factors += p.numel() * 8 if kind == FULLRANK else sum(p.shape) * lm.rank * (size + 4)
+    return rows * per_row + factors
+
+
+def members_per_pass(free: int, per_member: int, members: int) -> int:
+    """How many of ``members`` fit in ``HEADROOM`` of ``free`` bytes at ``per_member`` each (at least one)."""
+    return max(1, min(members, int(free * HEADROOM) // max(per_member, 1)))
+
+
+def plan_passes(lm: LowRankModel, cfg: Any, tokenizer: Any, train: Sequence[Any], members: int, engine: str,
+                sharing: int = 1, free: int | None = None) -> tuple[int, str]:
+    """Members per batched pass for a run, and the words that say why: ``rollout.members_per_pass``, or
+    with 0 as many as fit in the device's free memory (``free``, else measured now, split between the
+    ``sharing`` replicas on the device) at the KV cache of the longest training prompt plus
+    ``rollout.max_new_tokens``.  Fixed for the run, so a pass's batch shape is the same every iteration."""
+    if cfg.rollout.members_per_pass:
+        n = min(cfg.rollout.members_per_pass, max(members, 1))
+        return n, f"{n} members per pass (rollout.members_per_pass)"
+    prompts = min(cfg.rollout.prompts_per_iteration, len(train))
+    rows = min(cfg.rollout.batch_size or prompts, prompts)
+    longest = max((len(ids) for ids in tokenizer([ex.prompt for ex in train[:4096]])["input_ids"]), default=0)
+    dev = next(lm.model.parameters()).device
+    avail = (free_bytes(dev) if free is None else free) // max(sharing, 1)
+    each = member_bytes(lm, rows, longest, cfg.rollout.max_new_tokens, engine)
+    n = members_per_pass(avail, each, members)
+    return n, (f"{n} of {members} members per pass (as many as fit: {avail / 2**30:.1f} GiB free on {dev}, "
+               f"{each / 2**30:.2f} GiB per member at {rows} x {longest + cfg.rollout.max_new_tokens} cache slots)")

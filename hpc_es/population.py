@@ -60,6 +60,11 @@ class Population:
         per = len(replicas)
         # members[j]: the members replica j evaluates, in order
         self.members = [[n for n in range(self.N) if slot_owner(n, world, per) == (rank, j)] for j in range(per)]
+        # es.noise=lowrank: each replica's members per batched pass, fixed for the run; rank 0 states it at start-up
+        train = list(task.train_examples()) if self.lowrank else []
+        self.passes = [lowrank.plan_passes(lm, cfg, tokenizers[j], train, len(self.members[j]), self.rollout_engine,
+                                           sum(r.device == replicas[j].device for r in replicas))
+                       for j, lm in enumerate(self.lowrank)]
         self.pool = ThreadPoolExecutor(per) if per > 1 else None
         self._streams: dict[int, Any] = {}  # replica index -> its CUDA stream (replicas that share a GPU)
         # Benchmarks and tests only: EOS forced at these completion lengths (prompt i ends by its i-th entry),
@@ -99,7 +104,8 @@ class Population:
             if self.lowrank:  # all of replica j's members in batched passes over its one weight copy
                 lowrank.score_members(self.lowrank[j], self.tokenizers[j], self.members[j], seeds, signs,
                                       list(examples), self.task, self.cfg, out.rewards,
-                                      out.times if j == 0 else None, self.fault, self.rollout_engine)
+                                      out.times if j == 0 else None, self.fault, self.rollout_engine,
+                                      self.passes[j][0])
                 return
             rep = self.replicas[j]
             for n in self.members[j]:

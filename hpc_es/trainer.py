@@ -193,7 +193,8 @@ class Trainer:
             announce(os.path.basename(os.path.normpath(self.model_path)), self.population.parameter_count(),
                      self.comm.world_size, len(self.devices), self.comm.name, self.cfg.task, self.N,
                      self.cfg.es.sigma, self.cfg.es.alpha, self.start, self.cfg.es.iterations, self.log_path,
-                     engine=self.population.rollout_engine)  # issue 11
+                     engine=self.population.rollout_engine,  # issue 11
+                     passes=self.population.passes[0][1] if self.population.passes else "")
         self.comm.bytes_sent = 0
         self.bar = Progress(self.cfg.es.iterations, self.start, enabled=self.comm.is_main and self.cfg.progress)
 
