@@ -44,9 +44,9 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
 import baseline  # noqa: E402  (tools/baseline.py)
 import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise vs torch.randn, alone)
 from hpc_es.config import Config  # noqa: E402
-from hpc_es.es import Replica, shape_rewards  # noqa: E402
+from hpc_es.es import Engine, Replica, shape_rewards  # noqa: E402
 from hpc_es.models import DTYPES, _train_tokenizer, named_params  # noqa: E402
-from hpc_es.noise import member_seeds  # noqa: E402
+from hpc_es.noise import FUSED_TERMS, member_seeds  # noqa: E402
 from hpc_es.rollout import generation_config  # noqa: E402
 from hpc_es.tasks import load_task, safe_score  # noqa: E402
 from hpc_es.population import Population  # noqa: E402
@@ -136,7 +136,8 @@ class CountTokens:
         return out
 
 
-def bench_config(n: int, prompts: int, tokens: int, sigma: float, alpha: float, chunk: int) -> Config:
+def bench_config(n: int, prompts: int, tokens: int, sigma: float, alpha: float, chunk: int,
+                 engine: str = "hf") -> Config:
     cfg = Config()
     cfg.task = "conciseness"
     cfg.es.population_size = n
@@ -148,7 +149,7 @@ def bench_config(n: int, prompts: int, tokens: int, sigma: float, alpha: float, 
     cfg.data.train_size = max(cfg.data.train_size, prompts)
     cfg.data.synthetic_size = max(cfg.data.synthetic_size, prompts + 100)
     cfg.progress = False
-    cfg.rollout.engine = "hf"  # this table's rows compare with plain model.generate; bench_rollout compares engines
+    cfg.rollout.engine = engine  # hf: this table's rows compare with plain model.generate (bench_rollout: engines)
     return cfg
 
 
@@ -166,6 +167,8 @@ class HpcEsRun:
         self.examples = list(task.train_examples())[: cfg.rollout.prompts_per_iteration]
         self.synthetic_updates = 0
         self.terms = 0
+        if isinstance(self.population.engine, Engine):
+            warm_kernels(self.population.engine, rep)
         if device.startswith("cuda"):  # the timers would see asynchronous launches only
             eng = self.population.engine
             for name in ("perturb", "restore", "update"):
@@ -200,6 +203,22 @@ class HpcEsRun:
         pop.update(seeds, signs, shaped, cfg.es.alpha)
         times["update"] = time.perf_counter() - t1
         return {k: times.get(k, 0.0) for k in PHASES}
+
+
+def warm_kernels(engine: Engine, rep: Replica) -> None:
+    """Build every compiled noise kernel ``engine``'s perturb and update can use with ``rep``'s device and
+    dtypes -- the perturb, the update's accumulate for each term count 1..FUSED_TERMS (an update of K terms
+    runs K // FUSED_TERMS passes of FUSED_TERMS and one of the rest), the apply -- on a scratch tensor, so
+    that no timed phase compiles one: a warm-up iteration of fewer members, or with other tied rewards, than
+    the timed one misses some (the N=30 update's 4-term accumulate after a 2-member warm-up)."""
+    name, p = rep.params[0]
+    master = rep.master[name]
+    scratch = Replica(model=torch.nn.Module(), device=rep.device,
+                      params=[("warm.weight", torch.zeros(1 << 12, dtype=p.dtype, device=p.device))],
+                      master={"warm.weight": torch.zeros(1 << 12, dtype=master.dtype, device=master.device)})
+    engine.perturb(scratch, 1, 1, 1e-3)
+    for k in range(1, FUSED_TERMS + 1):
+        engine.update([scratch], np.arange(1, k + 1), np.ones(k, dtype=np.int64), np.ones(k), 1e-3)
 
 
 class BaselineRun:
@@ -339,6 +358,7 @@ class Result:
     synthetic_updates: int
     load: tuple[float, float]
     wall: float
+    timed_compiles: int  # graphs torch.compile built during the timed iterations: 0 unless a warm-up missed one
 
 
 def _median(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -357,15 +377,17 @@ def _load() -> float:
 
 def run(arch: Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 8, prompts: int = 16,
         tokens: int = 32, iterations: int = 3, warmup: int = 1, warmup_n: int = 0, chunk: int = 1 << 20,
-        sigma: float = 1e-3, alpha: float = 5e-4, with_baseline: bool = True, seed: int = 0,
+        sigma: float = 1e-3, alpha: float = 5e-4, with_baseline: bool = True, seed: int = 0, engine: str = "hf",
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Result:
     """Build the model (twice: one copy per implementation), measure limits, then alternate iterations.
 
-    Warm-up iterations use ``warmup_n`` members (0: all n); they are not timed."""
+    Warm-up iterations use ``warmup_n`` members (0: all n); they are not timed.  ``engine``: hpc_es's
+    rollout engine (``hf``: the table's rollout row compares with plain model.generate; a run's engine is
+    ``fast``)."""
     t_start = time.perf_counter()
     load0 = _load()
     logging.getLogger("hpc_es").setLevel(logging.ERROR)  # tied rewards on a random model warn every time
-    cfg = bench_config(n, prompts, tokens, sigma, alpha, chunk)
+    cfg = bench_config(n, prompts, tokens, sigma, alpha, chunk, engine)
     log(f"building {arch.describe()} ({str(dtype).removeprefix('torch.')}, {device})")
     model = build_model(arch, dtype, device)
     params = n_params(model)
@@ -380,12 +402,15 @@ def run(arch: Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 8, prom
     rows_b: list[dict[str, float]] = []
     tok_h = tok_b = 0
     gen_s = 0.0
+    timed_compiles = 0
     for t in range(warmup + iterations):
         timed = t >= warmup
         if timed:
             hpc.counter.tokens, hpc.counter.seconds = 0, 0.0
         wn = 0 if timed else warmup_n
+        built = bench_noise.compiles()
         r = hpc.iteration(t, wn)
+        timed_compiles += (bench_noise.compiles() - built) if timed else 0
         if timed:
             rows_h.append(r)
             tok_h += hpc.counter.tokens
@@ -411,7 +436,7 @@ def run(arch: Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 8, prom
     plain_rate = plain.tokens / max(plain.seconds, 1e-12)
     return Result(arch, params, dtype, device, n, prompts, tokens, iterations, warmup, chunk, threads, hm, bm,
                   hpc_tokens, base_tokens, plain_rate, wrapper, limits, hpc.terms, hpc.synthetic_updates,
-                  (load0, _load()), time.perf_counter() - t_start)
+                  (load0, _load()), time.perf_counter() - t_start, timed_compiles)
 
 
 def _fmt_ratio(a: float, b: float) -> str:
@@ -456,6 +481,9 @@ def table(res: Result) -> str:
     if res.synthetic_updates:
         lines.append(f"   note: {res.synthetic_updates} iteration(s) had tied rewards; their update was timed "
                      "with synthetic shaped rewards (a real update, not a skipped one)")
+    if res.timed_compiles:
+        lines.append(f"   WARNING: torch.compile built {res.timed_compiles} graph(s) inside the timed iterations "
+                     "(their times include compiling)")
     lines.append("   targets")
     if b:
         r = h["es"] / b["es"]
