@@ -79,8 +79,9 @@ def test_baseline_restore_drifts_in_bf16_and_misses_weights_at_one() -> None:
         assert torch.equal(p.detach().view(torch.int16), before[n].view(torch.int16)), n
 
 
-def _run(script: str, args: list[str]) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HPC_ES_NOISE_COMPILE="0")  # no compile time in a test
+def _run(script: str, args: list[str], path: str = "") -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [path, str(ROOT)])),
+               HPC_ES_NOISE_COMPILE="0")  # no compile time in a test
     proc = subprocess.run([PY, str(ROOT / "tools" / script)] + args, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -123,20 +124,61 @@ def test_bench_prints_both_implementations_and_every_target() -> None:
 
 
 @pytest.mark.integration
-def test_gpu_check_runs_on_cpu_with_the_tiny_architecture() -> None:
+def test_gpu_check_runs_on_cpu_with_the_tiny_architecture(tmp_path) -> None:
+    """The CPU dry run: every phase ends with an ``ok`` record in --out, with no submitit installed (the GPU
+    machine has none)."""
+    blocked = tmp_path / "no_submitit" / "submitit"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('submitit is not installed here')\n")
+    report = tmp_path / "gpu_check.json"
     out = _run("gpu_check.py", ["--tiny", "--n", "2", "--prompts", "2", "--tokens", "2", "--warmup", "0",
-                                "--no-baseline"])
+                                "--out", str(report)], path=str(blocked.parent))
+    phases = json.loads(report.read_text())["phases"]
+    assert list(phases) == ["exactness", "tiny.build", "tiny.engines", "tiny.perturb_update", "tiny.noise_bits",
+                            "tiny.iteration", "lowrank", "tiny.es_table", "tiny.master"]
+    assert all(p["status"] == "ok" for p in phases.values()), {k: p.get("error") for k, p in phases.items()}
     assert "tiny Qwen2.5-shaped" in out and "bfloat16, cpu" in out and "N=2, 2 prompts, 2 new tokens" in out
     assert re.search(r"gpu_check: \d+s in all", out)
-    # the engines phases, on the CPU: fast == hf token for token, and one member timed with each
-    assert "exactness (fp32, fast vs hf, identical token ids): {'ragged': True, 'uniform': True}" in out
-    assert re.search(r"engines tiny: hf [\d.]+s/member, fast [\d.]+s/member .* rows identical to hf 100%", out)
+    # the engines, on the CPU: fast == hf token for token, first-step logits included
+    assert phases["exactness"]["result"] == {"ragged": True, "uniform": True}
+    eng = phases["tiny.engines"]["result"]
+    assert eng["fast_replay_identical"] and eng["tokens"] > 8 and eng["fast_tokens_per_s"] > 0
+    assert eng["first_step"]["first_token_identical"] == 1.0 and eng["first_step"]["rows"] == 8
+    # the paper iteration from the measured pieces: N x (member + perturb) + update
+    pu, it = phases["tiny.perturb_update"]["result"], phases["tiny.iteration"]["result"]
+    assert it["iteration_s"] == pytest.approx(30 * (eng["fast_s"] + pu["perturb_s"]) + pu["update_s"])
+    assert pu["kernels_built_while_timed"] == 0
+    assert not phases["tiny.noise_bits"]["result"]["mismatches"]
     rows = _phases(out.replace("        -", " 0.0"))
     assert rows["rollout"][0] > 0
     # the master checks (issue 12): host and device masters agree, only the fp32 master moves norm weights
     master = json.loads(out.split("gpu_check master: ", 1)[1].splitlines()[0])
+    assert master == phases["tiny.master"]["result"]
     assert master["ok"] and not master["problems"]
     got = master["settings"]
     assert got["device/model"]["norm_moved"] == 0.0 and got["device/float32"]["norm_moved"] == 1.0
     assert got["host/float32"]["master_digest"] == got["device/float32"]["master_digest"]
     assert got["device/float32"]["master_bytes"] == 2 * got["device/model"]["master_bytes"]
+
+
+def test_gpu_check_phases_record_errors_skip_when_short_of_time_and_write_as_they_go(tmp_path) -> None:
+    import gpu_check
+
+    path = tmp_path / "report.json"
+    check = gpu_check.Check(str(path), budget_s=60.0, report={})
+    seen = []
+
+    def boom() -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    assert check.phase("first", 1, lambda: {"x": 1}) == {"x": 1}
+    assert check.phase("second", 1, boom) is None
+    # each record is on disk before the next phase starts: a crash keeps what came before
+    check.phase("third", 1, lambda: seen.append(json.loads(path.read_text())["phases"]) or 3)
+    assert list(seen[0]) == ["first", "second"] and seen[0]["second"]["status"] == "error"
+    assert seen[0]["second"]["error"] == "RuntimeError: CUDA out of memory"
+    assert check.phase("long", 120, lambda: seen.append("ran")) is None  # 120 s expected, under 60 s left
+    assert "ran" not in seen
+    got = json.loads(path.read_text())["phases"]
+    assert [got[k]["status"] for k in ("first", "second", "third", "long")] == ["ok", "error", "ok", "skipped"]
+    assert got["third"]["result"] == 3 and got["long"]["reason"].endswith("the phase takes about 120 s")

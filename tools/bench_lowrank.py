@@ -35,24 +35,24 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (tools/bench.py: model building, the trainer-driven iteration)
+import benchlib  # noqa: E402  (tools/benchlib.py: model building, the trainer-driven iteration)
 
 from hpc_es import lowrank  # noqa: E402
 from hpc_es.config import Config  # noqa: E402
 from hpc_es.population import Population  # noqa: E402
 
-PHASES = bench.PHASES
+PHASES = benchlib.PHASES
 
 
-class LowRankRun(bench.HpcEsRun):
-    """``bench.HpcEsRun`` with es.noise=lowrank: the trainer's ``Population`` in low-rank mode, whose replica
+class LowRankRun(benchlib.HpcEsRun):
+    """``benchlib.HpcEsRun`` with es.noise=lowrank: the trainer's ``Population`` in low-rank mode, whose replica
     is the model itself (no master copy)."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: str) -> None:
         super().__init__(model, cfg, device)
         for lm in self.population.lowrank:  # the parent wrapped a copy-holding replica: start again without it
             lm.remove()
-        self.population = Population(cfg, [lowrank.wrap(model)], [bench.tokenizer()], self.population.task)
+        self.population = Population(cfg, [lowrank.wrap(model)], [benchlib.tokenizer()], self.population.task)
         if device.startswith("cuda"):
             eng = self.population.engine
             eng.update = self._synced(eng.update)  # type: ignore[method-assign]
@@ -60,7 +60,7 @@ class LowRankRun(bench.HpcEsRun):
 
 @dataclass
 class Comparison:
-    arch: bench.Arch
+    arch: benchlib.Arch
     params: int
     device: str
     n: int
@@ -87,7 +87,7 @@ class Comparison:
                 "lowrank_tokens_per_s": self.low_tokens, "plain_batched_tokens_per_s": self.plain_tokens}
 
 
-def compare(arch: bench.Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 32, prompts: int = 16,
+def compare(arch: benchlib.Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 32, prompts: int = 16,
             tokens: int = 32, iterations: int = 3, warmup: int = 1, warmup_n: int = 2, rank: int = 1,
             chunk: int = 1 << 20,
             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Comparison:
@@ -95,17 +95,17 @@ def compare(arch: bench.Arch, *, dtype: torch.dtype, device: str = "cpu", n: int
 
     Warm-up iterations (untimed) use ``warmup_n`` members (0: all)."""
     t_start = time.perf_counter()
-    load0 = bench._load()
+    load0 = benchlib.load_avg()
     logging.getLogger("hpc_es").setLevel(logging.ERROR)
-    cfg = bench.bench_config(n, prompts, tokens, 0.05, 0.01, chunk)  # a sigma that moves a random model
+    cfg = benchlib.bench_config(n, prompts, tokens, 0.05, 0.01, chunk)  # a sigma that moves a random model
     lcfg = copy.deepcopy(cfg)
     lcfg.es.noise, lcfg.es.rank = "lowrank", rank
     log(f"building {arch.describe()} ({str(dtype).removeprefix('torch.')}, {device})")
-    model = bench.build_model(arch, dtype, device)
-    params = bench.n_params(model)
-    full = bench.HpcEsRun(model, cfg, device)
+    model = benchlib.build_model(arch, dtype, device)
+    params = benchlib.n_params(model)
+    full = benchlib.HpcEsRun(model, cfg, device)
     low = LowRankRun(copy.deepcopy(model), lcfg, device)
-    plain = bench.PlainGenerate(model, [ex.prompt for ex in full.examples] * n, tokens, device)
+    plain = benchlib.PlainGenerate(model, [ex.prompt for ex in full.examples] * n, tokens, device)
     rows: dict[str, list[dict[str, float]]] = {"full": [], "low": []}
     toks = {"full": 0.0, "low": 0.0}
     for t in range(warmup + iterations):
@@ -121,7 +121,7 @@ def compare(arch: bench.Arch, *, dtype: torch.dtype, device: str = "cpu", n: int
     med = {k: _median(v) for k, v in rows.items()}
     rate = {k: toks[k] / max(sum(r["rollout"] for r in rows[k]), 1e-12) for k in rows}
     return Comparison(arch, params, device, n, prompts, tokens, rank, iterations, med["full"], med["low"],
-                      rate["full"], rate["low"], plain.tokens / max(plain.seconds, 1e-12), (load0, bench._load()),
+                      rate["full"], rate["low"], plain.tokens / max(plain.seconds, 1e-12), (load0, benchlib.load_avg()),
                       time.perf_counter() - t_start)
 
 
@@ -152,7 +152,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rank", type=int, default=1, help="es.rank of the low-rank mode")
 
 
-def from_args(args: argparse.Namespace, arch: bench.Arch, dtype: torch.dtype, n: int,
+def from_args(args: argparse.Namespace, arch: benchlib.Arch, dtype: torch.dtype, n: int,
               prompts: int | None = None) -> Comparison:
     """The comparison with bench.py's model, token budget and iteration counts, at population n and
     ``prompts`` per member (default: ``args.prompts``)."""
@@ -176,16 +176,16 @@ def sweep_table(rows: list[Comparison]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    bench.add_arch_args(ap)
+    benchlib.add_arch_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON line (lowrank_over_full, ...) on stdout")
-    bench.add_args(ap)
+    benchlib.add_args(ap)
     add_args(ap)
     ap.add_argument("--sweep", default="", help="comma-separated prompts per member, e.g. 2,4,8,16: one "
                     "comparison each, then a table of the speed-ups")
     ap.set_defaults(n=32, iterations=2, prompts=4)
     args = ap.parse_args(argv)
-    dtype = bench.resolve(args)
-    arch = bench.arch_of(args)
+    dtype = benchlib.resolve(args)
+    arch = benchlib.arch_of(args)
     if args.sweep:
         rows = [from_args(args, arch, dtype, args.n, int(p)) for p in args.sweep.split(",")]
         print(json.dumps([r.as_json() for r in rows]) if args.json else sweep_table(rows), flush=True)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------- GPU check (gpu_check.py)
 
-def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, population: int = 256, prompts: int = 64,
+def gpu_throughput(arch: benchlib.Arch, *, dtype: torch.dtype, device: str, population: int = 256, prompts: int = 64,
                    tokens: int = 256, members_per_pass: int = 32, passes: int = 2, rank: int = 1,
                    check_prompts: int = 8, check_tokens: int = 32,
                    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:
@@ -214,9 +214,9 @@ def gpu_throughput(arch: bench.Arch, *, dtype: torch.dtype, device: str, populat
     from hpc_es.rollout import generate_ids
 
     t0 = time.perf_counter()
-    model = bench.build_model(arch, dtype, device)
-    tok = bench.tokenizer()
-    sync = bench.syncer(device)
+    model = benchlib.build_model(arch, dtype, device)
+    tok = benchlib.tokenizer()
+    sync = benchlib.syncer(device)
     texts = [f"Q{i}: using the numbers [{i} {2 * i + 1} {i + 7}], create an equation." for i in range(prompts)]
     enc = tok(texts, return_tensors="pt", padding=True).to(torch.device(device))
     rows = members_per_pass * prompts

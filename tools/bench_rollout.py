@@ -35,6 +35,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+import benchlib  # noqa: E402  (tools/benchlib.py: model building, the trainer-driven iteration)
 from hpc_es import fastgen  # noqa: E402
 from hpc_es.rollout import _ForceEOS, generation_config  # noqa: E402
 
@@ -124,13 +125,11 @@ def iterations(arch: Any, dtype: torch.dtype, device: str, n: int, prompts: int,
     """Whole ES iterations (Population.score + Population.update) with each engine, alternating; the
     fastest iteration of each (see measure).  With ``mean``, every member's completions end on the ragged
     length schedule (as a population's do); without it, where the random model happens to stop."""
-    import bench
-
-    cfg = {e: bench.bench_config(n, prompts, tokens, 1e-3, 5e-4, chunk) for e in ("hf", "fast")}
+    cfg = {e: benchlib.bench_config(n, prompts, tokens, 1e-3, 5e-4, chunk) for e in ("hf", "fast")}
     runs = {}
     for e in ("hf", "fast"):
         cfg[e].rollout.engine = e
-        runs[e] = bench.HpcEsRun(bench.build_model(arch, dtype, device), cfg[e], device)
+        runs[e] = benchlib.HpcEsRun(benchlib.build_model(arch, dtype, device), cfg[e], device)
         if mean is not None:
             runs[e].population.length_schedule = length_schedule(prompts, mean, tokens)
     import bench_noise
@@ -152,15 +151,13 @@ def run(arch: Any, *, dtype: torch.dtype, device: str = "cpu", prompts: int = 32
         mean: float = 30.0, reps: int = 3, n: int = 8, iter_prompts: int = 16, iter_tokens: int = 96,
         iter_reps: int = 3, chunk: int = 1 << 20, log: Any = None) -> dict[str, Any]:
     """The rollout figures: tokens/s per engine on ragged and uniform lengths, and whole iterations."""
-    import bench
-
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    tok = bench.tokenizer()
-    model = bench.build_model(arch, dtype, device)
+    tok = benchlib.tokenizer()
+    model = benchlib.build_model(arch, dtype, device)
     from hpc_es.tasks import load_task
 
-    cfg = bench.bench_config(n, prompts, max_new, 1e-3, 5e-4, chunk)
+    cfg = benchlib.bench_config(n, prompts, max_new, 1e-3, 5e-4, chunk)
     train = list(load_task(cfg).train_examples())
     texts = [train[i % len(train)].prompt for i in range(prompts)]
     eng = Engines(model, tok, texts, max_new, device)
@@ -239,8 +236,6 @@ def summary(res: Any, roll: dict[str, Any] | None, keyed: dict[str, float] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    import bench
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=96)
@@ -250,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run(bench.Arch(), dtype=torch.float32, prompts=args.prompts, max_new=args.tokens, mean=args.mean,
+    res = run(benchlib.Arch(), dtype=torch.float32, prompts=args.prompts, max_new=args.tokens, mean=args.mean,
               reps=args.reps)
     print(table(res), flush=True)
     return 0

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (tools/bench.py: model building, the kernel warm-up, the table)
+import bench  # noqa: E402  (tools/bench.py: the ES table)
+import benchlib  # noqa: E402  (tools/benchlib.py: the bench model, the kernel warm-up)
 import bench_noise  # noqa: E402  (tools/bench_noise.py: keyed noise checks)
 import bench_rollout  # noqa: E402  (tools/bench_rollout.py: the length schedule, completion tokens)
 from hpc_es import fastgen  # noqa: E402
@@ -66,14 +67,14 @@ from hpc_es.rollout import _ForceEOS, generation_config  # noqa: E402
 VOCAB = 151936
 ARCHS = {
     # Qwen2.5-1.5B: hidden 1536, 28 layers, 12 query / 2 key-value heads, MLP 8960, tied embeddings.
-    "1.5B": bench.Arch("Qwen2.5-1.5B (random init)", hidden=1536, layers=28, heads=12, kv_heads=2,
+    "1.5B": benchlib.Arch("Qwen2.5-1.5B (random init)", hidden=1536, layers=28, heads=12, kv_heads=2,
                        intermediate=8960, vocab=VOCAB, tie=True),
     # Qwen2.5-7B: hidden 3584, 28 layers, 28 query / 4 key-value heads, MLP 18944, untied embeddings.
-    "7B": bench.Arch("Qwen2.5-7B (random init)", hidden=3584, layers=28, heads=28, kv_heads=4,
+    "7B": benchlib.Arch("Qwen2.5-7B (random init)", hidden=3584, layers=28, heads=28, kv_heads=4,
                      intermediate=18944, vocab=VOCAB, tie=False),
 }
 # (the tokenizer's 512-entry vocabulary: a 151936-entry embedding would be most of a CPU dry run's time)
-TINY = bench.Arch("tiny Qwen2.5-shaped (CPU check of this script)", hidden=32, layers=2, heads=4, kv_heads=2,
+TINY = benchlib.Arch("tiny Qwen2.5-shaped (CPU check of this script)", hidden=32, layers=2, heads=4, kv_heads=2,
                   intermediate=96, vocab=0, tie=True)
 
 PAPER = {"n": 30, "rows": 200, "cap": 1024, "mean": 300.0}  # Countdown: N, prompts, max new tokens, mean length
@@ -188,11 +189,11 @@ def _decode(engine: str, model: torch.nn.Module, ids: torch.Tensor, mask: torch.
 
 def exactness(device: str, rows: int = 37, new: int = 64) -> dict[str, bool]:
     """fp32 on the device: fast (graphs, compaction, schedule) == HF, token for token."""
-    arch = bench.Arch("exactness", hidden=64, layers=2, heads=4, kv_heads=1, intermediate=128)
-    model = bench.build_model(arch, torch.float32, device)
+    arch = benchlib.Arch("exactness", hidden=64, layers=2, heads=4, kv_heads=1, intermediate=128)
+    model = benchlib.build_model(arch, torch.float32, device)
     with torch.no_grad():
         model.model.norm.weight.mul_(6.0)  # sharpened logits: no float near-ties
-    tok = bench.tokenizer()
+    tok = benchlib.tokenizer()
     eos, pad = tok.eos_token_id, tok.pad_token_id
     gen_cfg = generation_config(model, tok, new)
     ids, mask = _prompts(rows, 1, 40, model.config.vocab_size, pad, eos, device, seed=1)
@@ -226,7 +227,8 @@ def first_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, ge
     gap = hf.gather(1, a[:, None])[:, 0] - hf.gather(1, b[:, None])[:, 0]
     near = flip & (gap <= 2 * diff)
     return {"rows": int(ids.shape[0]), "max_abs_logit_diff": float(diff.max()),
-            "mean_abs_logit_diff": float((fast - hf).abs().mean()), "first_token_identical": float((~flip).float().mean()),
+            "mean_abs_logit_diff": float((fast - hf).abs().mean()),
+            "first_token_identical": float((~flip).float().mean()),
             "near_tie_flips": int(near.sum()), "other_flips": int((flip & ~near).sum())}
 
 
@@ -237,7 +239,7 @@ def engines(model: torch.nn.Module, key: str, device: str, rows: int, cap: int, 
     cfg = model.config
     mem = _Mem(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    tok = bench.tokenizer()
+    tok = benchlib.tokenizer()
     eos, pad = tok.eos_token_id, tok.pad_token_id
     gen_cfg = generation_config(model, tok, cap)
     ids, mask = _prompts(rows, *lens, cfg.vocab_size, pad, eos, device)
@@ -322,14 +324,14 @@ class _Mem:
 def perturb_update(model: torch.nn.Module, n: int, reps: int = 2) -> dict[str, Any]:
     """Seconds of Engine.perturb and of Engine.update (n members, the default shaping and antithetic
     setting) over the whole model at the default es.noise_chunk, the best of ``reps`` each, after
-    bench.warm_kernels has built every compiled noise kernel they use."""
+    benchlib.warm_kernels has built every compiled noise kernel they use."""
     cfg = Config()
     dev = str(next(model.parameters()).device)
     rep = Replica.wrap(model, "device", "model")
     eng = Engine(cfg.es.noise_chunk, scheme=cfg.es.noise_scheme)
     seeds, signs = member_seeds(cfg.seed, 0, n, cfg.es.antithetic)
     shaped = shape_rewards(np.arange(n, dtype=np.float64), cfg.es.shaping)
-    bench.warm_kernels(eng, rep)
+    benchlib.warm_kernels(eng, rep)
     built = bench_noise.compiles()
     best = {"perturb_s": float("inf"), "update_s": float("inf")}
     for k in range(reps):
@@ -381,7 +383,7 @@ def iteration(key: str, check: Check) -> dict[str, Any]:
 MASTER_SETTINGS = [("device", "model"), ("host", "model"), ("device", "float32"), ("host", "float32")]
 
 
-def master_checks(arch: bench.Arch, *, dtype: torch.dtype, device: str, n: int, chunk: int,
+def master_checks(arch: benchlib.Arch, *, dtype: torch.dtype, device: str, n: int, chunk: int,
                   updates: int = 1, sigma: float = 1e-3, alpha: float = 5e-4) -> dict:
     """The same updates from the same weights under each (es.master_on, es.master_dtype): host and device
     masters must give the same master and working-weight digests, an fp32 master must move the RMSNorm
@@ -390,7 +392,7 @@ def master_checks(arch: bench.Arch, *, dtype: torch.dtype, device: str, n: int, 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     mem = (lambda: torch.cuda.memory_allocated(dev)) if cuda else (lambda: 0)
-    model = bench.build_model(arch, dtype, device)
+    model = benchlib.build_model(arch, dtype, device)
     weights_bytes = sum(p.numel() * p.element_size() for _, p in named_params(model))
     start = {name: p.detach().to("cpu", copy=True) for name, p in named_params(model)}
     norms = [name for name in start if "norm" in name]
@@ -470,7 +472,7 @@ def lowrank_throughput(tiny: bool, device: str) -> dict[str, Any]:
     return r
 
 
-def es_table(arch: bench.Arch, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
+def es_table(arch: benchlib.Arch, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
     """tools/bench.py's table, the fast engine (a run's), no baseline."""
     res = bench.run(arch, dtype=dtype, device=args.device, n=args.n, prompts=args.prompts, tokens=args.tokens,
                     iterations=args.iterations, warmup=args.warmup, warmup_n=args.warmup_n, chunk=args.chunk,
@@ -492,11 +494,13 @@ def summary(check: Check, keys: list[str]) -> dict[str, Any]:
         nb = check.result(f"{key}.noise_bits")
         it = check.result(f"{key}.iteration") or {}
         out[key] = {
-            "fast_tokens_per_s": eng.get("fast_tokens_per_s"), "compiled_tokens_per_s": eng.get("compiled_tokens_per_s"),
+            "fast_tokens_per_s": eng.get("fast_tokens_per_s"),
+            "compiled_tokens_per_s": eng.get("compiled_tokens_per_s"),
             "hf_tokens_per_s": eng.get("hf_tokens_per_s"), "fast_over_hf": eng.get("fast_over_hf"),
             "kernels_per_decode_step": eng.get("kernels_per_step"), "decode_step_ms": eng.get("fast_decode_step_ms"),
             "first_step": eng.get("first_step"), "perturb_s": pu.get("perturb_s"), "update_s": pu.get("update_s"),
-            "noise_chunk": pu.get("chunk"), "iteration_s": it.get("iteration_s"), "iteration_target_s": it.get("target_s"),
+            "noise_chunk": pu.get("chunk"), "iteration_s": it.get("iteration_s"),
+            "iteration_target_s": it.get("target_s"),
             "noise_bits_identical": None if nb is None else not nb["mismatches"],
             "noise_stats_ok": None if nb is None else not nb["stats_out_of_bounds"]}
         if key in ("1.5B", "tiny") and low is not None:
@@ -508,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="run on CPU with a tiny architecture (a dry run)")
     ap.add_argument("--only", choices=sorted(ARCHS), action="append", help="run only this model (repeatable)")
-    bench.add_args(ap)
+    benchlib.add_args(ap)
     ap.set_defaults(dtype="bfloat16", device="cuda", n=30, prompts=16, tokens=32, iterations=1, warmup=1)
     ap.add_argument("--warmup-n", type=int, default=2, help="members per warm-up iteration of the ES table")
     ap.set_defaults(chunk=1 << 26)  # the ES table's es.noise_chunk (keyed: the chunk changes no bit)
@@ -530,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         archs = {k: ARCHS[k] for k in (args.only or ["1.5B", "7B"])}
         args.out = args.out or "gpu_check.json"
-    dtype = bench.resolve(args)
+    dtype = benchlib.resolve(args)
     import transformers
 
     report: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -547,8 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     bad: list[str] = [] if exact is None else [f"exactness {k}" for k, ok in exact.items() if not ok]
     first = next(iter(archs))
     for key, arch in archs.items():
-        model = check.phase(f"{key}.build", est["build"] * (2 if key == "7B" else 1), bench.build_model, arch, dtype,
-                            args.device, record=lambda m, arch=arch: {"arch": arch.describe(), "params": bench.n_params(m)})
+        model = check.phase(f"{key}.build", est["build"] * (2 if key == "7B" else 1), benchlib.build_model, arch,
+                            dtype, args.device,
+                            record=lambda m, arch=arch: {"arch": arch.describe(), "params": benchlib.n_params(m)})
         if model is None:
             continue
         mean = PAPER["mean"] if not args.tiny else 8.0
