@@ -50,6 +50,9 @@ class RolloutConfig:
     # auto: the fast engine (hpc_es.fastgen) where the model allows it, else hf with a notice | fast: fast or a
     # config error | hf: HF generate.  Both give the same tokens; part of the trajectory like all of rollout.
     engine: str = "auto"
+    # the fast engine's decode step compiled with torch.compile (inside the CUDA graphs on a GPU), checked against
+    # the eager step when built and refused with a warning if it differs: auto (on CUDA) | true | false
+    compile: str = "auto"
 
 
 @dataclass
@@ -140,9 +143,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "mpi", "torch", "none"),
     "rollout.engine": ("auto", "fast", "hf"),
     "eval.kl": ("auto", "true", "false"),
+    "rollout.compile": ("auto", "true", "false"),
 }
 
-_BOOL_WORDS = ("eval.kl",)  # string keys whose choices include true/false, which YAML reads as booleans
+_BOOL_WORDS = ("eval.kl", "rollout.compile")  # string keys whose choices include true/false (YAML booleans)
 
 
 def _penalty_ok(v: str) -> bool:

@@ -6,38 +6,51 @@ synchronisation for the stop check, and rows that finished long ago but still ri
 runs the same arithmetic as the HF Qwen2 / Llama modules, op for op where it matters for the numbers
 (RMSNorm in fp32, RoPE tables rounded to the model dtype, logits cast to fp32 before the argmax), with
 
+* one transformer block (:func:`block`) for prefill and decode alike, as in gpt-fast's model: a forward
+  over ``T`` positions (the prompt, or the one new token), its keys and values written in place into a
+  preallocated :class:`KVCache` per layer, attention called in one place (:func:`_attend`);
+* the block's weight calls behind one seam (:class:`Linears`): plain layers, or a low-rank pass's per-row
+  member terms (es.noise=lowrank, hpc_es/lowrank_pass.py: the functions the ``hf`` engine's hooks call too,
+  so the engines give the same tokens); a sharded block would be another ``Linears``, not another block;
 * the loaded model's own parameter tensors, read at every call (``Engine.perturb``/``update`` write them
   in place between members, so nothing derived from the weights is kept from one call to the next);
-* a preallocated KV cache, written in place;
-* left-padded prompts with HF's positions (cumsum of the attention mask) and pad keys masked out;
+* left-padded prompts with HF's positions (cumsum of the attention mask); the attention mask built once
+  per step (not per layer) as an additive mask in the model's dtype, the form SDPA's fused kernels take,
+  and none where no row is padded: prefill is then ``is_causal`` and an eager decode step sees every key;
 * rows that reach EOS leave the batch (cache, tokens and state are compacted to the active rows);
 * grouped-query attention done by folding each KV head's query heads into one block, so K/V are never
   repeated;
 * the "all finished?" question asked every ``check_every`` steps only (one host sync), not every step;
 * on CUDA, the decode step captured as CUDA graphs, bucketed by batch and cache length, captured once per
-  model and replayed for every later member (the graphs read the parameter storage, whose contents the
-  ES engine rewrites in place; a change of storage address forces a new capture).  Prefill stays eager.
-  On the CPU the same step runs eagerly.
-* es.noise=lowrank natively (:class:`LowRankPass`): every linear call adds, for each row, its member's
-  σ s/√r · (x B) Aᵀ term (and 1-D parameters their full-rank noise), the same functions the ``hf`` engine's
-  hooks call, so the two engines give the same tokens.  Rows keep their member while the batch compacts.
+  model on a capture stream of the replica's own device (one per thread) and replayed for every later
+  member (the graphs read the parameter storage, whose contents the ES engine rewrites in place; a change
+  of storage address forces a new capture).  Prefill stays eager.  On the CPU the same step runs eagerly;
+* ``rollout.compile``: the decode step compiled with ``torch.compile`` (RMSNorm, RoPE, residuals and the
+  cache write fused), checked against the eager step on the live model at every new shape and refused with
+  one warning if it differs or fails to build; on CUDA the graphs capture the compiled step.
 
-The entry points are :func:`unsupported` (why a model cannot use it, or None) and :func:`generate_ids`.
+The entry points are :func:`unsupported` (why a model cannot use it, or None), :func:`generate_ids` and
+:func:`set_compile` (a model's ``rollout.compile``).
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import threading
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger("hpc_es")
 SUPPORTED_TYPES = ("qwen2", "llama")
 STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq fixed at load time (not recomputed per length)
 MAX_EOS = 16
+COMPILE = ("auto", "true", "false")
 
 
 def unsupported(model: torch.nn.Module) -> str | None:
@@ -155,100 +168,145 @@ def _rot(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-# -------------------------------------------------------------------------------------- low-rank members
+# ------------------------------------------------------------------------------------------------ seams
 
-@dataclass
-class Factors:
-    """One matrix W (out x in) for every member of a pass: the columns g*r .. g*r+r-1 belong to member g."""
+class Linears(Protocol):
+    """The block's weight calls.  Plain decoding uses :data:`PLAIN`; a low-rank pass adds each row's member
+    term (``hpc_es.lowrank_pass.MemberLinears``); a tensor-parallel block would split ``proj`` by output
+    columns and all-reduce in ``out``, the block itself unchanged."""
 
-    b: torch.Tensor  # (in, G r): B of each member, side by side
-    a_t: torch.Tensor  # (G r, out): Aᵀ of each member, stacked
-    a: torch.Tensor | None = None  # (out, G r): embeddings only (rows gathered by token id)
-    b_t: torch.Tensor | None = None  # (G r, in): embeddings only
+    def embed(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of ``ids`` ((n, T) -> (n, T, hidden))."""
+        ...
+
+    def weight(self, w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A 1-D weight (a norm's), shaped to scale ``like``."""
+        ...
+
+    def proj(self, x: torch.Tensor, wb: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+        """``x W_jᵀ + b_j`` for layers that read the same input (q/k/v, gate/up, the head)."""
+        ...
+
+    def out(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """A projection back into the residual stream (o, down)."""
+        ...
 
 
-@dataclass
-class Rows:
-    """The rows of one forward call in a low-rank pass: their members, and the scale mask per position."""
+class _Plain:
+    def embed(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, w)
 
-    grp: torch.Tensor  # (n,): each row's member (group) in the pass
-    mask: torch.Tensor  # (n * positions per row, G r), fp32: σ s_g/√r in the row's own member's r columns, else 0
+    def weight(self, w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def proj(self, x: torch.Tensor, wb: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+        return [F.linear(x, w, b) for w, b in wb]
+
+    def out(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
 
 
-@dataclass
-class LowRankPass:
-    """The members of one batched pass (es.noise=lowrank): per parameter, every member's factors.
+PLAIN: Linears = _Plain()
 
-    ``((x @ [B_0 .. B_G-1]) * mask) @ [A_0 .. A_G-1]ᵀ`` is, for every row, its own member's term
-    σ s/√r · (x B_g) A_gᵀ: one GEMM over all members' factors, the other members' columns multiplied by
-    exact zeros (the scaling in fp32, so a bf16 σ cannot shrink every perturbation alike).  Layers that
-    read the same input (q/k/v, gate/up) share the first GEMM.  Keys are the parameters' storage addresses
-    (``data_ptr``), so a tied ``lm_head`` finds the embedding's factors.  Both rollout engines call these
-    methods: the ``hf`` engine from forward hooks, the fast engine from its own layer loop.
-    """
+
+class Members(Protocol):
+    """Per-row weight terms of a batched pass (es.noise=lowrank: ``hpc_es.lowrank_pass.LowRankPass``); the
+    batch's rows are member-major."""
 
     groups: int
-    scale: torch.Tensor  # (G, G r), fp32: row g is member g's mask
-    mats: dict[int, Factors]
-    vectors: dict[int, torch.Tensor]  # 1-D parameters (scope=full): σ s_g ε_g, (G, numel), fp32
-    _joined: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
-
-    def rows(self, grp: torch.Tensor, tokens: int = 1) -> Rows:
-        """Rows whose members are ``grp`` (n,), each with ``tokens`` positions in the call."""
-        mask = self.scale[grp]
-        return Rows(grp, mask if tokens == 1 else mask.repeat_interleave(tokens, 0))
 
     def member_major(self, batch: int) -> torch.Tensor:
-        """The member of each row of a member-major batch of ``batch`` rows: ``batch / groups`` rows each."""
-        if batch % self.groups:
-            raise ValueError(f"a low-rank pass of {self.groups} members needs a multiple of {self.groups} rows, "
-                             f"got {batch}")
-        return torch.arange(self.groups, device=self.scale.device).repeat_interleave(batch // self.groups)
+        """Each row's member in a batch of ``batch`` rows."""
+        ...
 
-    def linear(self, x: torch.Tensor, ys: Sequence[torch.Tensor], ws: Sequence[torch.Tensor],
-               biases: Sequence[torch.Tensor | None], rows: Rows) -> list[torch.Tensor]:
-        """``ys[j] = x W_jᵀ + b_j`` of unperturbed layers that all read ``x`` ((n, in) or (n, T, in)), each
-        plus every row's member terms."""
-        out = list(ys)
-        fs = [self.mats.get(w.data_ptr()) for w in ws]
-        have = [j for j, f in enumerate(fs) if f is not None]
-        if have:
-            x2 = x.reshape(-1, x.shape[-1])
-            key = tuple(ws[j].data_ptr() for j in have)
-            b = self._joined.get(key)
-            if b is None:
-                parts = [fs[j].b for j in have]  # type: ignore[union-attr]
-                b = self._joined[key] = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-            gr = self.scale.shape[1]
-            u = (x2 @ b).float().view(x2.shape[0], len(have), gr).mul_(rows.mask[:, None, :]).to(x.dtype)
-            for i, j in enumerate(have):
-                y = out[j]
-                out[j] = torch.addmm(y.reshape(-1, y.shape[-1]), u[:, i], fs[j].a_t).view(y.shape)  # type: ignore[union-attr]
-        for j, bias in enumerate(biases):
-            v = None if bias is None else self.vectors.get(bias.data_ptr())
-            if v is not None:
-                out[j] = out[j] + _rowwise(v[rows.grp], x).to(out[j].dtype)
-        return out
-
-    def embed(self, ids: torch.Tensor, y: torch.Tensor, w: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """Embedding rows plus each row's member term σ s/√r · A[id] Bᵀ (ids (n,) or (n, T))."""
-        f = self.mats.get(w.data_ptr())
-        if f is None or f.a is None or f.b_t is None:
-            return y
-        u = (f.a[ids.reshape(-1)].float() * rows.mask).to(y.dtype)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), u, f.b_t).view(y.shape)
-
-    def weight(self, w: torch.Tensor, rows: Rows, like: torch.Tensor) -> torch.Tensor:
-        """A 1-D weight (a norm's) per row: round(w + σ s_g ε_g), as the explicit member weights hold it."""
-        v = self.vectors.get(w.data_ptr())
-        if v is None:
-            return w
-        return _rowwise((w.float() + v[rows.grp]).to(w.dtype), like)
+    def linears(self, grp: torch.Tensor, tokens: int) -> Linears:
+        """The block's weight calls for rows of members ``grp``, ``tokens`` positions each."""
+        ...
 
 
-def _rowwise(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-row values (n, k) shaped to broadcast against x of (n, k') or (n, T, k')."""
-    return t[:, None, :] if x.dim() == 3 else t
+@dataclass
+class Observer:
+    """What a test or a benchmark watches or steers in a generation; a run has none.
+
+    ``stop_at[i]``: row i's completion ends with EOS by its ``stop_at[i]``-th new token (ragged completions
+    from a random-weight model, as a population's are).  ``logits``: receives (step, the original row of each
+    live slot (-1: a filler), raw fp32 logits) for every step; the steps then run eagerly.
+    """
+
+    stop_at: Sequence[int] | None = None
+    logits: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
+
+    def part(self, start: int, stop: int) -> Observer:
+        """The observer of rows ``start:stop`` (one batch of a longer prompt list)."""
+        return Observer(None if self.stop_at is None else list(self.stop_at[start:stop]), self.logits)
+
+
+# ------------------------------------------------------------------------------------------------- block
+
+class KVCache:
+    """One layer's keys and values, (rows, kv_heads, slots, head_dim), written in place."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, rows: slice, at: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``, ``v`` (n, K, T, D) of ``rows`` at slots ``at`` (T,); their keys and values in slots
+        ``[:upto]``."""
+        kc, vc = self.k[rows], self.v[rows]
+        kc.index_copy_(2, at, k)
+        vc.index_copy_(2, at, v)
+        return kc[:, :, :upto], vc[:, :, :upto]
+
+    def keep(self, live: torch.Tensor, used: int) -> None:
+        """Rows ``live`` move to the front (over the ``used`` written slots only)."""
+        n = live.numel()
+        self.k[:n, :, :used] = self.k[live, :, :used]
+        self.v[:n, :, :used] = self.v[live, :, :used]
+
+
+def block(x: torch.Tensor, L: _Layer, W: _Weights, cache: KVCache, rows: slice, at: torch.Tensor, upto: int,
+          rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, lin: Linears) -> torch.Tensor:
+    """One decoder layer over ``x`` (n, T, hidden): T prompt positions (prefill) or the one new token
+    (decode).  RoPE tables ``rope`` (n, 1, T, D) at the rows' positions; keys and values go to cache slots
+    ``at`` and attention reads slots ``[:upto]`` (``mask``: see :func:`_attend`)."""
+    n, T, _ = x.shape
+    H, K, D = W.heads, W.kv_heads, W.head_dim
+    cos, sin = rope
+    h = _rms(x, lin.weight(L.ln1, x), L.eps1)
+    q, k, v = lin.proj(h, ((L.wq, L.bq), (L.wk, L.bk), (L.wv, L.bv)))
+    q = q.view(n, T, H, D).transpose(1, 2)
+    k = k.view(n, T, K, D).transpose(1, 2)
+    v = v.view(n, T, K, D).transpose(1, 2)
+    q = q * cos + _rot(q) * sin
+    k = k * cos + _rot(k) * sin
+    keys, values = cache.update(rows, at, k, v, upto)
+    a = _attend(q, keys, values, mask, D ** -0.5)
+    x = x + lin.out(a.transpose(1, 2).reshape(n, T, H * D), L.wo, L.bo)
+    h = _rms(x, lin.weight(L.ln2, x), L.eps2)
+    g, u = lin.proj(h, ((L.wg, L.bg), (L.wu, L.bu)))
+    return x + lin.out(F.silu(g) * u, L.wd, L.bd)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """Attention of q (n, H, T, D) over k, v (n, K, S, D) -> (n, H, T, D).
+
+    ``mask``: additive, (n, 1, G T, S) or broadcastable to it (heads h = kv*G + g: each KV head's G query heads
+    are folded into one block of G T queries, so K/V are never repeated); None: no row is padded, so a prompt
+    is plain causal and a decode step sees every key it is given."""
+    n, H, T, D = q.shape
+    K = k.shape[1]
+    if mask is None and T > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != K)
+    a = F.scaled_dot_product_attention(q.reshape(n, K, H // K * T, D), k, v, attn_mask=mask, scale=scale)
+    return a.view(n, H, T, D)
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as SDPA's fused kernels take it: 0 where kept, -inf elsewhere, in the queries' dtype."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
 
 
 # ------------------------------------------------------------------------------------------------- state
@@ -256,16 +314,15 @@ def _rowwise(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class _State:
     """Every tensor one generation needs, sized for ``rows`` x ``slots``; views ``[:b]`` are the live rows.
 
-    On CUDA one State is kept per model and reused by later calls (its addresses are what the captured
-    graphs read); it holds no weights and nothing computed from them between calls.
+    Where the decode step is bucketed (CUDA graphs, a compiled step) one State is kept per model and reused by
+    later calls (its addresses are what the captured graphs read); it holds no weights and nothing computed
+    from them between calls.
     """
 
     def __init__(self, W: _Weights, rows: int, slots: int, vocab: int, presence: bool, sched: bool) -> None:
-        dev, n = W.device, len(W.layers)
+        dev = W.device
         self.rows, self.slots, self.vocab = rows, slots, vocab
-        shape = (rows, W.kv_heads, slots, W.head_dim)
-        self.kc = [torch.zeros(shape, dtype=W.dtype, device=dev) for _ in range(n)]
-        self.vc = [torch.zeros(shape, dtype=W.dtype, device=dev) for _ in range(n)]
+        self.caches = [KVCache((rows, W.kv_heads, slots, W.head_dim), W.dtype, dev) for _ in W.layers]
         self.valid = torch.zeros(rows, slots, dtype=torch.bool, device=dev)
         self.cos = torch.zeros(slots, W.head_dim, dtype=W.dtype, device=dev)
         self.sin = torch.zeros(slots, W.head_dim, dtype=W.dtype, device=dev)
@@ -283,6 +340,7 @@ class _State:
         self.eos = torch.zeros(MAX_EOS, dtype=torch.long, device=dev)  # fixed size: graphs read its address
         self.pad = torch.zeros(1, dtype=torch.long, device=dev)
         self.graphs: dict[tuple, Any] = {}
+        self.checked: set[tuple] = set()  # decode shapes (and penalty) whose compiled step matched the eager one
         self.pool: Any = None
         self.wkey: tuple = ()
 
@@ -290,47 +348,152 @@ class _State:
         return (rows <= self.rows and slots <= self.slots and vocab == self.vocab
                 and presence == (self.presence is not None) and sched == (self.sched is not None))
 
+    def start(self, W: _Weights, ids: torch.Tensor, eos: list[int], pad: int, new: int,
+              stop_at: Sequence[int] | None, members: Members | None) -> None:
+        """Per-call state: RoPE tables (HF's formula: fp32 angle, cos/sin scaled, rounded to the model dtype),
+        stop ids, the rows' counters, the penalty's seen ids, the stop schedule, each row's member."""
+        dev, (B, P) = W.device, ids.shape
+        if not 1 <= len(eos) <= MAX_EOS:
+            raise ValueError(f"the fast engine takes 1 to {MAX_EOS} EOS ids, got {len(eos)}")
+        t = torch.arange(self.slots, device=dev, dtype=torch.float32)
+        ang = t[:, None] * W.inv_freq.to(device=dev, dtype=torch.float32)[None, :]
+        emb = torch.cat((ang, ang), dim=-1)
+        self.cos.copy_((emb.cos() * W.rope_scale).to(W.dtype))
+        self.sin.copy_((emb.sin() * W.rope_scale).to(W.dtype))
+        self.eos.copy_(torch.tensor(eos + [eos[0]] * (MAX_EOS - len(eos)), device=dev))
+        self.pad.fill_(pad)
+        self.eos_row.fill_(float("-inf"))
+        if 0 <= eos[0] < self.vocab:
+            self.eos_row[eos[0]] = 0.0
+        self.valid.zero_()
+        self.done[:B].zero_()
+        self.length[:B].fill_(new)
+        self.out[:B, :new].fill_(pad)
+        self.step.zero_()
+        self.slot.fill_(P)
+        if self.presence is not None:
+            self.presence[:B].zero_()
+            self.presence[:B].scatter_(1, ids, True)  # HF penalises every id of the row, pads included
+        if self.sched is not None and stop_at is not None:
+            if len(stop_at) != B:
+                raise ValueError(f"the stop schedule has {len(stop_at)} entries for {B} prompts")
+            self.sched[:B].copy_(torch.tensor([int(s) - 1 for s in stop_at], dtype=torch.long).to(dev))
+        if members is not None:
+            self.grp[:B].copy_(members.member_major(B))
+
+    def keep(self, live: torch.Tensor, nb: int, used: int) -> None:
+        """Move the live rows to slots ``[:n]`` (one layer at a time, over the written slots only); slots
+        ``[n:nb]`` become finished fillers."""
+        n = live.numel()
+        for t in (self.tok, self.pos, self.done, self.length, self.out, self.valid, self.grp, self.presence,
+                  self.sched):
+            if t is not None:
+                t[:n] = t[live]
+        for cache in self.caches:
+            cache.keep(live, used)
+        if nb > n:
+            self.done[n:nb] = True
+
 
 _STATES: weakref.WeakKeyDictionary[torch.nn.Module, _State] = weakref.WeakKeyDictionary()
+
+
+def _state(model: torch.nn.Module, W: _Weights, want: tuple[int, int, int, bool, bool], keep: bool) -> _State:
+    """A State that fits ``want``: the model's kept one where it fits (``keep``: bucketed steps), else new."""
+    st = _STATES.get(model) if keep else None
+    if st is None or not st.fits(*want):
+        st = _State(W, *want)
+        if keep:
+            _STATES[model] = st
+    if keep and st.wkey != W.key():  # weights moved (reloaded, another dtype): graphs are stale
+        st.graphs.clear()
+        st.checked.clear()
+        st.wkey = W.key()
+    return st
 
 
 # ------------------------------------------------------------------------------------------------- steps
 
 class _Decoder:
-    def __init__(self, W: _Weights, st: _State, penalty: float, low: LowRankPass | None = None) -> None:
-        self.W, self.st, self.penalty, self.low = W, st, penalty, low
-        self.G = W.heads // W.kv_heads
-        self.scale = W.head_dim ** -0.5
-        self.on_logits: Any = None  # tests: called with each step's raw fp32 logits (eager steps only)
+    """Prefill and the decode step of one call: the block over every layer, then the greedy pick."""
 
-    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: Rows | None) -> torch.Tensor:
-        return self._lins(x, ((w, b),), rows)[0]
+    def __init__(self, model: torch.nn.Module, W: _Weights, st: _State, penalty: float, members: Members | None,
+                 padded: bool, bucketed: bool, compiled: Callable[..., torch.Tensor] | None) -> None:
+        self.model, self.W, self.st, self.penalty, self.members = model, W, st, penalty, members
+        self.padded, self.bucketed, self.compiled = padded, bucketed, compiled
+        self.on_logits: Callable[[torch.Tensor], None] | None = None
 
-    def _lins(self, x: torch.Tensor, wb: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
-              rows: Rows | None) -> list[torch.Tensor]:
-        """Layers that read the same input (one shared low-rank GEMM for their members' terms)."""
-        ys = [F.linear(x, w, b) for w, b in wb]
-        if self.low is None or rows is None:
-            return ys
-        return self.low.linear(x, ys, [w for w, _ in wb], [b for _, b in wb], rows)
+    def linears(self, grp: torch.Tensor, tokens: int) -> Linears:
+        return PLAIN if self.members is None else self.members.linears(grp, tokens)
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor, eps: float, rows: Rows | None) -> torch.Tensor:
-        return _rms(x, w if self.low is None or rows is None else self.low.weight(w, rows, x), eps)
+    def logits(self, x: torch.Tensor, lin: Linears) -> torch.Tensor:
+        """fp32 logits of the last position of ``x`` (n, T, hidden)."""
+        W, x = self.W, x[:, -1:]
+        return lin.proj(_rms(x, lin.weight(W.norm, x), W.norm_eps), ((W.head, None),))[0][:, -1].float()
 
-    def _mlp(self, h: torch.Tensor, L: _Layer, rows: Rows | None) -> torch.Tensor:
-        g, u = self._lins(h, ((L.wg, L.bg), (L.wu, L.bu)), rows)
-        return self._lin(F.silu(g) * u, L.wd, L.bd, rows)
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The prompts through every layer (eager), in chunks of rows that bound the activations: their K/V
+        into the cache; returns the last position's fp32 logits."""
+        logits = torch.empty(ids.shape[0], self.st.vocab, dtype=torch.float32, device=ids.device)
+        chunk = max(1, 16384 // max(ids.shape[1], 1))
+        for r0 in range(0, ids.shape[0], chunk):
+            self._prefill(ids[r0:r0 + chunk], mask[r0:r0 + chunk], r0, logits)
+        return logits
 
-    def _embed(self, ids: torch.Tensor, rows: Rows | None) -> torch.Tensor:
-        x = F.embedding(ids, self.W.embed)
-        return x if self.low is None or rows is None else self.low.embed(ids, x, self.W.embed, rows)
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, r0: int, logits_out: torch.Tensor) -> None:
+        """Rows ``r0 : r0+n`` of the prompt batch through every layer; their K/V into the cache, their last
+        position's fp32 logits into ``logits_out``."""
+        W, st = self.W, self.st
+        n, P = ids.shape
+        r1, dev = r0 + n, ids.device
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # HF's positions for left padding
+        st.pos[r0:r1] = pos[:, -1] + 1
+        keys = mask.bool()
+        st.valid[r0:r1, :P] = keys
+        am = None
+        if self.padded:
+            # A pad query sees only itself, so no softmax row is empty (its output is never used: pad keys are
+            # masked for every real query).
+            see = (torch.ones(P, P, dtype=torch.bool, device=dev).tril() & keys[:, None, :]) | torch.eye(
+                P, dtype=torch.bool, device=dev)
+            G = W.heads // W.kv_heads
+            am = _additive(see[:, None, None].expand(n, 1, G, P, P).reshape(n, 1, G * P, P), W.dtype)
+        rope = st.cos[pos][:, None], st.sin[pos][:, None]  # (n, 1, P, D)
+        grp = st.grp[r0:r1]
+        lin = self.linears(grp, P)
+        x = lin.embed(ids, W.embed)
+        at = torch.arange(P, device=dev)
+        for L, cache in zip(W.layers, st.caches):
+            x = block(x, L, W, cache, slice(r0, r1), at, P, rope, am, lin)
+        logits_out[r0:r1] = self.logits(x, self.linears(grp, 1))
+
+    def step(self, b: int, S: int) -> torch.Tensor:
+        """One decode step for rows ``[:b]``, attending over cache slots ``[:S]``: the new tokens picked, the
+        state advanced; returns the step's fp32 logits."""
+        W, st = self.W, self.st
+        st.valid[:b].index_fill_(1, st.slot, True)
+        # Unwritten slots (a bucketed length) and pad keys masked; none to mask in a dense step.
+        mask = _additive(st.valid[:b, None, None, :S], W.dtype) if self.padded or self.bucketed else None
+        pos = st.pos[:b]
+        rope = st.cos[pos][:, None, None], st.sin[pos][:, None, None]  # (b, 1, 1, D)
+        lin = self.linears(st.grp[:b], 1)
+        x = lin.embed(st.tok[:b, None], W.embed)
+        for L, cache in zip(W.layers, st.caches):
+            x = block(x, L, W, cache, slice(0, b), st.slot, S, rope, mask, lin)
+        logits = self.logits(x, lin)
+        st.pos[:b] += 1
+        st.slot += 1
+        self.advance(logits, b)
+        return logits
 
     def advance(self, logits: torch.Tensor, b: int) -> None:
         """Pick step ``st.step``'s token for rows ``[:b]`` from fp32 logits and update the row state.
 
-        HF's greedy loop, in place: repetition penalty, forced EOS of the length schedule, argmax, pad for
+        HF's greedy loop, in place: repetition penalty, forced EOS of the stop schedule, argmax, pad for
         finished rows, EOS bookkeeping.  No host sync (CUDA-graph safe)."""
         st = self.st
+        if self.on_logits is not None:
+            self.on_logits(logits)
         if st.presence is not None:
             p = self.penalty
             logits = torch.where(st.presence[:b], torch.where(logits < 0, logits * p, logits / p), logits)
@@ -348,76 +511,100 @@ class _Decoder:
         st.tok[:b].copy_(nxt)
         st.step += 1
 
-    def decode(self, b: int, S: int) -> None:
-        """One decode step for rows ``[:b]``, attending over cache slots ``[:S]`` (unwritten ones masked)."""
-        W, st, G = self.W, self.st, self.G
-        H, K, D = W.heads, W.kv_heads, W.head_dim
-        tok, pos = st.tok[:b], st.pos[:b]
-        valid = st.valid[:b]
-        valid.index_fill_(1, st.slot, True)
-        mask = valid[:, None, None, :S]
-        cos, sin = st.cos[pos][:, None], st.sin[pos][:, None]  # (b, 1, D)
-        rows = None if self.low is None else self.low.rows(st.grp[:b])
-        x = self._embed(tok, rows)
-        for i, L in enumerate(W.layers):
-            h = self._norm(x, L.ln1, L.eps1, rows)
-            q, k, v = self._lins(h, ((L.wq, L.bq), (L.wk, L.bk), (L.wv, L.bv)), rows)
-            q, k, v = q.view(b, H, D), k.view(b, K, D), v.view(b, K, D)
-            q = q * cos + _rot(q) * sin
-            k = k * cos + _rot(k) * sin
-            kc, vc = st.kc[i][:b], st.vc[i][:b]
-            kc.index_copy_(2, st.slot, k[:, :, None])
-            vc.index_copy_(2, st.slot, v[:, :, None])
-            a = F.scaled_dot_product_attention(q.view(b, K, G, D), kc[:, :, :S], vc[:, :, :S], attn_mask=mask,
-                                               scale=self.scale)
-            x = x + self._lin(a.reshape(b, H * D), L.wo, L.bo, rows)
-            x = x + self._mlp(self._norm(x, L.ln2, L.eps2, rows), L, rows)
-        logits = self._lin(self._norm(x, W.norm, W.norm_eps, rows), W.head, None, rows).float()
-        if self.on_logits is not None:
-            self.on_logits(logits)
-        st.pos[:b] += 1
-        st.slot += 1
-        self.advance(logits, b)
+    def run(self, b: int, S: int) -> None:
+        """The decode step, compiled where it is on: the first step of each shape also runs eagerly, and a
+        compiled step that differs (or fails to build) is refused for good."""
+        if self.compiled is None:
+            self.step(b, S)
+            return
+        if (b, S, self.penalty) in self.st.checked:
+            self.compiled(self, b, S)
+            return
+        st = self.st
+        snap = _snapshot(st, b)
+        want = self.step(b, S)
+        picked = st.tok[:b].clone()
+        _restore(st, b, snap)
+        try:
+            got = self.compiled(self, b, S)
+            why = _differs(want, got, picked, st.tok[:b], self.W.dtype)
+        except Exception as e:  # noqa: BLE001 - any failure to build or run means: eager
+            why = f"it failed to build or run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if why is None:
+            st.checked.add((b, S, self.penalty))
+            return
+        _refuse(self.model, why)
+        self.compiled = None
+        _restore(st, b, snap)
+        self.step(b, S)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, r0: int, logits_out: torch.Tensor) -> None:
-        """Rows ``r0 : r0+n`` of the prompt batch through every layer (eager); their K/V into the cache, their
-        last position's fp32 logits into ``logits_out``."""
-        W, st, G = self.W, self.st, self.G
-        H, K, D = W.heads, W.kv_heads, W.head_dim
-        n, P = ids.shape
-        r1 = r0 + n
-        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # HF's positions for left padding
-        st.pos[r0:r1] = pos[:, -1] + 1
-        keys = mask.bool()
-        st.valid[r0:r1, :P] = keys
-        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
-        # A pad query sees only itself, so no softmax row is empty (its output is never used: pad keys are
-        # masked for every real query).
-        am = (causal & keys[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)
-        am = am[:, None, None].expand(n, 1, G, P, P).reshape(n, 1, G * P, P)
-        cos, sin = st.cos[pos][:, None], st.sin[pos][:, None]  # (n, 1, P, D)
-        rows = last_rows = None
-        if self.low is not None:
-            rows, last_rows = self.low.rows(st.grp[r0:r1], P), self.low.rows(st.grp[r0:r1])
-        x = self._embed(ids, rows)
-        for i, L in enumerate(W.layers):
-            h = self._norm(x, L.ln1, L.eps1, rows)
-            q, k, v = self._lins(h, ((L.wq, L.bq), (L.wk, L.bk), (L.wv, L.bv)), rows)
-            q = q.view(n, P, H, D).transpose(1, 2)
-            k = k.view(n, P, K, D).transpose(1, 2)
-            v = v.view(n, P, K, D).transpose(1, 2)
-            q = q * cos + _rot(q) * sin
-            k = k * cos + _rot(k) * sin
-            st.kc[i][r0:r1, :, :P] = k
-            st.vc[i][r0:r1, :, :P] = v
-            qg = q.reshape(n, K, G * P, D)  # heads h = kv*G + g: each KV head's G query heads in one block
-            a = F.scaled_dot_product_attention(qg, k, v, attn_mask=am, scale=self.scale)
-            a = a.view(n, K, G, P, D).permute(0, 3, 1, 2, 4).reshape(n, P, H * D)
-            x = x + self._lin(a, L.wo, L.bo, rows)
-            x = x + self._mlp(self._norm(x, L.ln2, L.eps2, rows), L, rows)
-        last = x[:, -1]
-        logits_out[r0:r1] = self._lin(self._norm(last, W.norm, W.norm_eps, last_rows), W.head, None,
-                                      last_rows).float()
+
+def _differs(want: torch.Tensor, got: torch.Tensor, picked: torch.Tensor, took: torch.Tensor,
+             dtype: torch.dtype) -> str | None:
+    """Why compiled logits ``got`` do not stand for the eager ``want`` (None: they do): every logit within a
+    tolerance of the dtype's rounding, and the same token wherever the eager logits decide it by more."""
+    tol = (1e-4 if dtype == torch.float32 else 5e-2) * max(1.0, float(want.abs().max()))
+    err = float((got - want).abs().max()) if want.numel() else 0.0
+    if not err <= tol:
+        return f"its logits differ from the eager step's by {err:.3g} (tolerance {tol:.3g})"
+    top = want.topk(min(2, want.shape[-1]), dim=-1).values
+    clear = top[:, 0] - top[:, -1] > 2 * tol
+    if bool((clear & (picked != took)).any()):
+        return "it picks other tokens than the eager step"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- compile
+
+_COMPILE: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+_SAID: set[str] = set()
+_STEP: list[Callable[..., torch.Tensor]] = []
+_LOCK = threading.Lock()
+
+
+def set_compile(model: torch.nn.Module, mode: str) -> None:
+    """``rollout.compile`` for ``model``'s fast decoding: ``auto`` (on CUDA), ``true`` or ``false``; a later
+    refusal (``refused``) stands until it is set again."""
+    if mode not in COMPILE:
+        raise ValueError(f"rollout.compile = {mode!r}; choose one of {', '.join(COMPILE)}")
+    _COMPILE[model] = mode
+
+
+def compile_refused(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s compiled decode step was refused (it decodes eagerly until set again)."""
+    return _COMPILE.get(model) == "refused"
+
+
+def _compiled_step(model: torch.nn.Module, W: _Weights) -> Callable[..., torch.Tensor] | None:
+    """The compiled decode step where ``model``'s setting asks for it and nothing refused it, else None.
+
+    One ``torch.compile`` of :meth:`_Decoder.step` (inductor, default mode) serves every model; on CUDA the
+    graphs are captured by hpc_es itself (:func:`_replay`) rather than by ``mode="reduce-overhead"``, so that
+    the compiled step shares the eager step's buckets, graph pool and per-thread capture stream."""
+    mode = _COMPILE.get(model, "auto")
+    if mode in ("false", "refused") or (mode == "auto" and W.device.type != "cuda"):
+        return None
+    if W.device.type == "cpu" and not shutil.which("cc"):
+        _refuse(model, "there is no C compiler ('cc') for torch.compile on the CPU")
+        return None
+    with _LOCK:
+        if not _STEP:
+            import torch._dynamo.config as dynamo_config
+
+            # every (rows, slots) bucket of every model is a compiled variant: far more than the default 8
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+            _STEP.append(torch.compile(_Decoder.step, dynamic=None))
+    return _STEP[0]
+
+
+def _refuse(model: torch.nn.Module, why: str) -> None:
+    """``model`` decodes eagerly from now on; the first refusal in the process says why."""
+    with _LOCK:
+        _COMPILE[model] = "refused"
+        first = not _SAID
+        _SAID.add(why)
+    if first:
+        log.warning("rollout.compile: the compiled decode step is refused, %s; decoding eagerly", why)
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -436,116 +623,60 @@ def _bucket_len(n: int, cap: int, step: int = 256) -> int:
 @torch.no_grad()
 def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, eos_token_id: int | Sequence[int], pad_token_id: int, *,
-                 repetition_penalty: float = 1.0, length_schedule: Sequence[int] | None = None,
-                 check_every: int = 0, graphs: bool | None = None, lowrank: LowRankPass | None = None,
-                 logits_log: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                 repetition_penalty: float = 1.0, lowrank: Members | None = None, observer: Observer | None = None,
+                 check_every: int = 0, graphs: bool | None = None) -> torch.Tensor:
     """Greedy completions of a left-padded batch: the new ids, padded like HF's ``generate(...)[:, P:]``.
 
-    ``length_schedule[i]`` (benchmarks and tests): row i's completion ends with EOS at the latest as its
-    ``length_schedule[i]``-th new token.  ``check_every``: steps between "all finished?" checks (0: every
-    step on CPU, 8 on CUDA).  ``graphs``: CUDA graphs for the decode step (default: on CUDA, except with
-    ``lowrank``).  ``lowrank`` (es.noise=lowrank): the members of a pass; the batch's rows are member-major,
-    ``B / lowrank.groups`` rows per member.
-    ``logits_log`` (tests): receives (step, original row ids, raw fp32 logits) for the live rows of every
-    step.
+    ``lowrank`` (es.noise=lowrank): the members of a pass; the batch's rows are member-major, ``B /
+    lowrank.groups`` rows per member.  ``observer``: see :class:`Observer`.  ``check_every``: steps between
+    "all finished?" checks (0: every step on CPU, 8 on CUDA).  ``graphs``: CUDA graphs for the decode step
+    (default: on CUDA, except with ``lowrank``).
     """
-    W = _weights(model)
-    dev = W.device
-    cuda = dev.type == "cuda"
-    # A pass's factors are new tensors each call, which captured graphs would not see: low-rank runs eagerly.
-    use_graphs = lowrank is None and (cuda if graphs is None else (graphs and cuda))
-    every = check_every or (8 if cuda else 1)
-    ids = input_ids.to(dev)
-    mask = attention_mask.to(dev)
+    W, obs = _weights(model), observer or Observer()
+    dev, cuda = W.device, W.device.type == "cuda"
+    ids, mask = input_ids.to(dev), attention_mask.to(dev)
     B, P = ids.shape
+    # A pass's factors are new tensors each call, which captured graphs (and compiled guards) would not see:
+    # low-rank runs eagerly; so does a step whose logits are watched.
+    plain = lowrank is None and obs.logits is None
+    use_graphs = plain and cuda and graphs is not False
+    compiled = _compiled_step(model, W) if plain else None
+    bucketed = use_graphs or compiled is not None
+    slots = _bucket_len(P + max_new_tokens, 1 << 62) if bucketed else P + max_new_tokens
+    st = _state(model, W, (B, slots, W.head.shape[0], repetition_penalty != 1.0, obs.stop_at is not None),
+                bucketed)
     eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-    vocab = W.head.shape[0]
-    penalty = float(repetition_penalty)
-    need = P + max_new_tokens
-    slots = _bucket_len(need, 1 << 62) if use_graphs else need
-    st = _STATES.get(model) if use_graphs else None
-    want = (B, slots, vocab, penalty != 1.0, length_schedule is not None)
-    if st is None or not st.fits(*want):
-        st = _State(W, *want)
-        if use_graphs:
-            _STATES[model] = st
-    if use_graphs and st.wkey != W.key():  # weights moved (reloaded, another dtype): graphs are stale
-        st.graphs.clear()
-        st.wkey = W.key()
-    dec = _Decoder(W, st, penalty, lowrank)
-    if lowrank is not None:
-        st.grp[:B].copy_(lowrank.member_major(B))
-
-    # Per-call state: RoPE tables (HF's formula: fp32 angle, cos/sin scaled, rounded to the model dtype).
-    t = torch.arange(st.slots, device=dev, dtype=torch.float32)
-    ang = t[:, None] * W.inv_freq.to(device=dev, dtype=torch.float32)[None, :]
-    emb = torch.cat((ang, ang), dim=-1)
-    st.cos.copy_((emb.cos() * W.rope_scale).to(W.dtype))
-    st.sin.copy_((emb.sin() * W.rope_scale).to(W.dtype))
-    if not 1 <= len(eos) <= MAX_EOS:
-        raise ValueError(f"the fast engine takes 1 to {MAX_EOS} EOS ids, got {len(eos)}")
-    st.eos.copy_(torch.tensor(eos + [eos[0]] * (MAX_EOS - len(eos)), device=dev))
-    st.pad.fill_(int(pad_token_id))
-    st.eos_row.fill_(float("-inf"))
-    if 0 <= eos[0] < vocab:
-        st.eos_row[eos[0]] = 0.0
-    st.valid.zero_()
-    st.done[:B].zero_()
-    st.length[:B].fill_(max_new_tokens)
-    st.out[:B, :max_new_tokens].fill_(int(pad_token_id))
-    st.step.zero_()
-    st.slot.fill_(P)
-    if st.presence is not None:
-        st.presence[:B].zero_()
-        st.presence[:B].scatter_(1, ids, True)  # HF penalises every id of the row, pads included
-    if st.sched is not None:
-        sched = torch.tensor([int(s) - 1 for s in length_schedule], dtype=torch.long)  # type: ignore[union-attr]
-        if sched.numel() != B:
-            raise ValueError(f"length_schedule has {sched.numel()} entries for {B} prompts")
-        st.sched[:B].copy_(sched.to(dev))
-
-    logits = torch.empty(B, vocab, dtype=torch.float32, device=dev)
-    chunk = max(1, 16384 // max(P, 1))
-    for r0 in range(0, B, chunk):
-        dec.prefill(ids[r0:r0 + chunk], mask[r0:r0 + chunk], r0, logits)
+    st.start(W, ids, eos, int(pad_token_id), max_new_tokens, obs.stop_at, lowrank)
+    dec = _Decoder(model, W, st, float(repetition_penalty), lowrank, not bool(mask.all()), bucketed, compiled)
+    logits = dec.prefill(ids, mask)
     rows = torch.arange(B, device=dev)  # original row of each live slot (-1: a filler slot)
-    rows_now = [rows]
-    if logits_log is not None:
-        logits_log.append((0, rows.clone(), logits.clone()))
-        use_graphs = False
-        dec.on_logits = lambda lg: logits_log.append((int(st.step), rows_now[0].clone(), lg.clone()))
+    if obs.logits is not None:
+        sink = obs.logits
+        dec.on_logits = lambda lg: sink.append((int(st.step), rows.clone(), lg.clone()))
     dec.advance(logits, B)
-    del logits
-
     final = torch.full((B, max_new_tokens), int(pad_token_id), dtype=torch.long, device=dev)
     final_len = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-    b = B
-    done_steps = 1
-    since = every  # check right after prefill (all rows may stop at the first token)
-    while done_steps < max_new_tokens:
-        if since >= every:
-            since = 0
+    b, steps, every = B, 1, check_every or (8 if cuda else 1)
+    while steps < max_new_tokens:
+        if (steps - 1) % every == 0:  # right after prefill first (all rows may stop at the first token)
             live = torch.nonzero(~st.done[:b] & (rows >= 0)).flatten()
             n = int(live.numel())  # the host sync, once per check
             if n == 0:
                 break
-            nb = _bucket_rows(n, B) if use_graphs else n
+            nb = _bucket_rows(n, B) if bucketed else n
             if nb < b:
                 _flush(st, rows, b, final, final_len)
-                _compact(st, live, nb, n, P + done_steps)
+                st.keep(live, nb, P + steps)
                 rows = torch.cat([rows[live], rows.new_full((nb - n,), -1)])
-                rows_now[0] = rows
                 b = nb
-        S = _bucket_len(P + done_steps, st.slots) if use_graphs else P + done_steps
+        S = _bucket_len(P + steps, st.slots) if bucketed else P + steps
         if use_graphs:
             _replay(dec, b, S)
         else:
-            dec.decode(b, S)
-        done_steps += 1
-        since += 1
+            dec.run(b, S)
+        steps += 1
     _flush(st, rows, b, final, final_len)
-    width = int(final_len.max()) if B else 0
-    return final[:, :width]
+    return final[:, :int(final_len.max()) if B else 0]
 
 
 def _flush(st: _State, rows: torch.Tensor, b: int, final: torch.Tensor, final_len: torch.Tensor) -> None:
@@ -557,23 +688,17 @@ def _flush(st: _State, rows: torch.Tensor, b: int, final: torch.Tensor, final_le
     final_len[idx] = st.length[real]
 
 
-def _compact(st: _State, live: torch.Tensor, nb: int, n: int, used: int) -> None:
-    """Move the live rows to slots ``[:n]`` (one layer at a time, over the written slots only); slots
-    ``[n:nb]`` become finished fillers."""
-    for t in (st.tok, st.pos, st.done, st.length):
-        t[:n] = t[live]
-    for t2 in (st.out, st.valid):
-        t2[:n] = t2[live]
-    if st.presence is not None:
-        st.presence[:n] = st.presence[live]
-    if st.sched is not None:
-        st.sched[:n] = st.sched[live]
-    st.grp[:n] = st.grp[live]
-    for kc, vc in zip(st.kc, st.vc):
-        kc[:n, :, :used] = kc[live, :, :used]
-        vc[:n, :, :used] = vc[live, :, :used]
-    if nb > n:
-        st.done[n:nb] = True
+_CAPTURE = threading.local()
+
+
+def _capture_stream(dev: torch.device) -> Any:
+    """This thread's capture stream on ``dev``: replicas that capture at once (one thread each, several per
+    device or on several devices) never share a stream, nor capture on another device's."""
+    streams = _CAPTURE.__dict__.setdefault("streams", {})
+    s = streams.get(dev.index)
+    if s is None:
+        s = streams[dev.index] = torch.cuda.Stream(dev)
+    return s
 
 
 def _replay(dec: _Decoder, b: int, S: int) -> None:
@@ -582,19 +707,20 @@ def _replay(dec: _Decoder, b: int, S: int) -> None:
     key = (b, S, dec.penalty)  # the penalty is a constant of the captured kernels
     g = st.graphs.get(key)
     if g is None:
+        dev = st.tok.device
         snap = _snapshot(st, b)
-        side = torch.cuda.Stream(st.tok.device)
-        side.wait_stream(torch.cuda.current_stream(st.tok.device))
-        with torch.cuda.stream(side):  # warm-up (lazy inits, workspace) outside the capture
-            dec.decode(b, S)
-        torch.cuda.current_stream(st.tok.device).wait_stream(side)
+        side = _capture_stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up (lazy inits, workspace, compiling and its check) outside capture
+            dec.run(b, S)
+        torch.cuda.current_stream(dev).wait_stream(side)
         _restore(st, b, snap)
         if st.pool is None:
             st.pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         # thread_local: replicas that share the GPU run in other threads and may allocate meanwhile
-        with torch.cuda.graph(g, pool=st.pool, capture_error_mode="thread_local"):
-            dec.decode(b, S)
+        with torch.cuda.graph(g, pool=st.pool, stream=side, capture_error_mode="thread_local"):
+            dec.run(b, S)
         _restore(st, b, snap)  # capture does not run the kernels, but keep the state exact regardless
         st.graphs[key] = g
     g.replay()

@@ -34,9 +34,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from hpc_es import fastgen
 from hpc_es.errors import ConfigError
 from hpc_es.es import Replica, _cpu_pool, update_terms
+from hpc_es.lowrank_pass import Factors, LowRankPass, Rows
 from hpc_es.models import named_params
 from hpc_es.noise import NoiseSource, noise_source
 
@@ -119,13 +119,13 @@ class LowRankModel:
     def __init__(self, model: torch.nn.Module, scope: str, rank: int, noise: NoiseSource) -> None:
         self.model, self.rank, self.noise = model, rank, noise
         self.plan = plan(model, scope)
-        self.active: fastgen.LowRankPass | None = None
+        self.active: LowRankPass | None = None
         params = dict(named_params(model))
         self.params = {n: params[n] for n in self.plan}
         self.embeddings = {n for n, p in params.items()
                            if any(p is m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding))}
         self.handles: list[Any] = []
-        self._rows: dict[tuple[int, int], fastgen.Rows] = {}
+        self._rows: dict[tuple[int, int], Rows] = {}
 
     def remove(self) -> None:
         """Take the hooks off (the end of a ``members`` block does it too)."""
@@ -133,7 +133,7 @@ class LowRankModel:
             h.remove()
         self.handles = []
 
-    def build(self, seeds: Sequence[int], signs: Sequence[int], sigma: float) -> fastgen.LowRankPass:
+    def build(self, seeds: Sequence[int], signs: Sequence[int], sigma: float) -> LowRankPass:
         """Members (seed, sign) side by side: per matrix [B_0 .. B_G-1] and [A_0 .. A_G-1]ᵀ, per 1-D
         parameter σ s ε.  The scale σ s/√r stays fp32 (a bf16 σ would shrink every perturbation alike)."""
         p0 = next(self.model.parameters())
@@ -142,7 +142,7 @@ class LowRankModel:
         scale = torch.zeros(g, g * r, dtype=torch.float32)
         for k, sign in enumerate(signs):
             scale[k, k * r:(k + 1) * r] = float(sign) * sigma / math.sqrt(r)
-        mats: dict[int, fastgen.Factors] = {}
+        mats: dict[int, Factors] = {}
         vectors: dict[int, torch.Tensor] = {}
         for name, kind in self.plan.items():
             p = self.params[name]
@@ -153,13 +153,13 @@ class LowRankModel:
             a, b = side_by_side(self.noise, seeds, name, p.shape, r, dev)
             a, b = a.to(dtype), b.to(dtype)  # (out, G r), (in, G r)
             emb = name in self.embeddings
-            mats[p.data_ptr()] = fastgen.Factors(b.contiguous(), a.T.contiguous(), a.contiguous() if emb else None,
+            mats[p.data_ptr()] = Factors(b.contiguous(), a.T.contiguous(), a.contiguous() if emb else None,
                                                  b.T.contiguous() if emb else None)
-        return fastgen.LowRankPass(g, scale.to(dev), mats, vectors)
+        return LowRankPass(g, scale.to(dev), mats, vectors)
 
     @contextlib.contextmanager
     def members(self, seeds: Sequence[int], signs: Sequence[int], sigma: float,
-                hooks: bool = True) -> Iterator[fastgen.LowRankPass]:
+                hooks: bool = True) -> Iterator[LowRankPass]:
         """Within the block, batch rows are member-major: rows [g*B/G, (g+1)*B/G) belong to member g.
 
         ``hooks``: the model's own modules add the members' terms (``hf`` engine, plain forward calls);
@@ -174,7 +174,7 @@ class LowRankModel:
             self.remove()
             self.active, self._rows = None, {}
 
-    def _rows_of(self, x: torch.Tensor) -> fastgen.Rows:
+    def _rows_of(self, x: torch.Tensor) -> Rows:
         """The rows of a member-major batch (HF keeps every row to the end), for an input of (B, T, ...)."""
         st = self.active
         assert st is not None

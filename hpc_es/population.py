@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from hpc_es import lowrank
+from hpc_es import fastgen, lowrank
 from hpc_es.config import Config
 from hpc_es.es import Engine, Replica, master_torch_dtype
 from hpc_es.faults import Fault
@@ -67,9 +67,11 @@ class Population:
                        for j, lm in enumerate(self.lowrank)]
         self.pool = ThreadPoolExecutor(per) if per > 1 else None
         self._streams: dict[int, Any] = {}  # replica index -> its CUDA stream (replicas that share a GPU)
-        # Benchmarks and tests only: EOS forced at these completion lengths (prompt i ends by its i-th entry),
-        # so that speed is measured on ragged completions with a random-weight model.  None in training.
-        self.length_schedule: Sequence[int] | None = None
+        # Benchmarks and tests only (fastgen.Observer: e.g. EOS forced at set completion lengths, so that speed
+        # is measured on ragged completions with a random-weight model).  None in training.
+        self.observer: fastgen.Observer | None = None
+        for rep in replicas:
+            fastgen.set_compile(rep.model, cfg.rollout.compile)
 
     @classmethod
     def load(cls, cfg: Config, model_path: str, devices: Sequence[torch.device], dtype: torch.dtype, task: Task,
@@ -145,7 +147,7 @@ class Population:
         penalty = resolve_repetition_penalty(self.cfg.rollout.repetition_penalty, model)  # 1.0, a number, the folder's
         return generate(model, self.tokenizers[j], prompts, self.cfg.rollout.max_new_tokens,
                         self.cfg.rollout.batch_size, repetition_penalty=penalty, engine=self.rollout_engine,
-                        length_schedule=self.length_schedule)
+                        observer=self.observer)
 
     def _on_stream(self, j: int, fn: Callable[[int], None]) -> None:
         with device_scope(self.replicas[j].device):  # a pool thread's current CUDA device: its replica's

@@ -47,7 +47,7 @@ def resolve_engine(requested: str, model: torch.nn.Module, notice: bool = True) 
 
 
 class _ForceEOS:
-    """HF logits processor for a per-row length schedule: row i must emit EOS as its ``lengths[i]``-th
+    """HF logits processor for an observer's stop schedule: row i must emit EOS as its ``lengths[i]``-th
     new token (benchmarks and tests; the fast engine honours the same schedule)."""
 
     def __init__(self, lengths: Sequence[int], prompt_len: int, eos: int) -> None:
@@ -126,15 +126,13 @@ def clean_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                  batch_size: int = 0, on_batch: Callable[[int], None] | None = None,
-                 repetition_penalty: float = 1.0, *, engine: str = "hf",
-                 length_schedule: Sequence[int] | None = None,
-                 lowrank: fastgen.LowRankPass | None = None) -> list[list[int]]:
+                 repetition_penalty: float = 1.0, *, engine: str = "hf", lowrank: fastgen.Members | None = None,
+                 observer: fastgen.Observer | None = None) -> list[list[int]]:
     """The completions' token ids (new tokens only, up to and including the first EOS), for ``prompts`` in order.
 
     ``on_batch(done)`` is called after each generate() call with the number of prompts done so far.
     ``engine``: ``hf``, ``fast`` or ``auto`` (see resolve_engine); the token ids are the same.
-    ``length_schedule`` (benchmarks, tests): prompt i's completion ends with EOS by its
-    ``length_schedule[i]``-th new token.
+    ``observer`` (benchmarks, tests; see fastgen.Observer): its stop schedule applies to either engine.
     """
     engine = resolve_engine(engine, model)
     gen_cfg = generation_config(model, tokenizer, max_new_tokens, repetition_penalty)
@@ -147,12 +145,12 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tok
     for start in range(0, len(prompts), size):
         batch = list(prompts[start:start + size])
         enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-        sched = None if length_schedule is None else list(length_schedule[start:start + size])
-        if engine == "fast":  # issue 11: the same ids as the hf branch
+        obs = None if observer is None else observer.part(start, start + size)
+        if engine == "fast":  # the same ids as the hf branch
             new = fastgen.generate_ids(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, eos, pad,
-                                       repetition_penalty=repetition_penalty, length_schedule=sched,
-                                       lowrank=lowrank)
+                                       repetition_penalty=repetition_penalty, lowrank=lowrank, observer=obs)
         else:
+            sched = None if obs is None else obs.stop_at
             procs = [_ForceEOS(sched, enc["input_ids"].shape[1], eos[0])] if sched is not None else None
             with clean_generation_defaults(model):
                 ids = cast(Any, model).generate(**enc, generation_config=gen_cfg, logits_processor=procs)
@@ -167,12 +165,12 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tok
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int = 0, on_batch: Callable[[int], None] | None = None,
-             repetition_penalty: float = 1.0, *, engine: str = "hf",
-             length_schedule: Sequence[int] | None = None, lowrank: fastgen.LowRankPass | None = None) -> list[str]:
+             repetition_penalty: float = 1.0, *, engine: str = "hf", lowrank: fastgen.Members | None = None,
+             observer: fastgen.Observer | None = None) -> list[str]:
     """Completions (new tokens only, special tokens dropped) for ``prompts``, in order (see generate_ids).
 
     ``on_batch(done)`` is called after each generate() call with the number of prompts done so far.
     """
     ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch, repetition_penalty,
-                       engine=engine, length_schedule=length_schedule, lowrank=lowrank)
+                       engine=engine, lowrank=lowrank, observer=observer)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -76,7 +76,8 @@ def check(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: in
     """Fast == HF: ids exactly, raw logits of every live row at every step within 1e-5; returns the ids."""
     want, want_logits = hf(model, ids, mask, new, eos, penalty)
     log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    got = fastgen.generate_ids(model, ids, mask, new, eos, PAD, repetition_penalty=penalty, logits_log=log)
+    got = fastgen.generate_ids(model, ids, mask, new, eos, PAD, repetition_penalty=penalty,
+                               observer=fastgen.Observer(logits=log))
     assert torch.equal(got, want)
     assert [s for s, _, _ in log] == list(range(len(want_logits)))
     for step, rows, logits in log:
@@ -165,7 +166,7 @@ def test_length_schedule_is_honoured_alike_through_rollout_generate(tiny_model_d
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     prompts = [f"Q: what is {i} plus {i * 3}?\nA:" for i in range(9)]
     sched = [1, 3, 5, 30, 2, 40, 7, 12, 4]
-    outs = {e: generate(model, tok, prompts, 20, batch_size=4, engine=e, length_schedule=sched)
+    outs = {e: generate(model, tok, prompts, 20, batch_size=4, engine=e, observer=fastgen.Observer(stop_at=sched))
             for e in ("hf", "fast")}
     assert outs["hf"] == outs["fast"]
     ids = [tok(c, add_special_tokens=False)["input_ids"] for c in outs["fast"]]

@@ -88,11 +88,11 @@ def test_fast_engine_pass_equals_explicit_weights_and_the_hooks(tiny, scope: str
     log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     with lm.members(seeds.tolist(), signs.tolist(), sigma, hooks=False) as lp:
         assert fastgen.unsupported(model) is None  # no hook on the model: the fast engine runs it
-        fast = generate_ids(model, tok, rows, new, engine="fast", length_schedule=sched, lowrank=lp)
-        fastgen.generate_ids(model, enc["input_ids"], enc["attention_mask"], new, eos, pad, length_schedule=sched,
-                             lowrank=lp, logits_log=log)
+        fast = generate_ids(model, tok, rows, new, engine="fast", lowrank=lp, observer=fastgen.Observer(sched))
+        fastgen.generate_ids(model, enc["input_ids"], enc["attention_mask"], new, eos, pad, lowrank=lp,
+                             observer=fastgen.Observer(sched, log))
     with lm.members(seeds.tolist(), signs.tolist(), sigma):
-        hooked = generate_ids(model, tok, rows, new, engine="hf", length_schedule=sched)
+        hooked = generate_ids(model, tok, rows, new, engine="hf", observer=fastgen.Observer(sched))
     assert not any(m._forward_hooks for m in model.modules())  # the block took its hooks off
     assert fast == hooked
     assert len({tuple(r) for r in fast}) > n  # members differ
@@ -100,11 +100,12 @@ def test_fast_engine_pass_equals_explicit_weights_and_the_hooks(tiny, scope: str
     for k in range(g):
         ref = explicit(model, scope, rank, noise, int(seeds[k]), int(signs[k]), sigma)
         part = sched[k * n:(k + 1) * n]
-        assert fast[k * n:(k + 1) * n] == generate_ids(ref, tok, PROMPTS, new, engine="fast", length_schedule=part)
+        assert fast[k * n:(k + 1) * n] == generate_ids(ref, tok, PROMPTS, new, engine="fast",
+                                                       observer=fastgen.Observer(part))
         ref_log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         sub = slice(k * n, (k + 1) * n)
         fastgen.generate_ids(ref, enc["input_ids"][sub], enc["attention_mask"][sub], new, eos, pad,
-                             length_schedule=part, logits_log=ref_log)
+                             observer=fastgen.Observer(part, ref_log))
         want = {(step, int(r)): lg[i] for step, rr, lg in ref_log for i, r in enumerate(rr.tolist()) if r >= 0}
         got = {(step, int(r) - k * n): lg[i] for step, rr, lg in log for i, r in enumerate(rr.tolist())
                if k * n <= r < (k + 1) * n}

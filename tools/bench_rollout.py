@@ -84,7 +84,8 @@ class Engines:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if engine == "fast":
-            new = fastgen.generate_ids(model, ids, mask, self.max_new, self.eos, self.pad, length_schedule=sched)
+            new = fastgen.generate_ids(model, ids, mask, self.max_new, self.eos, self.pad,
+                                        observer=fastgen.Observer(sched))
         else:
             procs = [_ForceEOS(sched, ids.shape[1], self.eos[0])] if sched is not None else None
             new = model.generate(input_ids=ids, attention_mask=mask, generation_config=self.gen_cfg,
@@ -131,7 +132,7 @@ def iterations(arch: Any, dtype: torch.dtype, device: str, n: int, prompts: int,
         cfg[e].rollout.engine = e
         runs[e] = benchlib.HpcEsRun(benchlib.build_model(arch, dtype, device), cfg[e], device)
         if mean is not None:
-            runs[e].population.length_schedule = length_schedule(prompts, mean, tokens)
+            runs[e].population.observer = fastgen.Observer(length_schedule(prompts, mean, tokens))
     import bench_noise
 
     rows: dict[str, list[float]] = {"hf": [], "fast": []}

@@ -177,7 +177,7 @@ def _decode(engine: str, model: torch.nn.Module, ids: torch.Tensor, mask: torch.
     t0 = time.perf_counter()
     with torch.no_grad():
         if engine == "fast":
-            out = fastgen.generate_ids(model, ids, mask, new, eos, pad, length_schedule=sched)
+            out = fastgen.generate_ids(model, ids, mask, new, eos, pad, observer=fastgen.Observer(sched))
         else:
             gen_cfg.max_new_tokens = new
             procs = [_ForceEOS(sched, ids.shape[1], eos)] if sched is not None else None
@@ -215,7 +215,7 @@ def first_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, ge
     are closer than twice that row's largest difference (rounding decides), else a real flip."""
     log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
-        fastgen.generate_ids(model, ids, mask, 1, eos, pad, logits_log=log)
+        fastgen.generate_ids(model, ids, mask, 1, eos, pad, observer=fastgen.Observer(logits=log))
         gen_cfg.max_new_tokens = 1
         hf = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, output_logits=True,
                             return_dict_in_generate=True).logits[0].float()
