@@ -121,6 +121,9 @@ def test_bench_prints_both_implementations_and_every_target() -> None:
     # no timed phase compiled a kernel: with no warm-up iteration at all, the N=6 update's 4-term and 2-term
     # accumulates, the perturb and the keyed fill were built before any timing started
     assert summary["kernels_built_while_timed"] == 0 and summary["pass"]["no_kernel_built_while_timed"]
+    # the decode step on the bench model, eager and compiled (tools/bench_decode.py)
+    assert summary["decode_kernels_per_step"]["eager"] > 0 and summary["decode_kernels_per_step"]["compiled"] > 0
+    assert summary["compiled_over_eager"] > 0 and "== decode step" in out
 
 
 @pytest.mark.integration
@@ -134,8 +137,9 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_architecture(tmp_path) -> None:
     out = _run("gpu_check.py", ["--tiny", "--n", "2", "--prompts", "2", "--tokens", "2", "--warmup", "0",
                                 "--out", str(report)], path=str(blocked.parent))
     phases = json.loads(report.read_text())["phases"]
-    assert list(phases) == ["exactness", "tiny.build", "tiny.engines", "tiny.perturb_update", "tiny.noise_bits",
-                            "tiny.iteration", "lowrank", "tiny.es_table", "tiny.master"]
+    assert list(phases) == ["exactness", "tiny.build", "tiny.engines", "tiny.compiled", "tiny.kernels",
+                            "tiny.perturb_update", "tiny.noise_bits", "tiny.iteration", "lowrank", "tiny.es_table",
+                            "tiny.master"]
     assert all(p["status"] == "ok" for p in phases.values()), {k: p.get("error") for k, p in phases.items()}
     assert "tiny Qwen2.5-shaped" in out and "bfloat16, cpu" in out and "N=2, 2 prompts, 2 new tokens" in out
     assert re.search(r"gpu_check: \d+s in all", out)
@@ -145,8 +149,12 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_architecture(tmp_path) -> None:
     assert eng["fast_replay_identical"] and eng["tokens"] > 8 and eng["fast_tokens_per_s"] > 0
     assert eng["first_step"]["first_token_identical"] == 1.0 and eng["first_step"]["rows"] == 8
     # the paper iteration from the measured pieces: N x (member + perturb) + update
+    comp = phases["tiny.compiled"]["result"]
+    assert comp["tokens_identical_to_eager"] and not comp["refused"] and comp["compiled_kernels_built_while_timed"] == 0
+    assert phases["tiny.kernels"]["result"]["eager"] > 0
     pu, it = phases["tiny.perturb_update"]["result"], phases["tiny.iteration"]["result"]
-    assert it["iteration_s"] == pytest.approx(30 * (eng["fast_s"] + pu["perturb_s"]) + pu["update_s"])
+    assert it["member_rollout_s"] == min(eng["fast_s"], comp["compiled_s"])
+    assert it["iteration_s"] == pytest.approx(30 * (it["member_rollout_s"] + pu["perturb_s"]) + pu["update_s"])
     assert pu["kernels_built_while_timed"] == 0
     assert not phases["tiny.noise_bits"]["result"]["mismatches"]
     rows = _phases(out.replace("        -", " 0.0"))

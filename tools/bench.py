@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arch_args(ap)
     ap.add_argument("--json", action="store_true", help="end with one JSON line of the figures and targets")
     ap.add_argument("--no-rollout", action="store_true", help="skip the rollout engines' comparison")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode step's eager/compiled figures")
     add_args(ap)
     args = ap.parse_args(argv)
     dtype = resolve(args)
@@ -330,9 +331,28 @@ def main(argv: list[str] | None = None) -> int:
                                                           chunk=args.chunk)
     if roll is not None:
         print(bench_rollout.table(roll), flush=True)
+    dec = None if args.no_decode else decode_figures(arch, dtype, args.device, args.prompts, args.tokens)
     if args.json:
-        print(json.dumps(bench_rollout.summary(res, roll, noise, low)), flush=True)
+        print(json.dumps(bench_rollout.summary(res, roll, noise, low, dec)), flush=True)
     return 0
+
+
+def decode_figures(arch: Arch, dtype: torch.dtype, device: str, prompts: int, tokens: int) -> dict[str, Any]:
+    """The fast engine's decode step on the bench model, eager against compiled (tools/bench_decode.py):
+    kernels per step and rollout tokens/s, on the table's prompts and token budget."""
+    import bench_decode
+
+    model = build_model(arch, dtype, device)
+    cfg = bench_config(1, prompts, tokens, 1e-3, 5e-4, 1 << 20)
+    texts = [ex.prompt for ex in load_task(cfg).train_examples()][:prompts]
+    enc = tokenizer()(texts, return_tensors="pt", padding=True)
+    got = bench_decode.figures(model, enc["input_ids"], enc["attention_mask"], tokens)
+    k, c = got["decode_kernels_per_step"], got["compiled_decode"]
+    print(f"== decode step (tools/bench_decode.py), {arch.layers} layers: kernels per step eager {k['eager']:.0f}, "
+          f"compiled {k['compiled']:.0f}; rollout tokens/s eager {c['eager_tokens_per_s']:.0f}, compiled "
+          f"{c['compiled_tokens_per_s']:.0f} = {got['compiled_over_eager']:.2f}x"
+          + (" (the compiled step was refused: it ran eagerly)" if c["refused"] else ""), flush=True)
+    return got
 
 
 if __name__ == "__main__":

@@ -197,9 +197,11 @@ def table(res: dict[str, Any]) -> str:
 
 
 def summary(res: Any, roll: dict[str, Any] | None, keyed: dict[str, float] | None = None,
-            low: Any = None) -> dict[str, Any]:
+            low: Any = None, decode: dict[str, Any] | None = None) -> dict[str, Any]:
     """tools/bench.py's --json line: its own figures (a bench.Result) and, when run, the engines', the keyed
-    noise against torch.randn (tools/bench_noise.py) and low-rank against full-rank (tools/bench_lowrank.py)."""
+    noise against torch.randn (tools/bench_noise.py), low-rank against full-rank (tools/bench_lowrank.py) and
+    the decode step eager against compiled (tools/bench_decode.py: ``decode_kernels_per_step``,
+    ``compiled_over_eager``)."""
     h, b, lim = res.hpc, res.base, res.limits
     noise = (res.n + res.terms) * res.params / max(h["perturb"] + h["update"], 1e-12)
     out: dict[str, Any] = {
@@ -231,6 +233,8 @@ def summary(res: Any, roll: dict[str, Any] | None, keyed: dict[str, float] | Non
     if low is not None:
         out["lowrank_over_full"] = low.lowrank_over_full
         passed["lowrank_over_full"] = low.lowrank_over_full >= 4.0
+    if decode is not None:
+        out.update(decode)
     passed["no_kernel_built_while_timed"] = out["kernels_built_while_timed"] == 0  # every figure above is warm
     out["pass"] = passed
     return out

@@ -80,7 +80,8 @@ TINY = benchlib.Arch("tiny Qwen2.5-shaped (CPU check of this script)", hidden=32
 PAPER = {"n": 30, "rows": 200, "cap": 1024, "mean": 300.0}  # Countdown: N, prompts, max new tokens, mean length
 TARGETS = {"iteration_s": {"1.5B": 45.0, "7B": 150.0}, "fast_over_hf": {"1.5B": 5.0}}
 # Expected seconds of each phase on one H200 (a phase is skipped when less of the budget is left).
-ESTIMATE_S = {"exactness": 15, "build": 15, "engines": 100, "perturb_update": 25, "noise_bits": 20,
+ESTIMATE_S = {"exactness": 15, "build": 15, "engines": 60, "compiled": 90, "kernels": 30, "perturb_update": 25,
+              "noise_bits": 20,
               "iteration": 0, "lowrank": 80, "es_table": 60, "master": 45}
 
 
@@ -232,73 +233,136 @@ def first_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, ge
             "near_tie_flips": int(near.sum()), "other_flips": int((flip & ~near).sum())}
 
 
-def engines(model: torch.nn.Module, key: str, device: str, rows: int, cap: int, mean: float, hf_cap: int,
+class Member:
+    """One member's rollout batch at the paper's scale: ``rows`` random prompts of ``lens`` tokens, completion
+    lengths from the schedule (the same bits in every phase that builds it)."""
+
+    def __init__(self, model: torch.nn.Module, rows: int, cap: int, mean: float, lens: tuple[int, int]) -> None:
+        self.model, self.rows, self.cap = model, rows, cap
+        tok = benchlib.tokenizer()
+        self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
+        self.gen_cfg = generation_config(model, tok, cap)
+        dev = str(next(model.parameters()).device)
+        self.ids, self.mask = _prompts(rows, *lens, model.config.vocab_size, self.pad, self.eos, dev)
+        self.sched = bench_rollout.length_schedule(rows, mean, cap)
+        self.tokens = int(sum(self.sched))
+
+    def decode(self, engine: str, new: int | None = None, sched: list[int] | None = None) -> tuple[torch.Tensor, float]:
+        return _decode(engine, self.model, self.ids, self.mask, self.cap if new is None else new,
+                       self.sched if sched is None else sched, self.gen_cfg, self.eos, self.pad)
+
+    def rollout(self) -> dict[str, Any]:
+        """The member's rollout twice with the fast engine as set: the first call compiles and captures (its
+        time is reported apart), the second is timed; and the decode step at ``rows`` rows: 33 against 1 new
+        token on the same state (the schedule's flag) and graphs, both warmed first."""
+        before = bench_noise.compiles()
+        first, first_s = self.decode("fast")
+        built = bench_noise.compiles()
+        second, s = self.decode("fast")
+        times = {}
+        for rnd in range(2):
+            for n in (1, 33):
+                _, dt = self.decode("fast", n, [n] * self.rows)
+                if rnd:
+                    times[n] = dt
+        return {"first_s": first_s, "s": s, "tokens_per_s": bench_rollout.completion_tokens(second, [self.eos]) / s,
+                "replay_identical": bool(torch.equal(first, second)), "out": second,
+                "decode_step_ms": (times[33] - times[1]) / 32 * 1e3, "compiles_first_call": built - before,
+                "kernels_built_while_timed": bench_noise.compiles() - built}
+
+
+def engines(model: torch.nn.Module, key: str, rows: int, cap: int, mean: float, hf_cap: int,
             lens: tuple[int, int] = (100, 140)) -> dict[str, Any]:
-    """One member's rollout at the paper's scale: fast (eager decode step, CUDA graphs) and HF generate
-    tokens/s, the decode step at ``rows`` rows, peak memory, the first-step logits against HF."""
+    """One member's rollout at the paper's scale: fast with the eager decode step (CUDA graphs) and HF
+    generate, tokens/s, the decode step at ``rows`` rows, peak memory, the first-step logits against HF."""
     cfg = model.config
+    device = str(next(model.parameters()).device)
     mem = _Mem(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    tok = benchlib.tokenizer()
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    gen_cfg = generation_config(model, tok, cap)
-    ids, mask = _prompts(rows, *lens, cfg.vocab_size, pad, eos, device)
-    sched = bench_rollout.length_schedule(rows, mean, cap)
+    m = Member(model, rows, cap, mean, lens)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    slots = -(-(ids.shape[1] + cap) // 256) * 256
+    slots = -(-(m.ids.shape[1] + cap) // 256) * 256
     dtype = next(model.parameters()).dtype
     kv = cfg.num_hidden_layers * 2 * rows * cfg.num_key_value_heads * slots * head_dim * dtype.itemsize
-    res: dict[str, Any] = {"rows": rows, "prompt_len": int(ids.shape[1]), "tokens": int(sum(sched)),
+    res: dict[str, Any] = {"rows": rows, "prompt_len": int(m.ids.shape[1]), "tokens": m.tokens,
                            "weights_gib": _gib(weights), "kv_cache_gib": _gib(kv)}
+    fastgen.set_compile(model, "false")  # this phase: the eager decode step (the compiled one: <model>.compiled)
     mem.reset()
     base = mem.now()
-    fast1, res["fast_first_s"] = _decode("fast", model, ids, mask, cap, sched, gen_cfg, eos, pad)  # + capture
-    fast2, res["fast_s"] = _decode("fast", model, ids, mask, cap, sched, gen_cfg, eos, pad)
-    res["fast_replay_identical"] = bool(torch.equal(fast1, fast2))
-    res["fast_tokens_per_s"] = bench_rollout.completion_tokens(fast2, [eos]) / res["fast_s"]
+    r = m.rollout()
+    fast2 = r.pop("out")
+    res.update({f"fast_{k}": v for k, v in r.items()})
     res["fast_peak_gib"] = _gib(mem.peak())
     res["fast_extra_gib"] = _gib(mem.peak() - base)
     # peak <= weights + master (the ES copy, not allocated here) + KV cache + 4 GiB
     res["memory_bound_gib"] = _gib(2 * weights + kv) + 4
     res["memory_ok"] = res["fast_peak_gib"] + _gib(weights) <= res["memory_bound_gib"]
-    # the decode step: 33 against 1 new token, on the same state (the schedule's flag) and graphs, warmed first
-    times = {}
-    for rnd in range(2):
-        for n in (1, 33):
-            _, dt = _decode("fast", model, ids, mask, n, [n] * rows, gen_cfg, eos, pad)
-            if rnd:
-                times[n] = dt
-    res["fast_decode_step_ms"] = (times[33] - times[1]) / 32 * 1e3
-    # TODO(decoder): the compiled decode step (rollout.compile): compiled_s, compiled_tokens_per_s,
-    # compiled_over_eager and kernels per decode step (eager and compiled), once fastgen has them.
     # HF: the whole member, or (hf_cap < cap) both engines on the schedule capped at hf_cap
-    hf_sched = sched if hf_cap >= cap else [min(s, hf_cap) for s in sched]
+    hf_sched = m.sched if hf_cap >= cap else [min(s, hf_cap) for s in m.sched]
     res["hf_schedule"] = "the member's" if hf_cap >= cap else f"the member's capped at {hf_cap} tokens"
     if hf_cap >= cap:
         fast_ref, fast_ref_s = fast2, res["fast_s"]
     else:
-        _decode("fast", model, ids, mask, hf_cap, hf_sched, gen_cfg, eos, pad)
-        fast_ref, fast_ref_s = _decode("fast", model, ids, mask, hf_cap, hf_sched, gen_cfg, eos, pad)
+        m.decode("fast", hf_cap, hf_sched)
+        fast_ref, fast_ref_s = m.decode("fast", hf_cap, hf_sched)
     mem.reset()
-    hf, res["hf_s"] = _decode("hf", model, ids, mask, max(hf_sched), hf_sched, gen_cfg, eos, pad)
+    hf, res["hf_s"] = m.decode("hf", max(hf_sched), hf_sched)
     res["hf_peak_gib"] = _gib(mem.peak())
-    res["hf_tokens_per_s"] = bench_rollout.completion_tokens(hf, [eos]) / res["hf_s"]
-    res["fast_over_hf"] = (bench_rollout.completion_tokens(fast_ref, [eos]) / fast_ref_s) / res["hf_tokens_per_s"]
+    res["hf_tokens_per_s"] = bench_rollout.completion_tokens(hf, [m.eos]) / res["hf_s"]
+    res["fast_over_hf"] = (bench_rollout.completion_tokens(fast_ref, [m.eos]) / fast_ref_s) / res["hf_tokens_per_s"]
     res["hf_member_s"] = res["hf_s"] if hf_cap >= cap else res["tokens"] / res["hf_tokens_per_s"]
-    res["first_step"] = first_step(model, ids, mask, gen_cfg, eos, pad)
+    res["first_step"] = first_step(model, m.ids, m.mask, m.gen_cfg, m.eos, m.pad)
+    fastgen.set_compile(model, "auto")
     want = TARGETS["fast_over_hf"].get(key)
     res["pass"] = {"memory": res["memory_ok"], "replay": res["fast_replay_identical"]}
     if want is not None:
         res["pass"]["fast_over_hf"] = res["fast_over_hf"] >= want
     fs = res["first_step"]
-    print(f"engines {key}: fast {res['fast_s']:.1f} s/member ({res['fast_tokens_per_s']:.0f} tokens/s; first call "
-          f"{res['fast_first_s']:.1f} s), hf {res['hf_tokens_per_s']:.0f} tokens/s on {res['hf_schedule']} "
+    print(f"engines {key}: fast (eager step) {res['fast_s']:.1f} s/member ({res['fast_tokens_per_s']:.0f} tokens/s; "
+          f"first call {res['fast_first_s']:.1f} s), hf {res['hf_tokens_per_s']:.0f} tokens/s on {res['hf_schedule']} "
           f"schedule: fast/hf {res['fast_over_hf']:.2f}x (target {want}x); decode step at {rows} rows "
           f"{res['fast_decode_step_ms']:.1f} ms; peak {res['fast_peak_gib']:.1f} GiB (bound "
           f"{res['memory_bound_gib']:.1f}); first step: max |logit diff| {fs['max_abs_logit_diff']:.3g}, first "
           f"token identical {fs['first_token_identical']:.0%} ({fs['near_tie_flips']} near-tie flips, "
           f"{fs['other_flips']} others)", flush=True)
     return res
+
+
+def compiled(model: torch.nn.Module, key: str, check: Check, rows: int, cap: int, mean: float,
+             lens: tuple[int, int] = (100, 140)) -> dict[str, Any]:
+    """The same member with the compiled decode step (rollout.compile=true): the first call compiles and
+    captures, the second is timed; tokens/s over the eager step's (``<model>.engines``), and whether the
+    step was refused (then it ran eagerly) or gave other tokens than the eager step."""
+    m = Member(model, rows, cap, mean, lens)
+    fastgen.set_compile(model, "true")
+    try:
+        r = m.rollout()
+        res = {f"compiled_{k}": v for k, v in r.items() if k != "out"}
+        res["refused"] = fastgen.compile_refused(model)
+        fastgen.set_compile(model, "false")
+        eager, _ = m.decode("fast")
+        res["tokens_identical_to_eager"] = bool(torch.equal(eager, r["out"]))
+    finally:
+        fastgen.set_compile(model, "auto")
+    eng = check.result(f"{key}.engines")
+    res["compiled_over_eager"] = res["compiled_tokens_per_s"] / eng["fast_tokens_per_s"] if eng else None
+    print(f"compiled {key}: {res['compiled_s']:.1f} s/member ({res['compiled_tokens_per_s']:.0f} tokens/s; first call "
+          f"{res['compiled_first_s']:.1f} s, {res['compiled_compiles_first_call']} graph(s) compiled), decode step "
+          f"{res['compiled_decode_step_ms']:.1f} ms; over eager {res['compiled_over_eager'] or float('nan'):.2f}x; "
+          f"refused: {res['refused']}; tokens identical to eager: {res['tokens_identical_to_eager']}", flush=True)
+    return res
+
+
+def kernels(model: torch.nn.Module, rows: int, lens: tuple[int, int] = (100, 140)) -> dict[str, float]:
+    """Kernels per decode step, eager and compiled (tools/bench_decode.py: the profiler, graphs off), on
+    ``rows`` of the member's prompts (the count does not depend on the row count)."""
+    import bench_decode
+
+    m = Member(model, rows, 8, 4.0, lens)
+    out = {name: bench_decode.decode_kernels_per_step(model, m.ids, m.mask, compiled=name == "compiled")
+           for name in ("eager", "compiled")}
+    print(f"   kernels per decode step: eager {out['eager']:.0f}, compiled {out['compiled']:.0f}", flush=True)
+    return out
 
 
 class _Mem:
@@ -367,11 +431,14 @@ def iteration(key: str, check: Check) -> dict[str, Any]:
     eng, pu = check.result(f"{key}.engines"), check.result(f"{key}.perturb_update")
     if eng is None or pu is None:
         raise RuntimeError(f"needs {key}.engines and {key}.perturb_update")
-    member = min(eng["fast_s"], eng.get("compiled_s", float("inf")))
+    comp = check.result(f"{key}.compiled") or {}
+    usable = comp and not comp["refused"]  # (a run uses the compiled step unless its own check refused it)
+    member = min(eng["fast_s"], comp["compiled_s"] if usable else float("inf"))
     n = PAPER["n"]
     est = n * (member + pu["perturb_s"]) + pu["update_s"]
     want = TARGETS["iteration_s"].get(key)
-    out = {"iteration_s": est, "member_rollout_s": member, "n": n, "rows": eng["rows"], "tokens": eng["tokens"],
+    out = {"iteration_s": est, "member_rollout_s": member, "decode_step": "compiled" if member < eng["fast_s"]
+           else "eager", "n": n, "rows": eng["rows"], "tokens": eng["tokens"],
            "target_s": want, "pass": None if want is None else est <= want,
            "formula": "n * (member_rollout_s + perturb_s) + update_s"}
     print(f"   paper iteration {key} (N={n}, {eng['rows']} prompts, <= {PAPER['cap']} tokens): {est:.1f} s "
@@ -490,14 +557,18 @@ def summary(check: Check, keys: list[str]) -> dict[str, Any]:
     low = check.result("lowrank")
     for key in keys:
         eng = check.result(f"{key}.engines") or {}
+        comp = check.result(f"{key}.compiled") or {}
+        kern = check.result(f"{key}.kernels")
         pu = check.result(f"{key}.perturb_update") or {}
         nb = check.result(f"{key}.noise_bits")
         it = check.result(f"{key}.iteration") or {}
         out[key] = {
             "fast_tokens_per_s": eng.get("fast_tokens_per_s"),
-            "compiled_tokens_per_s": eng.get("compiled_tokens_per_s"),
+            "compiled_tokens_per_s": comp.get("compiled_tokens_per_s"), "compiled_over_eager": comp.get(
+                "compiled_over_eager"), "compiled_refused": comp.get("refused"),
             "hf_tokens_per_s": eng.get("hf_tokens_per_s"), "fast_over_hf": eng.get("fast_over_hf"),
-            "kernels_per_decode_step": eng.get("kernels_per_step"), "decode_step_ms": eng.get("fast_decode_step_ms"),
+            "kernels_per_decode_step": kern, "decode_step_ms": eng.get("fast_decode_step_ms"),
+            "compiled_decode_step_ms": comp.get("compiled_decode_step_ms"),
             "first_step": eng.get("first_step"), "perturb_s": pu.get("perturb_s"), "update_s": pu.get("update_s"),
             "noise_chunk": pu.get("chunk"), "iteration_s": it.get("iteration_s"),
             "iteration_target_s": it.get("target_s"),
@@ -559,8 +630,9 @@ def main(argv: list[str] | None = None) -> int:
         mean = PAPER["mean"] if not args.tiny else 8.0
         hf_cap = args.hf_cap_7b if key == "7B" else args.cap
         lens = (100, 140) if not args.tiny else (3, 9)
-        check.phase(f"{key}.engines", est["engines"], engines, model, key, args.device, args.rows, args.cap, mean,
-                    hf_cap, lens)
+        check.phase(f"{key}.engines", est["engines"], engines, model, key, args.rows, args.cap, mean, hf_cap, lens)
+        check.phase(f"{key}.compiled", est["compiled"], compiled, model, key, check, args.rows, args.cap, mean, lens)
+        check.phase(f"{key}.kernels", est["kernels"], kernels, model, min(args.rows, 16), lens)
         check.phase(f"{key}.perturb_update", est["perturb_update"], perturb_update, model, PAPER["n"])
         nb = check.phase(f"{key}.noise_bits", est["noise_bits"], noise_bits, model, args.device, args.tiny)
         if nb is not None:
