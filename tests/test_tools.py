@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,33 @@ def test_gpu_check_phases_record_errors_skip_when_short_of_time_and_write_as_the
     got = json.loads(path.read_text())["phases"]
     assert [got[k]["status"] for k in ("first", "second", "third", "long")] == ["ok", "error", "ok", "skipped"]
     assert got["third"]["result"] == 3 and got["long"]["reason"].endswith("the phase takes about 120 s")
+
+
+@pytest.mark.integration
+def test_bench_warm_up_builds_every_kernel_a_timed_update_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the compiled noise kernels on, benchlib.warm_kernels on a scratch tensor builds every kernel a
+    whole-model perturb and an N=30 update use (the update's 4-term and 2-term accumulates among them): the
+    timed calls after it compile nothing, and their weights are those of the eager path."""
+    import bench_noise
+    import benchlib
+
+    from hpc_es.noise import member_seeds
+
+    monkeypatch.setenv("HPC_ES_NOISE_COMPILE", "1")
+    model = benchlib.build_model(benchlib.Arch(hidden=32, layers=1, heads=4, kv_heads=2), torch.bfloat16, "cpu")
+    ref = benchlib.build_model(benchlib.Arch(hidden=32, layers=1, heads=4, kv_heads=2), torch.bfloat16, "cpu")
+    rep, eager_rep = Replica.wrap(model, "device"), Replica.wrap(ref, "device")
+    eng = Engine(1 << 20)
+    benchlib.warm_kernels(eng, rep)
+    before = bench_noise.compiles()
+    seeds, signs = member_seeds(0, 0, 30, False)
+    shaped = (np.arange(30, dtype=np.float64) - 14.5) / 30
+    eng.perturb(rep, int(seeds[3]), 1, 1e-3)
+    eng.update([rep], seeds, signs, shaped, 1e-3)
+    assert bench_noise.compiles() == before
+    monkeypatch.setenv("HPC_ES_NOISE_COMPILE", "0")
+    eager = Engine(1 << 20)
+    eager.perturb(eager_rep, int(seeds[3]), 1, 1e-3)
+    eager.update([eager_rep], seeds, signs, shaped, 1e-3)
+    for (name, p), (_, q) in zip(rep.params, eager_rep.params):
+        assert torch.equal(p, q), name

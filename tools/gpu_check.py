@@ -320,8 +320,8 @@ def engines(model: torch.nn.Module, key: str, rows: int, cap: int, mean: float, 
     fs = res["first_step"]
     print(f"engines {key}: fast (eager step) {res['fast_s']:.1f} s/member ({res['fast_tokens_per_s']:.0f} tokens/s; "
           f"first call {res['fast_first_s']:.1f} s), hf {res['hf_tokens_per_s']:.0f} tokens/s on {res['hf_schedule']} "
-          f"schedule: fast/hf {res['fast_over_hf']:.2f}x (target {want}x); decode step at {rows} rows "
-          f"{res['fast_decode_step_ms']:.1f} ms; peak {res['fast_peak_gib']:.1f} GiB (bound "
+          f"schedule: fast/hf {res['fast_over_hf']:.2f}x (target {f'{want}x' if want else 'none'}); decode step at "
+          f"{rows} rows {res['fast_decode_step_ms']:.1f} ms; peak {res['fast_peak_gib']:.1f} GiB (bound "
           f"{res['memory_bound_gib']:.1f}); first step: max |logit diff| {fs['max_abs_logit_diff']:.3g}, first "
           f"token identical {fs['first_token_identical']:.0%} ({fs['near_tie_flips']} near-tie flips, "
           f"{fs['other_flips']} others)", flush=True)
@@ -442,7 +442,7 @@ def iteration(key: str, check: Check) -> dict[str, Any]:
            "target_s": want, "pass": None if want is None else est <= want,
            "formula": "n * (member_rollout_s + perturb_s) + update_s"}
     print(f"   paper iteration {key} (N={n}, {eng['rows']} prompts, <= {PAPER['cap']} tokens): {est:.1f} s "
-          f"(target {want} s)", flush=True)
+          f"(target {f'{want} s' if want else 'none'})", flush=True)
     return out
 
 
