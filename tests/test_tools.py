@@ -101,7 +101,8 @@ def _phases(table: str) -> dict[str, list[float]]:
 @pytest.mark.integration
 def test_bench_prints_both_implementations_and_every_target() -> None:
     out = _run("bench.py", ["--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--n", "6",
-                            "--prompts", "2", "--tokens", "4", "--iterations", "1", "--warmup", "0", "--json"])
+                            "--prompts", "2", "--tokens", "4", "--iterations", "1", "--warmup", "0", "--json",
+                            "--no-decode"])
     rows = _phases(out)
     assert rows["restore"][0] == 0.0 and rows["restore"][1] > 0  # hpc_es needs no restore pass; baseline does
     assert all(v > 0 for v in rows["rollout"] + rows["update"] + rows["perturb"])
@@ -122,9 +123,19 @@ def test_bench_prints_both_implementations_and_every_target() -> None:
     # no timed phase compiled a kernel: with no warm-up iteration at all, the N=6 update's 4-term and 2-term
     # accumulates, the perturb and the keyed fill were built before any timing started
     assert summary["kernels_built_while_timed"] == 0 and summary["pass"]["no_kernel_built_while_timed"]
-    # the decode step on the bench model, eager and compiled (tools/bench_decode.py)
-    assert summary["decode_kernels_per_step"]["eager"] > 0 and summary["decode_kernels_per_step"]["compiled"] > 0
-    assert summary["compiled_over_eager"] > 0 and "== decode step" in out
+    assert "decode_kernels_per_step" not in summary  # --no-decode (see the next test)
+
+
+@pytest.mark.integration
+def test_bench_decode_figures_count_kernels_eager_and_compiled() -> None:
+    """bench.py --json's decode_kernels_per_step and compiled_over_eager, on a one-layer bench model: on a CPU
+    the compiled step calls out to fewer operators than the eager one (inductor fuses the rest)."""
+    import bench
+
+    got = bench.decode_figures(bench.Arch(hidden=32, layers=1, heads=4, kv_heads=2), torch.float32, "cpu", 2, 6)
+    kernels = got["decode_kernels_per_step"]
+    assert 0 < kernels["compiled"] < kernels["eager"]
+    assert got["compiled_over_eager"] > 0 and not got["compiled_decode"]["refused"]
 
 
 @pytest.mark.integration
@@ -136,11 +147,14 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_architecture(tmp_path) -> None:
     (blocked / "__init__.py").write_text("raise ImportError('submitit is not installed here')\n")
     report = tmp_path / "gpu_check.json"
     out = _run("gpu_check.py", ["--tiny", "--n", "2", "--prompts", "2", "--tokens", "2", "--warmup", "0",
-                                "--out", str(report)], path=str(blocked.parent))
+                                "--budget-s", "3600", "--out", str(report)], path=str(blocked.parent))
     phases = json.loads(report.read_text())["phases"]
-    assert list(phases) == ["exactness", "tiny.build", "tiny.engines", "tiny.compiled", "tiny.kernels",
-                            "tiny.perturb_update", "tiny.noise_bits", "tiny.iteration", "lowrank", "tiny.es_table",
+    assert list(phases) == ["exactness", "tiny.build", "tiny.engines", "tiny.perturb_update", "tiny.noise_bits",
+                            "tiny.compiled", "tiny.iteration", "tiny.kernels", "lowrank", "tiny.es_table",
                             "tiny.master"]
+    # every phase ran but the compiled decode step (compiling on a CPU takes minutes)
+    skipped = phases.pop("tiny.compiled")
+    assert (skipped["status"], skipped["reason"]) == ("skipped", "--tiny: a CPU dry run") and "result" not in skipped
     assert all(p["status"] == "ok" for p in phases.values()), {k: p.get("error") for k, p in phases.items()}
     assert "tiny Qwen2.5-shaped" in out and "bfloat16, cpu" in out and "N=2, 2 prompts, 2 new tokens" in out
     assert re.search(r"gpu_check: \d+s in all", out)
@@ -150,11 +164,9 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_architecture(tmp_path) -> None:
     assert eng["fast_replay_identical"] and eng["tokens"] > 8 and eng["fast_tokens_per_s"] > 0
     assert eng["first_step"]["first_token_identical"] == 1.0 and eng["first_step"]["rows"] == 8
     # the paper iteration from the measured pieces: N x (member + perturb) + update
-    comp = phases["tiny.compiled"]["result"]
-    assert comp["tokens_identical_to_eager"] and not comp["refused"] and comp["compiled_kernels_built_while_timed"] == 0
-    assert phases["tiny.kernels"]["result"]["eager"] > 0
+    assert list(phases["tiny.kernels"]["result"]) == ["eager"] and phases["tiny.kernels"]["result"]["eager"] > 0
     pu, it = phases["tiny.perturb_update"]["result"], phases["tiny.iteration"]["result"]
-    assert it["member_rollout_s"] == min(eng["fast_s"], comp["compiled_s"])
+    assert it["member_rollout_s"] == eng["fast_s"]
     assert it["iteration_s"] == pytest.approx(30 * (it["member_rollout_s"] + pu["perturb_s"]) + pu["update_s"])
     assert pu["kernels_built_while_timed"] == 0
     assert not phases["tiny.noise_bits"]["result"]["mismatches"]

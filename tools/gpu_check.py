@@ -4,24 +4,29 @@
 Meant to finish within 8 minutes on one H200.  Each phase runs on its own (an error is recorded with its
 text and the check moves on), is skipped when less of ``--budget-s`` (wall time from the start) is left
 than the phase is expected to take, and its record goes to ``--out`` as soon as it is done: the file is
-rewritten after every phase, so a crash or a kill keeps every phase before it.  The phases, in order of
-what they are worth:
+rewritten after every phase, so a crash or a kill keeps every phase before it.  The phases, in order:
 
 * ``exactness``: a small fp32 model, the fast engine (CUDA graphs, row compaction, ragged schedule)
   against HF generate: token ids must be identical.
 * per model, ``<model>.engines``: one member's rollout as the paper runs it (200 prompts of 100-140 tokens,
   completion lengths from the schedule: exponential, mean 300, capped at 1024, one row at 1024) with the
   fast engine (its first call captures the graphs; the second is timed) and HF generate (7B: both on the
-  schedule capped at ``--hf-cap-7b`` tokens); tokens/s of each, the decode step at 200 rows (every call
-  it times warmed first), peak memory, and the first-step logits of fast against HF (``rows identical``
-  on random bf16 weights mostly measures near-ties: a changed first token is counted as a near-tie flip
-  when HF's own two logits are closer than the fast engine's largest logit difference on that row).
+  schedule capped at ``--hf-cap-7b`` tokens), the eager decode step; tokens/s of each, the decode step at
+  200 rows (every call it times warmed first), peak memory, and the first-step logits of fast against HF
+  (``rows identical`` on random bf16 weights mostly measures near-ties: a changed first token is counted
+  as a near-tie flip when HF's own two logits are closer than twice the largest logit difference on that
+  row).
 * ``<model>.perturb_update``: Engine.perturb and Engine.update (N=30) over the whole model at the
   default ``es.noise_chunk``, after building every compiled noise kernel they use.
 * ``<model>.noise_bits``: keyed noise on CUDA against the CPU, bit for bit, on a sample of the model's
   tensors, and its statistics.
+* ``<model>.compiled``: the same member with the compiled decode step (``rollout.compile``; its first call
+  compiles and captures), tokens/s over the eager step's, refused or not (``--no-compile``, and ``--tiny``,
+  skip it).
 * ``<model>.iteration``: the full-iteration estimate at the paper's settings (N=30, 200 prompts, up to
-  1024 new tokens): N x (one member's measured rollout + perturb) + update.
+  1024 new tokens): N x (one member's measured rollout, the faster decode step a run would use + perturb)
+  + update.
+* after both models, ``<model>.kernels``: kernels per decode step, eager and compiled (the profiler).
 * ``lowrank``: es.noise=lowrank member passes against plain batched decoding of the same rows (1.5B).
 * ``1.5B.es_table`` (tools/bench.py's table with the fast engine, no baseline) and ``1.5B.master``
   (es.master_on / es.master_dtype agree, fp32 master moves norm weights), last, if time is left.
@@ -80,7 +85,7 @@ TINY = benchlib.Arch("tiny Qwen2.5-shaped (CPU check of this script)", hidden=32
 PAPER = {"n": 30, "rows": 200, "cap": 1024, "mean": 300.0}  # Countdown: N, prompts, max new tokens, mean length
 TARGETS = {"iteration_s": {"1.5B": 45.0, "7B": 150.0}, "fast_over_hf": {"1.5B": 5.0}}
 # Expected seconds of each phase on one H200 (a phase is skipped when less of the budget is left).
-ESTIMATE_S = {"exactness": 15, "build": 15, "engines": 60, "compiled": 90, "kernels": 30, "perturb_update": 25,
+ESTIMATE_S = {"exactness": 15, "build": 15, "engines": 60, "compiled": 90, "kernels": 45, "perturb_update": 25,
               "noise_bits": 20,
               "iteration": 0, "lowrank": 80, "es_table": 60, "master": 45}
 
@@ -100,14 +105,14 @@ class Check:
         return self.budget - (time.perf_counter() - self.t0)
 
     def phase(self, name: str, estimate_s: float, fn: Callable[..., Any], *args: Any,
-              record: Callable[[Any], Any] = lambda r: r, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` as phase ``name``: its result, or None when it failed or was skipped; the
-        report keeps ``record(result)``."""
+              record: Callable[[Any], Any] = lambda r: r, skip: str = "", **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` as phase ``name``: its result, or None when it failed or was skipped (for
+        ``skip``, or short of time); the report keeps ``record(result)``."""
         got: Any = None
         rec: dict[str, Any] = {"estimate_s": estimate_s, "started_s": round(time.perf_counter() - self.t0, 1)}
-        if self.left() < estimate_s:
-            rec.update(status="skipped", reason=f"{self.left():.0f} s of the {self.budget:.0f} s budget left, "
-                       f"the phase takes about {estimate_s} s")
+        if skip or self.left() < estimate_s:
+            rec.update(status="skipped", reason=skip or f"{self.left():.0f} s of the {self.budget:.0f} s budget "
+                       f"left, the phase takes about {estimate_s} s")
             print(f"-- {name}: skipped ({rec['reason']})", flush=True)
         else:
             print(f"-- {name} (at {rec['started_s']:.0f} s)", flush=True)
@@ -353,15 +358,16 @@ def compiled(model: torch.nn.Module, key: str, check: Check, rows: int, cap: int
     return res
 
 
-def kernels(model: torch.nn.Module, rows: int, lens: tuple[int, int] = (100, 140)) -> dict[str, float]:
-    """Kernels per decode step, eager and compiled (tools/bench_decode.py: the profiler, graphs off), on
+def kernels(model: torch.nn.Module, rows: int, lens: tuple[int, int] = (100, 140),
+            steps: tuple[str, ...] = ("eager", "compiled")) -> dict[str, float]:
+    """Kernels per decode step of each of ``steps`` (tools/bench_decode.py: the profiler, graphs off), on
     ``rows`` of the member's prompts (the count does not depend on the row count)."""
     import bench_decode
 
     m = Member(model, rows, 8, 4.0, lens)
     out = {name: bench_decode.decode_kernels_per_step(model, m.ids, m.mask, compiled=name == "compiled")
-           for name in ("eager", "compiled")}
-    print(f"   kernels per decode step: eager {out['eager']:.0f}, compiled {out['compiled']:.0f}", flush=True)
+           for name in steps}
+    print("   kernels per decode step: " + ", ".join(f"{k} {v:.0f}" for k, v in out.items()), flush=True)
     return out
 
 
@@ -592,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-cap-7b", type=int, default=128, help="7B: HF and fast on the schedule capped here")
     ap.add_argument("--out", default=None, help="JSON report, rewritten after each phase (default: "
                     "gpu_check.json on a GPU, none with --tiny)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode step (the default with "
+                    "--tiny: compiling it on a CPU takes minutes; tests/test_fastgen_compile.py checks it there)")
     ap.add_argument("--rows", type=int, default=PAPER["rows"], help="prompts per member in the engines phase")
     ap.add_argument("--cap", type=int, default=PAPER["cap"], help="max new tokens in the engines phase")
     args = ap.parse_args(argv)
@@ -618,33 +626,39 @@ def main(argv: list[str] | None = None) -> int:
           f"budget {args.budget_s:.0f} s", flush=True)
     check.write()
     est = {k: (1 if args.tiny else v) for k, v in ESTIMATE_S.items()}
+    no_compile = "--no-compile" if args.no_compile else "--tiny: a CPU dry run" if args.tiny else ""
     exact = check.phase("exactness", est["exactness"], exactness, args.device, *((9, 16) if args.tiny else ()))
     bad: list[str] = [] if exact is None else [f"exactness {k}" for k, ok in exact.items() if not ok]
-    first = next(iter(archs))
+    # First what the check exists for, per model (the iteration estimate needs the engines, the perturb and
+    # update, and the compiled step); then kernels per step, low-rank, the ES table and the master checks.
+    mean = PAPER["mean"] if not args.tiny else 8.0
+    lens = (100, 140) if not args.tiny else (3, 9)
+    models: dict[str, torch.nn.Module] = {}
     for key, arch in archs.items():
         model = check.phase(f"{key}.build", est["build"] * (2 if key == "7B" else 1), benchlib.build_model, arch,
                             dtype, args.device,
                             record=lambda m, arch=arch: {"arch": arch.describe(), "params": benchlib.n_params(m)})
         if model is None:
             continue
-        mean = PAPER["mean"] if not args.tiny else 8.0
+        models[key] = model
         hf_cap = args.hf_cap_7b if key == "7B" else args.cap
-        lens = (100, 140) if not args.tiny else (3, 9)
         check.phase(f"{key}.engines", est["engines"], engines, model, key, args.rows, args.cap, mean, hf_cap, lens)
-        check.phase(f"{key}.compiled", est["compiled"], compiled, model, key, check, args.rows, args.cap, mean, lens)
-        check.phase(f"{key}.kernels", est["kernels"], kernels, model, min(args.rows, 16), lens)
         check.phase(f"{key}.perturb_update", est["perturb_update"], perturb_update, model, PAPER["n"])
         nb = check.phase(f"{key}.noise_bits", est["noise_bits"], noise_bits, model, args.device, args.tiny)
         if nb is not None:
             bad += [f"{key}: {m}" for m in nb["mismatches"]]
             bad += [f"{key}: noise {k} out of bounds" for k in nb["stats_out_of_bounds"]]
+        check.phase(f"{key}.compiled", est["compiled"], compiled, model, key, check, args.rows, args.cap, mean, lens,
+                    skip=no_compile)
         check.phase(f"{key}.iteration", est["iteration"], iteration, key, check)
-        del model
-        _free()
-        if key == first:  # low-rank population throughput (1.5B) right after the first model
-            check.phase("lowrank", est["lowrank"], lowrank_throughput, args.tiny, args.device)
         report["summary"] = summary(check, list(archs))
         check.write()
+    for key, model in models.items():
+        check.phase(f"{key}.kernels", est["kernels"], kernels, model, min(args.rows, 16), lens,
+                    ("eager",) if no_compile else ("eager", "compiled"))
+    del model, models
+    _free()
+    check.phase("lowrank", est["lowrank"], lowrank_throughput, args.tiny, args.device)
     table_key = "tiny" if args.tiny else "1.5B"
     if table_key in archs:
         arch = archs[table_key]
