@@ -316,6 +316,8 @@ def engines(model: torch.nn.Module, key: str, rows: int, cap: int, mean: float, 
     res["hf_tokens_per_s"] = bench_rollout.completion_tokens(hf, [m.eos]) / res["hf_s"]
     res["fast_over_hf"] = (bench_rollout.completion_tokens(fast_ref, [m.eos]) / fast_ref_s) / res["hf_tokens_per_s"]
     res["hf_member_s"] = res["hf_s"] if hf_cap >= cap else res["tokens"] / res["hf_tokens_per_s"]
+    width = min(hf.shape[1], fast_ref.shape[1])  # (whole rows: in bf16 mostly a count of near-ties, see first_step)
+    res["rows_identical_to_hf"] = float((hf[:, :width] == fast_ref[:, :width]).all(1).float().mean())
     res["first_step"] = first_step(model, m.ids, m.mask, m.gen_cfg, m.eos, m.pad)
     fastgen.set_compile(model, "auto")
     want = TARGETS["fast_over_hf"].get(key)
