@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
@@ -33,7 +34,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from hpc_es.config import ESConfig
+from hpc_es.config import ESConfig, RolloutConfig
 from hpc_es.errors import ConfigError
 from hpc_es.es import Replica, cpu_pool, update_terms
 from hpc_es.lowrank_pass import Factors, LowRankPass, Rows
@@ -339,3 +340,61 @@ def _store(master: torch.Tensor, acc: torch.Tensor) -> None:
         acc = acc.view(master.shape)
         acc.add_(master.float())
         master.copy_(acc)
+
+
+# ---- rollout.members_per_pass=0: as many members per pass as the device holds ----------------------------
+HEADROOM = 0.85  # share of the free memory a pass may fill: the allocator's fragments and the kernels' workspace
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a pass can still take on ``device``: the driver's free memory plus what PyTorch holds unused
+    (CUDA), or the host's free pages (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def member_bytes(lm: LowRankModel, rows: int, prompt_len: int, max_new_tokens: int, engine: str) -> int:
+    """Device memory one member adds to a pass: its rows' KV cache over prompt + completion, their fp32
+    logits and per-row state, its factors; with ``hf`` also the rows' prefill activations (the fast engine
+    prefills a bounded number of tokens at a time whatever the batch)."""
+    c: Any = lm.model.config  # (an HF config: typed as a module attribute)
+    p0 = next(lm.model.parameters())
+    size = p0.element_size()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    slots = prompt_len + max_new_tokens
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * slots * size
+    per_row = kv + c.vocab_size * 4 * 2 + slots * 9  # logits and their penalised copy; ids and mask per slot
+    if engine == "hf":
+        per_row += prompt_len * (2 * c.intermediate_size + 4 * c.hidden_size) * size
+    factors = 0
+    for name, kind in lm.plan.items():
+        p = lm.params[name]
+        factors += p.numel() * 8 if kind == FULLRANK else sum(p.shape) * lm.rank * (size + 4)
+    return rows * per_row + factors
+
+
+def members_per_pass(free: int, per_member: int, members: int) -> int:
+    """How many of ``members`` fit in ``HEADROOM`` of ``free`` bytes at ``per_member`` each (at least one)."""
+    return max(1, min(members, int(free * HEADROOM) // max(per_member, 1)))
+
+
+def plan_passes(lm: LowRankModel, rollout: RolloutConfig, tokenizer: Any, train: Sequence[Any], members: int,
+                engine: str, sharing: int = 1, free: int | None = None) -> tuple[int, str]:
+    """Members per batched pass for a run, and the words that say why: ``rollout.members_per_pass``, or
+    with 0 as many as fit in the device's free memory (``free``, else measured now, split between the
+    ``sharing`` replicas on the device) at the KV cache of the longest training prompt plus
+    ``rollout.max_new_tokens``.  Fixed for the run, so a pass's batch shape is the same every iteration."""
+    if rollout.members_per_pass:
+        n = min(rollout.members_per_pass, max(members, 1))
+        return n, f"{n} members per pass (rollout.members_per_pass)"
+    prompts = min(rollout.prompts_per_iteration, len(train))
+    rows = min(rollout.batch_size or prompts, prompts)
+    longest = max((len(ids) for ids in tokenizer([ex.prompt for ex in train[:4096]])["input_ids"]), default=0)
+    dev = next(lm.model.parameters()).device
+    avail = (free_bytes(dev) if free is None else free) // max(sharing, 1)
+    each = member_bytes(lm, rows, longest, rollout.max_new_tokens, engine)
+    n = members_per_pass(avail, each, members)
+    return n, (f"{n} of {members} members per pass (as many as fit: {avail / 2**30:.1f} GiB free on {dev}, "
+               f"{each / 2**30:.2f} GiB per member at {rows} x {longest + rollout.max_new_tokens} cache slots)")

@@ -55,6 +55,11 @@ class Population:
         per = len(models)
         # members[j]: the members replica j evaluates, in order
         self.members = [[n for n in range(self.N) if slot_owner(n, world, per) == (rank, j)] for j in range(per)]
+        # each replica's members per pass (several side by side under es.noise=lowrank), fixed for the run, and
+        # what the start-up line says about it
+        self.passes = [self.search.per_pass(rep, rollout, tokenizers[j], task, len(self.members[j]),
+                                            self.rollout_engine, sum(r.device == rep.device for r in self.replicas))
+                       for j, rep in enumerate(self.replicas)]
         self.pool = ThreadPoolExecutor(per) if per > 1 else None
         self._streams: dict[int, Any] = {}  # replica index -> its CUDA stream (replicas that share a GPU)
         # Benchmarks and tests only (fastgen.Observer: e.g. EOS forced at set completion lengths, so that speed
@@ -88,7 +93,7 @@ class Population:
 
         def members(j: int) -> None:
             rep = self.replicas[j]
-            for group in self.search.passes(self.members[j], self.rollout.members_per_pass):
+            for group in self.search.passes(self.members[j], self.passes[j][0]):
                 a = time.perf_counter()
                 with self.search.members(rep, [int(seeds[n]) for n in group], [int(signs[n]) for n in group],
                                          self.es.sigma, self.rollout_engine) as lowrank:

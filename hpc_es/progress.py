@@ -23,11 +23,12 @@ def say(message: str) -> None:
 
 
 def announce(model_name: str, params: int, world: int, per_rank: int, backend: str, task: str, n: int,
-             sigma: float, alpha: float, start: int, total: int, ledger_path: str, engine: str = "") -> None:
+             sigma: float, alpha: float, start: int, total: int, ledger_path: str, engine: str = "",
+             passes: str = "") -> None:
     """The start-up line: a 7B model takes minutes to reach the first iteration, so say what will run."""
     todo = f"iterations {start + 1}..{total}" if start < total else f"all {total} iterations already done"
     backend = "one process" if backend == "none" else backend
-    rollout = f"; rollout engine {engine}" if engine else ""
+    rollout = (f"; rollout engine {engine}" if engine else "") + (f"; low-rank: {passes}" if passes else "")
     log.info("%s: %.1fM parameters, %d rank(s) x %d replica(s) (%s); task %s, N=%d, sigma=%g, alpha=%g; "
              "%s; ledger %s%s", model_name, params / 1e6, world, per_rank, backend, task, n, sigma, alpha,
              todo, ledger_path, rollout)

@@ -19,9 +19,9 @@ from typing import Any, ContextManager, Protocol
 import numpy as np
 import torch
 
-from hpc_es.config import ESConfig
+from hpc_es.config import ESConfig, RolloutConfig
 from hpc_es.es import Engine, Replica, master_torch_dtype
-from hpc_es.lowrank import LowRankEngine, LowRankModel, wrap
+from hpc_es.lowrank import LowRankEngine, LowRankModel, plan_passes, wrap
 
 
 class Search(Protocol):
@@ -32,8 +32,14 @@ class Search(Protocol):
         replica on the same device may use."""
         ...
 
+    def per_pass(self, rep: Replica, rollout: RolloutConfig, tokenizer: Any, task: Any, members: int, engine: str,
+                 sharing: int) -> tuple[int, str]:
+        """How many of a replica's ``members`` one pass generates for, fixed for the run, and the words the
+        start-up line says about it ("" when there is nothing to say); ``sharing``: replicas on its device."""
+        ...
+
     def passes(self, members: list[int], per_pass: int) -> list[list[int]]:
-        """``members`` in the groups that are generated for together (``rollout.members_per_pass``)."""
+        """``members`` in the groups that are generated for together, ``per_pass`` at a time."""
         ...
 
     def members(self, rep: Replica, seeds: Sequence[int], signs: Sequence[int], sigma: float,
@@ -66,6 +72,10 @@ class FullRank(Engine):
     def replica(self, model: torch.nn.Module, share: Sequence[Replica] = ()) -> Replica:
         return Replica.wrap(model, self.master_on, self.master_dtype, share=list(share))
 
+    def per_pass(self, rep: Replica, rollout: RolloutConfig, tokenizer: Any, task: Any, members: int, engine: str,
+                 sharing: int) -> tuple[int, str]:
+        return 1, ""
+
     def passes(self, members: list[int], per_pass: int) -> list[list[int]]:
         return [[n] for n in members]
 
@@ -96,6 +106,12 @@ class LowRank(LowRankEngine):
         rep = wrap(model, master_torch_dtype(self.master_dtype, next(model.parameters()).dtype))
         self._models[id(model)] = LowRankModel(model, self.scope, self.rank, self.noise)
         return rep
+
+    def per_pass(self, rep: Replica, rollout: RolloutConfig, tokenizer: Any, task: Any, members: int, engine: str,
+                 sharing: int) -> tuple[int, str]:
+        """``rollout.members_per_pass``, or with 0 as many as fit in the device's free memory (lowrank.plan_passes)."""
+        train = list(task.train_examples()) if not rollout.members_per_pass else []
+        return plan_passes(self._models[id(rep.model)], rollout, tokenizer, train, members, engine, sharing)
 
     def passes(self, members: list[int], per_pass: int) -> list[list[int]]:
         per = per_pass or len(members)

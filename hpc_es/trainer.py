@@ -197,7 +197,8 @@ class Trainer:
             announce(os.path.basename(os.path.normpath(self.model_path)), self.population.parameter_count(),
                      self.comm.world_size, len(self.devices), self.comm.name, self.cfg.task, self.N,
                      self.cfg.es.sigma, self.cfg.es.alpha, self.start, self.cfg.es.iterations, self.log_path,
-                     engine=self.population.rollout_engine)
+                     engine=self.population.rollout_engine,
+                     passes=self.population.passes[0][1])
         self.comm.bytes_sent = 0
 
     def exchange(self, scores: Scores, t: int) -> np.ndarray:

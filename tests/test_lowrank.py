@@ -264,6 +264,46 @@ def test_score_members_passes_give_the_same_rewards(tiny) -> None:
     assert len(set(got[0].tolist())) > 1
 
 
+def test_members_per_pass_zero_takes_as_many_as_fit(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rollout.members_per_pass=0: as many members per pass as the free memory holds (a fake figure), said in
+    the start-up words; the passes give the rewards of one pass of every member."""
+    from hpc_es import rollout
+    from hpc_es.population import Population
+    from hpc_es.tasks import load_task
+
+    model, tok = tiny
+    cfg = load_config(None, ["es.noise=lowrank", "es.sigma=0.3", "es.population_size=8", "rollout.max_new_tokens=8",
+                             "rollout.prompts_per_iteration=4"])
+    task = load_task(cfg)
+    train = list(task.train_examples())
+    longest = max(len(tok(ex.prompt)["input_ids"]) for ex in train)
+    from hpc_es.search import make
+
+    probe = lowrank.LowRankModel(copy.deepcopy(model), cfg.es.lowrank_scope, cfg.es.rank, make(cfg.es).noise)
+    each = {e: lowrank.member_bytes(probe, 4, longest, 8, e) for e in ("fast", "hf")}
+    assert each["hf"] > each["fast"] > 4 * 2 * 2 * (longest + 8) * 4  # at least the KV cache of 4 rows, 2 layers
+    seeds, signs = member_seeds(0, 0, 8)
+    got, rows = {}, {}
+    real = rollout.generate
+    for free, want in ((int(3 * each["fast"] / lowrank.HEADROOM) + 1, 3), (1 << 50, 8), (0, 1)):
+        monkeypatch.setattr(lowrank, "free_bytes", lambda dev, free=free: free)
+        pop = Population(cfg.es, cfg.rollout, [copy.deepcopy(model)], [tok], task)
+        assert pop.rollout_engine == "fast"
+        assert pop.passes[0][0] == want
+        assert pop.passes[0][1].startswith(f"{want} of 8 members per pass (as many as fit: ")
+        rows[want] = []
+        monkeypatch.setattr(rollout, "generate", lambda m, t, prompts, *a, calls=rows[want], **k:
+                            calls.append(len(prompts)) or real(m, t, prompts, *a, **k))
+        got[want] = pop.score(seeds, signs, train[:4]).rewards
+        monkeypatch.setattr(rollout, "generate", real)
+    assert rows == {3: [12, 12, 8], 8: [32], 1: [4] * 8}
+    np.testing.assert_array_equal(got[3], got[8])
+    np.testing.assert_array_equal(got[1], got[8])
+    cfg.rollout.members_per_pass = 5
+    assert Population(cfg.es, cfg.rollout, [copy.deepcopy(model)], [tok], task).passes[0] == \
+        (5, "5 members per pass (rollout.members_per_pass)")
+
+
 def test_trajectory_keys_name_the_mode_and_old_ledgers_read_as_full_rank() -> None:
     import json
 

@@ -6,6 +6,7 @@ Each must reproduce one uninterrupted single-process low-rank run bit for bit (f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,9 @@ def assert_same_run(run_dir: Path, ref: Path) -> None:
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("lowrank") / "ref"
-    result = summary(run_hpc_es(LOWRANK + [f"run_dir={run_dir}"], env={"HPC_ES_FAULT": ""}))
-    assert result["iterations"] == 4
+    proc = run_hpc_es(LOWRANK + [f"run_dir={run_dir}"], env={"HPC_ES_FAULT": ""})
+    assert summary(proc)["iterations"] == 4
+    assert re.search(r"; low-rank: \d+ of \d+ members per pass \(as many as fit: [\d.]+ GiB free on cpu", proc.stderr)
     return run_dir
 
 

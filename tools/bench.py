@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -165,6 +165,7 @@ class Result:
     synthetic_updates: int
     load: tuple[float, float]
     wall: float
+    timed_compiles: int  # graphs torch.compile built during the timed iterations: 0 unless a warm-up missed one
 
 
 def _median(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -176,15 +177,17 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def run(arch: Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 8, prompts: int = 16,
         tokens: int = 32, iterations: int = 3, warmup: int = 1, warmup_n: int = 0, chunk: int = 1 << 20,
-        sigma: float = 1e-3, alpha: float = 5e-4, with_baseline: bool = True, seed: int = 0,
+        sigma: float = 1e-3, alpha: float = 5e-4, with_baseline: bool = True, seed: int = 0, engine: str = "hf",
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Result:
     """Build the model (twice: one copy per implementation), measure limits, then alternate iterations.
 
-    Warm-up iterations use ``warmup_n`` members (0: all n); they are not timed."""
+    Warm-up iterations use ``warmup_n`` members (0: all n); they are not timed.  ``engine``: hpc_es's
+    rollout engine (``hf``: the table's rollout row compares with plain model.generate; a run's engine is
+    ``fast``)."""
     t_start = time.perf_counter()
     load0 = load_avg()
     logging.getLogger("hpc_es").setLevel(logging.ERROR)  # tied rewards on a random model warn every time
-    cfg = bench_config(n, prompts, tokens, sigma, alpha, chunk)
+    cfg = bench_config(n, prompts, tokens, sigma, alpha, chunk, engine)
     log(f"building {arch.describe()} ({str(dtype).removeprefix('torch.')}, {device})")
     model = build_model(arch, dtype, device)
     params = n_params(model)
@@ -199,12 +202,15 @@ def run(arch: Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 8, prom
     rows_b: list[dict[str, float]] = []
     tok_h = tok_b = 0
     gen_s = 0.0
+    timed_compiles = 0
     for t in range(warmup + iterations):
         timed = t >= warmup
         if timed:
             hpc.counter.tokens, hpc.counter.seconds = 0, 0.0
         wn = 0 if timed else warmup_n
+        built = bench_noise.compiles()
         r = hpc.iteration(t, wn)
+        timed_compiles += (bench_noise.compiles() - built) if timed else 0
         if timed:
             rows_h.append(r)
             tok_h += hpc.counter.tokens
@@ -230,7 +236,7 @@ def run(arch: Arch, *, dtype: torch.dtype, device: str = "cpu", n: int = 8, prom
     plain_rate = plain.tokens / max(plain.seconds, 1e-12)
     return Result(arch, params, dtype, device, n, prompts, tokens, iterations, warmup, chunk, threads, hm, bm,
                   hpc_tokens, base_tokens, plain_rate, wrapper, limits, hpc.terms, hpc.synthetic_updates,
-                  (load0, load_avg()), time.perf_counter() - t_start)
+                  (load0, load_avg()), time.perf_counter() - t_start, timed_compiles)
 
 
 def _fmt_ratio(a: float, b: float) -> str:
@@ -275,6 +281,9 @@ def table(res: Result) -> str:
     if res.synthetic_updates:
         lines.append(f"   note: {res.synthetic_updates} iteration(s) had tied rewards; their update was timed "
                      "with synthetic shaped rewards (a real update, not a skipped one)")
+    if res.timed_compiles:
+        lines.append(f"   WARNING: torch.compile built {res.timed_compiles} graph(s) inside the timed iterations "
+                     "(their times include compiling)")
     lines.append("   targets")
     if b:
         r = h["es"] / b["es"]
@@ -297,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arch_args(ap)
     ap.add_argument("--json", action="store_true", help="end with one JSON line of the figures and targets")
     ap.add_argument("--no-rollout", action="store_true", help="skip the rollout engines' comparison")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode step's eager/compiled figures")
     add_args(ap)
     args = ap.parse_args(argv)
     dtype = resolve(args)
@@ -321,9 +331,28 @@ def main(argv: list[str] | None = None) -> int:
                                                           chunk=args.chunk)
     if roll is not None:
         print(bench_rollout.table(roll), flush=True)
+    dec = None if args.no_decode else decode_figures(arch, dtype, args.device, args.prompts, args.tokens)
     if args.json:
-        print(json.dumps(bench_rollout.summary(res, roll, noise, low)), flush=True)
+        print(json.dumps(bench_rollout.summary(res, roll, noise, low, dec)), flush=True)
     return 0
+
+
+def decode_figures(arch: Arch, dtype: torch.dtype, device: str, prompts: int, tokens: int) -> dict[str, Any]:
+    """The fast engine's decode step on the bench model, eager against compiled (tools/bench_decode.py):
+    kernels per step and rollout tokens/s, on the table's prompts and token budget."""
+    import bench_decode
+
+    model = build_model(arch, dtype, device)
+    cfg = bench_config(1, prompts, tokens, 1e-3, 5e-4, 1 << 20)
+    texts = [ex.prompt for ex in load_task(cfg).train_examples()][:prompts]
+    enc = tokenizer()(texts, return_tensors="pt", padding=True)
+    got = bench_decode.figures(model, enc["input_ids"], enc["attention_mask"], tokens)
+    k, c = got["decode_kernels_per_step"], got["compiled_decode"]
+    print(f"== decode step (tools/bench_decode.py), {arch.layers} layers: kernels per step eager {k['eager']:.0f}, "
+          f"compiled {k['compiled']:.0f}; rollout tokens/s eager {c['eager_tokens_per_s']:.0f}, compiled "
+          f"{c['compiled_tokens_per_s']:.0f} = {got['compiled_over_eager']:.2f}x"
+          + (" (the compiled step was refused: it ran eagerly)" if c["refused"] else ""), flush=True)
+    return got
 
 
 if __name__ == "__main__":

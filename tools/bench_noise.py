@@ -50,13 +50,35 @@ def rate(fn: Callable[[int], int], sync: Callable[[], None], min_s: float, reps:
     return best
 
 
+def compiles() -> int:
+    """Graphs torch.compile has built in this process so far: a timed phase that adds to it compiled inside its
+    timing (its warm-up missed a kernel it uses)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def rates(fns: dict[str, Callable[[int], int]], sync: Callable[[], None], min_s: float, reps: int = 3
+          ) -> dict[str, float]:
+    """:func:`rate` of each of ``fns``, their runs alternating (one run of each per round) so that load from
+    other processes hits them alike; one warm-up call each first."""
+    for fn in fns.values():
+        fn(0)
+    sync()
+    best = dict.fromkeys(fns, 0.0)
+    for r in range(reps):
+        for key in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            best[key] = max(best[key], rate(fns[key], sync, min_s, reps=1))
+    return best
+
+
 def noise_speed(device: str = "cpu", numel: int = 1 << 20, min_s: float = 0.5,
                 compiled: bool | None = None) -> dict[str, float]:
     """Elements/s of legacy randn and of keyed noise filling a preallocated fp32 buffer of ``numel``.
 
     ``compiled``: also time the torch.compile'd keyed path (None: when compile_wanted says so).  Keys:
     randn, keyed_eager, keyed_compiled (absent when not timed), keyed (the better keyed figure),
-    noise_over_randn (keyed / randn)."""
+    noise_over_randn (keyed / randn), kernels_built_while_timed (0 unless the check below missed one)."""
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     out = torch.empty(numel, dtype=torch.float32, device=dev)
@@ -68,15 +90,18 @@ def noise_speed(device: str = "cpu", numel: int = 1 << 20, min_s: float = 0.5,
             return numel
         return fn
 
-    res = {"randn": rate(run(legacy), sync, min_s), "keyed_eager": rate(run(eager), sync, min_s)}
+    timed = {"randn": run(legacy), "keyed_eager": run(eager)}
     if compiled if compiled is not None else compile_wanted(dev.type):
         fast = KeyedNoise(numel, compile=True)
-        a = fast.fill(torch.empty_like(out), 5, "check", 3)
+        a = fast.fill(torch.empty_like(out), 5, "check", 3)  # builds the kernel here, in the timing's thread
         b = eager.fill(torch.empty_like(out), 5, "check", 3)
         if not torch.equal(a, b):
             raise SystemExit("bench_noise: compiled and eager keyed noise differ")
         if fast._compiled(dev) is not None:  # (a compiler that got it wrong was refused)
-            res["keyed_compiled"] = rate(run(fast), sync, min_s)
+            timed["keyed_compiled"] = run(fast)
+    before = compiles()
+    res = rates(timed, sync, min_s)
+    res["kernels_built_while_timed"] = compiles() - before
     res["keyed"] = max(res["keyed_eager"], res.get("keyed_compiled", 0.0))
     res["noise_over_randn"] = res["keyed"] / res["randn"]
     return res

@@ -100,20 +100,25 @@ class Engines:
 def measure(eng: Engines, sched: list[int] | None, reps: int) -> dict[str, Any]:
     """Alternating calls (after one warm-up call each); tokens/s per engine from its fastest call (on a
     shared machine other processes only ever slow a call down, so the best call is the least disturbed)."""
+    import bench_noise
+
     tokens = {"hf": 0, "fast": 0}
     secs: dict[str, list[float]] = {"hf": [], "fast": []}
+    built = 0
     for r in range(reps + 1):
         for engine in (("hf", "fast") if r % 2 else ("fast", "hf")):
+            before = bench_noise.compiles()
             n, dt = eng.call(engine, sched)
             if r:
                 tokens[engine] += n
                 secs[engine].append(dt)
+                built += bench_noise.compiles() - before
         if not torch.equal(eng.out["hf"], eng.out["fast"]):
             raise AssertionError("the engines produced different tokens")
     rate = {e: tokens[e] / reps / max(min(secs[e]), 1e-12) for e in tokens}
     return {"tokens_per_s": rate, "fast_over_hf": rate["fast"] / max(rate["hf"], 1e-12),
             "best_s": {e: min(secs[e]) for e in secs}, "median_s": {e: statistics.median(secs[e]) for e in secs},
-            "tokens_per_call": tokens["fast"] // reps}
+            "tokens_per_call": tokens["fast"] // reps, "kernels_built_while_timed": built}
 
 
 def iterations(arch: Any, dtype: torch.dtype, device: str, n: int, prompts: int, tokens: int, reps: int,
@@ -128,14 +133,19 @@ def iterations(arch: Any, dtype: torch.dtype, device: str, n: int, prompts: int,
         runs[e] = benchlib.HpcEsRun(benchlib.build_model(arch, dtype, device), cfg[e], device)
         if mean is not None:
             runs[e].population.observer = fastgen.Observer(length_schedule(prompts, mean, tokens))
+    import bench_noise
+
     rows: dict[str, list[float]] = {"hf": [], "fast": []}
+    built = 0
     for t in range(reps + 1):
         for e in (("hf", "fast") if t % 2 else ("fast", "hf")):
-            r = runs[e].iteration(t, 0 if t else 2)
+            before = bench_noise.compiles()
+            r = runs[e].iteration(t, 0 if t else 2)  # (HpcEsRun built every noise kernel beforehand)
             if t:
                 rows[e].append(sum(r.values()))
+                built += bench_noise.compiles() - before
     med = {e: min(v) for e, v in rows.items()}
-    return {"seconds": med, "fast_over_hf": med["hf"] / max(med["fast"], 1e-12)}
+    return {"seconds": med, "fast_over_hf": med["hf"] / max(med["fast"], 1e-12), "kernels_built_while_timed": built}
 
 
 def run(arch: Any, *, dtype: torch.dtype, device: str = "cpu", prompts: int = 32, max_new: int = 96,
@@ -187,9 +197,11 @@ def table(res: dict[str, Any]) -> str:
 
 
 def summary(res: Any, roll: dict[str, Any] | None, keyed: dict[str, float] | None = None,
-            low: Any = None) -> dict[str, Any]:
+            low: Any = None, decode: dict[str, Any] | None = None) -> dict[str, Any]:
     """tools/bench.py's --json line: its own figures (a bench.Result) and, when run, the engines', the keyed
-    noise against torch.randn (tools/bench_noise.py) and low-rank against full-rank (tools/bench_lowrank.py)."""
+    noise against torch.randn (tools/bench_noise.py), low-rank against full-rank (tools/bench_lowrank.py) and
+    the decode step eager against compiled (tools/bench_decode.py: ``decode_kernels_per_step``,
+    ``compiled_over_eager``)."""
     h, b, lim = res.hpc, res.base, res.limits
     noise = (res.n + res.terms) * res.params / max(h["perturb"] + h["update"], 1e-12)
     out: dict[str, Any] = {
@@ -199,6 +211,7 @@ def summary(res: Any, roll: dict[str, Any] | None, keyed: dict[str, float] | Non
         "iteration_over_baseline": h["iteration"] / b["iteration"] if b else None,
         "noise_over_randn": noise / lim["randn_1"],
         "rollout_over_plain": res.hpc_tokens / res.plain_rate,
+        "kernels_built_while_timed": res.timed_compiles,
         "load_avg": list(res.load)}
     passed = {"es_overhead_over_baseline": b is not None and h["es"] / b["es"] <= 0.4,
               "overhead_share": h["es"] / h["iteration"] <= 0.25,
@@ -208,15 +221,21 @@ def summary(res: Any, roll: dict[str, Any] | None, keyed: dict[str, float] | Non
         out["rollout_tokens_per_s"] = {k: roll[k]["tokens_per_s"] for k in ("ragged", "uniform")}
         out["fast_over_hf"] = roll["fast_over_hf"]
         out["iteration_seconds"] = roll["iteration"]["seconds"]
+        out["kernels_built_while_timed"] += sum(roll[k]["kernels_built_while_timed"]
+                                                for k in ("ragged", "uniform", "iteration"))
         passed.update(roll["pass"])
     if keyed is not None:
         out["keyed_noise_over_randn"] = keyed["noise_over_randn"]
         out["noise_m_per_s"] = {k: keyed[k] / 1e6 for k in ("randn", "keyed_eager", "keyed_compiled", "keyed")
                                 if k in keyed}
         passed["keyed_noise_over_randn"] = keyed["noise_over_randn"] >= 0.7
+        out["kernels_built_while_timed"] += keyed.get("kernels_built_while_timed", 0)
     if low is not None:
         out["lowrank_over_full"] = low.lowrank_over_full
         passed["lowrank_over_full"] = low.lowrank_over_full >= 4.0
+    if decode is not None:
+        out.update(decode)
+    passed["no_kernel_built_while_timed"] = out["kernels_built_while_timed"] == 0  # every figure above is warm
     out["pass"] = passed
     return out
 

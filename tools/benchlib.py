@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from hpc_es.config import Config
-from hpc_es.es import shape_rewards
+from hpc_es.es import Engine, Replica, shape_rewards
 from hpc_es.models import DTYPES, _train_tokenizer, named_params
+from hpc_es.noise_kernels import FUSED_TERMS
 from hpc_es.population import Population
 from hpc_es.rollout import generation_config
 from hpc_es.seeds import member_seeds
@@ -109,7 +110,8 @@ class CountTokens:
         return out
 
 
-def bench_config(n: int, prompts: int, tokens: int, sigma: float, alpha: float, chunk: int) -> Config:
+def bench_config(n: int, prompts: int, tokens: int, sigma: float, alpha: float, chunk: int,
+                 engine: str = "hf") -> Config:
     cfg = Config()
     cfg.task = "conciseness"
     cfg.es.population_size = n
@@ -121,8 +123,24 @@ def bench_config(n: int, prompts: int, tokens: int, sigma: float, alpha: float, 
     cfg.data.train_size = max(cfg.data.train_size, prompts)
     cfg.data.synthetic_size = max(cfg.data.synthetic_size, prompts + 100)
     cfg.progress = False
-    cfg.rollout.engine = "hf"  # this table's rows compare with plain model.generate; bench_rollout compares engines
+    cfg.rollout.engine = engine  # hf: bench.py's rows compare with plain model.generate (bench_rollout: engines)
     return cfg
+
+
+def warm_kernels(engine: Engine, rep: Replica) -> None:
+    """Build every compiled noise kernel ``engine``'s perturb and update can use with ``rep``'s device and
+    dtypes -- the perturb, the update's accumulate for each term count 1..FUSED_TERMS (an update of K terms
+    runs K // FUSED_TERMS passes of FUSED_TERMS and one of the rest), the apply -- on a scratch tensor, so
+    that no timed phase compiles one: a warm-up iteration of fewer members, or with other tied rewards, than
+    the timed one misses some (the N=30 update's 4-term accumulate after a 2-member warm-up)."""
+    name, p = rep.params[0]
+    master = rep.master[name]
+    scratch = Replica(model=torch.nn.Module(), device=rep.device,
+                      params=[("warm.weight", torch.zeros(1 << 12, dtype=p.dtype, device=p.device))],
+                      master={"warm.weight": torch.zeros(1 << 12, dtype=master.dtype, device=master.device)})
+    engine.perturb(scratch, 1, 1, 1e-3)
+    for k in range(1, FUSED_TERMS + 1):
+        engine.update([scratch], np.arange(1, k + 1), np.ones(k, dtype=np.int64), np.ones(k), 1e-3)
 
 
 class HpcEsRun:
@@ -138,6 +156,8 @@ class HpcEsRun:
         self.examples = list(task.train_examples())[: cfg.rollout.prompts_per_iteration]
         self.synthetic_updates = 0
         self.terms = 0
+        if isinstance(self.population.search, Engine):  # full rank: the perturb/update kernels it will time
+            warm_kernels(self.population.search, self.population.replicas[0])
         if device.startswith("cuda"):  # the timers would see asynchronous launches only
             search = self.population.search
             for name in ("perturb", "restore", "update"):  # low rank has no perturb: members run side by side
