@@ -267,7 +267,7 @@ def test_score_members_passes_give_the_same_rewards(tiny) -> None:
 def test_members_per_pass_zero_takes_as_many_as_fit(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     """rollout.members_per_pass=0: as many members per pass as the free memory holds (a fake figure), said in
     the start-up words; the passes give the rewards of one pass of every member."""
-    from hpc_es import rollout
+    from hpc_es import population as rollout  # Population's own name for rollout.generate
     from hpc_es.population import Population
     from hpc_es.tasks import load_task
 

@@ -118,7 +118,7 @@ def test_bench_lowrank_json_and_gpu_check_rows_on_cpu(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "low-rank population throughput" in proc.stdout and "% of plain" in proc.stdout
-    low = json.loads(out.read_text())["lowrank"]
+    low = json.loads(out.read_text())["phases"]["lowrank"]["result"]
     assert low["engine"] == "fast" and low["rows"] == 16 and low["lowrank_fraction_of_plain"] > 0
     assert low["rows_identical_fast_vs_hooks"] == 1.0  # fp32 on the CPU: the fast pass gives the hooks' tokens
 

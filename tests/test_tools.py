@@ -213,7 +213,7 @@ def test_bench_warm_up_builds_every_kernel_a_timed_update_uses(monkeypatch: pyte
     import bench_noise
     import benchlib
 
-    from hpc_es.noise import member_seeds
+    from hpc_es.seeds import member_seeds
 
     monkeypatch.setenv("HPC_ES_NOISE_COMPILE", "1")
     model = benchlib.build_model(benchlib.Arch(hidden=32, layers=1, heads=4, kv_heads=2), torch.bfloat16, "cpu")

@@ -97,7 +97,7 @@ def noise_speed(device: str = "cpu", numel: int = 1 << 20, min_s: float = 0.5,
         b = eager.fill(torch.empty_like(out), 5, "check", 3)
         if not torch.equal(a, b):
             raise SystemExit("bench_noise: compiled and eager keyed noise differ")
-        if fast._compiled(dev) is not None:  # (a compiler that got it wrong was refused)
+        if fast.kernels.kernel(dev, "fill") is not None:  # (a compiler that got it wrong was refused)
             timed["keyed_compiled"] = run(fast)
     before = compiles()
     res = rates(timed, sync, min_s)
@@ -158,7 +158,7 @@ def device_check(shapes: list[tuple[str, tuple[int, ...]]], device: str, *, per_
                                      ("ks", ks, 1.95 / math.sqrt(n)), ("lag1_corr", abs(lag1), 5 / math.sqrt(n)))
                  if v >= lim]
     return {"tensors": len(picked), "elements_compared": checked, "mismatches": mismatches,
-            "compiled": fast._compiled(dev) is not None, "stats": stats, "stats_out_of_bounds": bad_stats}
+            "compiled": fast.kernels.kernel(dev, "fill") is not None, "stats": stats, "stats_out_of_bounds": bad_stats}
 
 
 def perturb_timing(shapes: list[tuple[str, tuple[int, ...]]], device: str, dtype: torch.dtype, chunk: int,
