@@ -238,10 +238,15 @@ def submit(config: str | os.PathLike[str] | Config | None = None, *,
         with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; it is in the message
             return executor.submit(TrainingJob(cfg.to_dict()))
     except (FailedJobError, OSError) as e:
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        why = lines[-1] if lines else type(e).__name__
-        raise HpcEsError(f"submitting to {executor.cluster} failed: {why} (is the Slurm controller reachable? try "
-                         "`sinfo`; or run on this machine with --cluster local)") from None
+        raise submit_failed(executor, e) from None
+
+
+def submit_failed(executor: Any, e: BaseException) -> HpcEsError:
+    """A failed sbatch as one line (submitit's message ends with sbatch's own)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    why = lines[-1] if lines else type(e).__name__
+    return HpcEsError(f"submitting to {executor.cluster} failed: {why} (is the Slurm controller reachable? try "
+                      "`sinfo`; or run on this machine with --cluster local)")
 
 
 def sbatch_script(config: str | os.PathLike[str] | Config | None = None, *,
@@ -283,17 +288,7 @@ def submit_main(argv: list[str]) -> int:
     """``python -m hpc_es submit``: submit, print the job id (and, with --wait, the result as JSON)."""
     p = argparse.ArgumentParser(prog="python -m hpc_es submit", usage=SUBMIT_USAGE, allow_abbrev=False)
     p.add_argument("--config", "-c", default=None, help="YAML config file")
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs per node, or 1)")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem-gb", type=float)
-    p.add_argument("--partition")
-    p.add_argument("--time", type=int, help="time limit in minutes")
-    p.add_argument("--folder", help="submitit logs (default: RUN_DIR/submitit)")
-    p.add_argument("--cluster", choices=CLUSTERS)
-    p.add_argument("--mpi", help="srun --mpi plugin: pmix (Open MPI, default), pmi2 (MPICH)")
-    p.add_argument("--job-name")
+    add_executor_arguments(p)
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result as JSON")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     args, rest = p.parse_known_args(argv)
@@ -309,3 +304,18 @@ def submit_main(argv: list[str]) -> int:
     if args.wait:
         print(json.dumps(result(job)), flush=True)
     return 0
+
+
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """The executor options as command-line flags (submit and sweep)."""
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs per node, or 1)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=float)
+    p.add_argument("--partition")
+    p.add_argument("--time", type=int, help="time limit in minutes")
+    p.add_argument("--folder", help="submitit logs (default: RUN_DIR/submitit)")
+    p.add_argument("--cluster", choices=CLUSTERS)
+    p.add_argument("--mpi", help="srun --mpi plugin: pmix (Open MPI, default), pmi2 (MPICH)")
+    p.add_argument("--job-name")
