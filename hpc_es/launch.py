@@ -291,11 +291,7 @@ def submit_main(argv: list[str]) -> int:
     add_executor_arguments(p)
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result as JSON")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
-    args, rest = p.parse_known_args(argv)
-    flags = [a for a in rest if a.startswith("-")]
-    if flags:
-        raise ConfigError(f"unknown option {flags[0]} for submit; config settings are given as key=value")
-    options = {k: v for k, v in vars(args).items() if k not in ("config", "wait", "dry_run") and v is not None}
+    args, rest, options = parse_command(p, argv)
     if args.dry_run:
         print(sbatch_script(args.config, overrides=rest, **options), end="")
         return 0
@@ -304,6 +300,18 @@ def submit_main(argv: list[str]) -> int:
     if args.wait:
         print(json.dumps(result(job)), flush=True)
     return 0
+
+
+def parse_command(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str], dict[str, Any]]:
+    """(the parsed flags, the ``key=value`` settings, the executor options given) of a submit or sweep command
+    line; an unknown flag is a config error."""
+    args, rest = p.parse_known_args(argv)
+    flags = [a for a in rest if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"unknown option {flags[0]} for {p.prog.rsplit(' ', 1)[-1]}; config settings are given "
+                          "as key=value")
+    own = ("config", "wait", "dry_run", "seeds")
+    return args, rest, {k: v for k, v in vars(args).items() if k not in own and v is not None}
 
 
 def add_executor_arguments(p: argparse.ArgumentParser) -> None:

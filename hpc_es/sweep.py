@@ -159,7 +159,7 @@ def submit_array(elements: list[tuple[Element, Config]], root: str, **options: A
 
 def main(argv: list[str]) -> int:
     from hpc_es.config import load_config
-    from hpc_es.launch import add_executor_arguments, result
+    from hpc_es.launch import add_executor_arguments, parse_command, result
 
     p = argparse.ArgumentParser(prog="python -m hpc_es sweep", allow_abbrev=False,
                                 description="A grid of runs (seeds x settings): a Slurm job array, or local runs.")
@@ -168,10 +168,7 @@ def main(argv: list[str]) -> int:
     add_executor_arguments(p)
     p.add_argument("--wait", action="store_true", help="Slurm: wait for every job and print their results")
     p.add_argument("--dry-run", action="store_true", help="list the runs; submit nothing")
-    args, rest = p.parse_known_args(argv)
-    flags = [a for a in rest if a.startswith("-")]
-    if flags:
-        raise ConfigError(f"unknown option {flags[0]} for sweep; settings are given as key=value or key=v1,v2")
+    args, rest, options = parse_command(p, argv)
     seeds = parse_seeds(args.seeds)
     folder = [r for r in rest if r.split("=", 1)[0].strip() == "run_dir"]  # the sweep's folder, not an axis
     base = load_config(args.config, folder)
@@ -182,8 +179,6 @@ def main(argv: list[str]) -> int:
             print(json.dumps({"run_dir": element.run_dir, "seed": cfg.seed, "sigma": cfg.es.sigma,
                               "alpha": cfg.es.alpha, "overrides": list(element.overrides)}))
         return 0
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("config", "seeds", "wait", "dry_run") and v is not None}
     cluster = options.get("cluster") or ("slurm" if shutil.which("srun") else "local")  # submitit's rule
     if cluster in ("local", "debug"):
         codes = run_local(elements, args.config)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturbed_model
 
 from hpc_es.config import ConfigError, load_config
 from hpc_es.evaluate import EVAL_COLUMNS, kl_base_for_eval, ledger_columns, score_items
@@ -116,13 +117,8 @@ def test_accuracy_paper_reads_targets_with_isdigit(target, numbers_expr, counts)
 
 # --------------------------------------------------------------------------------------------- KL
 
-def _perturbed(path: str, scale: float = 0.02) -> torch.nn.Module:
-    model = load_model(path)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model
+def _perturbed(path: str) -> torch.nn.Module:
+    return perturbed_model(path, 0.02, seed=5)
 
 
 def test_kl_of_a_model_with_itself_is_zero_and_a_perturbed_one_matches_a_direct_sum(tiny_model_dir: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturbed_model
 
 from hpc_es.comm import Comm
 from hpc_es.config import load_config
@@ -21,13 +22,8 @@ from hpc_es.sampling import item_seed, sample_ids
 from hpc_es.tasks.conciseness import ConcisenessTask
 
 
-def _perturbed(path: str, scale: float = 0.05) -> torch.nn.Module:
-    model = load_model(path)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model
+def _perturbed(path: str) -> torch.nn.Module:
+    return perturbed_model(path, 0.05, seed=7)
 
 
 def test_k3_by_hand() -> None:
