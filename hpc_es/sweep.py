@@ -24,7 +24,7 @@ import subprocess
 import sys
 from typing import Any
 
-from hpc_es.config import Config, parse_override, set_key, validate
+from hpc_es.config import Config, expand_paths, parse_override, set_key, validate
 from hpc_es.errors import ConfigError, HpcEsError
 
 _TIED = re.compile(r"^\s*sigma\s*([*/])\s*([0-9.eE+-]+)\s*$")
@@ -94,9 +94,9 @@ def configure(base: Config, overrides: list[str]) -> tuple[Config, list[str]]:
             continue
         set_key(cfg, key, value)
     if tied is None:
-        return validate(cfg), list(overrides)
+        return validate(expand_paths(cfg)), list(overrides)
     cfg.es.alpha = float(tied_alpha(cfg, tied))  # type: ignore[arg-type]
-    return validate(cfg), [o for o in overrides if parse_override(o)[0] != "es.alpha"] + [f"es.alpha={cfg.es.alpha!r}"]
+    return validate(expand_paths(cfg)), [o for o in overrides if parse_override(o)[0] != "es.alpha"] + [f"es.alpha={cfg.es.alpha!r}"]
 
 
 def grid(base: Config, seeds: list[int], settings: list[str]) -> list[tuple[Element, Config]]:
