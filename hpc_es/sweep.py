@@ -96,7 +96,8 @@ def configure(base: Config, overrides: list[str]) -> tuple[Config, list[str]]:
     if tied is None:
         return validate(expand_paths(cfg)), list(overrides)
     cfg.es.alpha = float(tied_alpha(cfg, tied))  # type: ignore[arg-type]
-    return validate(expand_paths(cfg)), [o for o in overrides if parse_override(o)[0] != "es.alpha"] + [f"es.alpha={cfg.es.alpha!r}"]
+    plain = [o for o in overrides if parse_override(o)[0] != "es.alpha"]
+    return validate(expand_paths(cfg)), plain + [f"es.alpha={cfg.es.alpha!r}"]
 
 
 def grid(base: Config, seeds: list[int], settings: list[str]) -> list[tuple[Element, Config]]:
