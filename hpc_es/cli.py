@@ -1,4 +1,4 @@
-"""``python -m hpc_es``: train (default), eval, fingerprint, replay, submit, report.
+"""``python -m hpc_es``: train (default), eval, fingerprint, replay, submit, report, fetch, sweep.
 
 User errors end with one line ``hpc_es: error: ...`` and a non-zero exit; a rank that fails names itself.
 """
@@ -17,6 +17,8 @@ USAGE = """usage: python -m hpc_es [--config FILE] [key=value ...]          trai
        python -m hpc_es replay RUN_DIR [--iteration T] --out DIR  rebuild weights from the ledger
        python -m hpc_es submit [--config FILE] [key=value ...] [--nodes N] [--gpus-per-node G] ...
        python -m hpc_es report RUN_DIR [RUN_DIR ...] [--out DIR]  figures and a summary from the ledger(s)
+       python -m hpc_es fetch smollm2 [--out DIR]                 a real pretrained model from the registry
+       python -m hpc_es sweep --config FILE --seeds 0,1 key=v1,v2 [--cluster slurm|local] ...  a grid of runs
 """
 
 
@@ -146,8 +148,20 @@ def cmd_report(argv: list[str]) -> int:
     return report_main(argv)
 
 
+def cmd_fetch(argv: list[str]) -> int:
+    from hpc_es.fetch import main as fetch_main
+
+    return fetch_main(argv)
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from hpc_es.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "fingerprint": cmd_fingerprint, "replay": cmd_replay,
-            "submit": cmd_submit, "report": cmd_report}
+            "submit": cmd_submit, "report": cmd_report, "fetch": cmd_fetch, "sweep": cmd_sweep}
 _RANK = [0]
 
 

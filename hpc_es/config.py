@@ -148,6 +148,15 @@ class EvalConfig:
     # KL(fine-tuned || base model) on the test completions: auto (on for conciseness) | true | false
     kl: str = one_of("auto", KL)
     base_model: str = ""  # `eval` only: the base model folder for the KL; empty = the ledger's, for a run's final/
+    samples: int = 1  # responses per test prompt: 1 = the greedy one; > 1 = sampled (seeded from `seed`)
+    temperature: float = 1.0  # eval.samples > 1: the sampling temperature (1 = the model's own distribution)
+    top_p: float = 1.0  # eval.samples > 1: nucleus sampling's mass (1 = off)
+
+
+@dataclass
+class PromptConfig:
+    chat: bool = False  # true: the model folder's chat template, generation prompt added | false: the raw text (paper)
+    system: str = ""  # chat=true: the system message; empty = the task's default_system (none: no system turn)
 
 
 @dataclass
@@ -175,6 +184,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,6 +238,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "checkpoint.stop_grace_s": _float_range(0, 86400, lo_open=True),
     "eval.every": _int_range(0, 100_000_000),
     "eval.limit": _int_range(0, 100_000_000),
+    "eval.samples": _int_range(1, 100_000, " (1 = greedy)"),
+    "eval.temperature": _float_range(0, 100, lo_open=True),
+    "eval.top_p": _float_range(0, 1, lo_open=True),
     "seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
 }
 

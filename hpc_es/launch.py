@@ -238,10 +238,15 @@ def submit(config: str | os.PathLike[str] | Config | None = None, *,
         with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; it is in the message
             return executor.submit(TrainingJob(cfg.to_dict()))
     except (FailedJobError, OSError) as e:
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        why = lines[-1] if lines else type(e).__name__
-        raise HpcEsError(f"submitting to {executor.cluster} failed: {why} (is the Slurm controller reachable? try "
-                         "`sinfo`; or run on this machine with --cluster local)") from None
+        raise submit_failed(executor, e) from None
+
+
+def submit_failed(executor: Any, e: BaseException) -> HpcEsError:
+    """A failed sbatch as one line (submitit's message ends with sbatch's own)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    why = lines[-1] if lines else type(e).__name__
+    return HpcEsError(f"submitting to {executor.cluster} failed: {why} (is the Slurm controller reachable? try "
+                      "`sinfo`; or run on this machine with --cluster local)")
 
 
 def sbatch_script(config: str | os.PathLike[str] | Config | None = None, *,
@@ -286,6 +291,34 @@ def submit_main(argv: list[str]) -> int:
     """``python -m hpc_es submit``: submit, print the job id (and, with --wait, the result as JSON)."""
     p = argparse.ArgumentParser(prog="python -m hpc_es submit", usage=SUBMIT_USAGE, allow_abbrev=False)
     p.add_argument("--config", "-c", default=None, help="YAML config file")
+    add_executor_arguments(p)
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its result as JSON")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    args, rest, options = parse_command(p, argv)
+    if args.dry_run:
+        print(sbatch_script(args.config, overrides=rest, **options), end="")
+        return 0
+    job = submit(args.config, overrides=rest, **options)
+    print(job.job_id, flush=True)
+    if args.wait:
+        print(json.dumps(result(job)), flush=True)
+    return 0
+
+
+def parse_command(p: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str], dict[str, Any]]:
+    """(the parsed flags, the ``key=value`` settings, the executor options given) of a submit or sweep command
+    line; an unknown flag is a config error."""
+    args, rest = p.parse_known_args(argv)
+    flags = [a for a in rest if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"unknown option {flags[0]} for {p.prog.rsplit(' ', 1)[-1]}; config settings are given "
+                          "as key=value")
+    own = ("config", "wait", "dry_run", "seeds")
+    return args, rest, {k: v for k, v in vars(args).items() if k not in own and v is not None}
+
+
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """The executor options as command-line flags (submit and sweep)."""
     p.add_argument("--nodes", type=int)
     p.add_argument("--gpus-per-node", type=int)
     p.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs per node, or 1)")
@@ -297,18 +330,3 @@ def submit_main(argv: list[str]) -> int:
     p.add_argument("--cluster", choices=CLUSTERS)
     p.add_argument("--mpi", help="srun --mpi plugin: pmix (Open MPI, default), pmi2 (MPICH)")
     p.add_argument("--job-name")
-    p.add_argument("--wait", action="store_true", help="wait for the job and print its result as JSON")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
-    args, rest = p.parse_known_args(argv)
-    flags = [a for a in rest if a.startswith("-")]
-    if flags:
-        raise ConfigError(f"unknown option {flags[0]} for submit; config settings are given as key=value")
-    options = {k: v for k, v in vars(args).items() if k not in ("config", "wait", "dry_run") and v is not None}
-    if args.dry_run:
-        print(sbatch_script(args.config, overrides=rest, **options), end="")
-        return 0
-    job = submit(args.config, overrides=rest, **options)
-    print(job.job_id, flush=True)
-    if args.wait:
-        print(json.dumps(result(job)), flush=True)
-    return 0

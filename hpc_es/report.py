@@ -317,6 +317,104 @@ def save(fig: Any, path: str) -> str:
     return path
 
 
+# ---- runs against each other: reward vs KL (the paper's Figure 1 and Table 2) ---------------------------
+
+_NOT_A_SETTING = ("seed", "run_dir", "progress", "threads", "device")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _final(run: Run, key: str) -> float:
+    """The last finite value of a test-split column (the final evaluation), NaN when there is none."""
+    col = run.column(key)
+    ok = np.isfinite(col)
+    return float(col[ok][-1]) if ok.any() else math.nan
+
+
+@dataclass
+class Setting:
+    """The runs of one setting (all config keys alike but the seed): their final test-split numbers."""
+
+    label: str
+    runs: list[Run]
+
+    def values(self, key: str) -> np.ndarray:
+        return np.array([_final(r, key) for r in self.runs])
+
+
+def settings(runs: list[Run]) -> list[Setting]:
+    """Runs grouped by setting, in order of first appearance, labelled by the keys in which settings differ."""
+    flats = [{k: v for k, v in _flat(r.config).items() if k.split(".")[0] not in _NOT_A_SETTING
+              and not k.startswith(("dist.", "checkpoint.", "log."))} for r in runs]
+    keys = sorted({k for f in flats for k in f if len({repr(x.get(k)) for x in flats}) > 1})
+
+    def text(v: Any) -> str:
+        return _g(v) if isinstance(v, float) else str(v)
+
+    groups: dict[str, Setting] = {}
+    for run, flat in zip(runs, flats):
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={text(flat.get(k))}" for k in keys) or "all runs"
+        groups.setdefault(label, Setting(label, [])).runs.append(run)
+    return list(groups.values())
+
+
+def _mean_std(x: np.ndarray) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for one run) over the finite values."""
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return math.nan, math.nan
+    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+PARETO_KL = ("eval_kl_k3_per_completion", "eval_kl_per_completion")  # the paper's estimator first
+
+
+def pareto_table(groups: list[Setting]) -> str:
+    """Table 2's columns: per setting, the final test-split reward and KL to the base model, mean ± std over seeds."""
+    head = f"{'setting':<32} {'runs':>4}  {'reward':>18}  {'KL k3 / completion':>20}  {'KL exact / completion':>22}"
+    lines = [head]
+    for g in groups:
+        cells = []
+        for key in ("eval_reward", *PARETO_KL):
+            m, sd = _mean_std(g.values(key))
+            cells.append("n/a" if math.isnan(m) else f"{m:.4g} ± {sd:.2g}")
+        seeds = f"{len(g.runs)} seed{'s' if len(g.runs) != 1 else ''}"
+        lines.append(f"{_short(g.label, 32):<32} {len(g.runs):>4}  {cells[0]:>18}  {cells[1]:>20}  {cells[2]:>22}"
+                     f"  ({seeds})")
+    return "\n".join(lines)
+
+
+def pareto_figure(groups: list[Setting]) -> Any:
+    """Mean test reward vs mean KL per setting, error bars = std over seeds; each seed's run as a faint dot."""
+    fig = _figure()
+    ax = fig.subplots()
+    kl_key = next((k for k in PARETO_KL if any(np.isfinite(g.values(k)).any() for g in groups)), PARETO_KL[0])
+    for i, g in enumerate(groups):
+        kl, reward = g.values(kl_key), g.values("eval_reward")
+        (km, ks), (rm, rs) = _mean_std(kl), _mean_std(reward)
+        ax.scatter(kl, reward, color=f"C{i % 10}", alpha=0.35, s=18, linewidths=0)
+        ax.errorbar([km], [rm], xerr=[ks], yerr=[rs], fmt="o", color=f"C{i % 10}", capsize=4, markersize=7,
+                    label=f"{_short(g.label)} ({len(g.runs)} runs)")
+    which = "k3" if kl_key == PARETO_KL[0] else "exact"
+    return _finish_xy(fig, ax, "Test reward vs KL to the base model (mean ± std over seeds)",
+                      f"KL to the base model, {which}, per completion (nats)", "test-split mean reward")
+
+
+def _finish_xy(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str) -> Any:
+    fig.suptitle(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(handles)), fontsize=9, frameon=False)
+    return fig
+
+
 # ---- the command ---------------------------------------------------------------------------------------
 
 def _names(run_dirs: list[str]) -> list[str]:
@@ -332,6 +430,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=None,
                    help="folder for the figures (default RUN_DIR/report; with several runs, one subfolder per "
                         "run, and the overlay in DIR, or in the first run's report folder)")
+    p.add_argument("--pareto", action="store_true",
+                   help="compare settings instead: final test reward vs KL to the base model, mean ± std over "
+                        "seeds, as a table and pareto.png (in --out, or the first run's report folder)")
     args = p.parse_args(argv)
     _figure()  # the missing extra is the first thing to say
     runs = []
@@ -340,6 +441,13 @@ def main(argv: list[str]) -> int:
         for note in notes:
             print(f"hpc_es: warning: {run.name}: {note}", file=sys.stderr, flush=True)
         runs.append(run)
+    if args.pareto:
+        groups = settings(runs)
+        print(pareto_table(groups), flush=True)
+        path = save(pareto_figure(groups), os.path.join(args.out or os.path.join(runs[0].run_dir, "report"),
+                                                        "pareto.png"))
+        print(f"figures: {path}", flush=True)
+        return 0
     written: list[str] = []
     several = len(runs) > 1
     for run in runs:

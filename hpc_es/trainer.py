@@ -34,6 +34,7 @@ from hpc_es.seeds import hash64, member_seeds
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.population import Population, Scores
 from hpc_es.progress import Progress, announce
+from hpc_es.prompts import prompt_format
 from hpc_es.stopping import Stopping
 from hpc_es.tasks import Example, load_task
 from hpc_es.tboard import TensorBoardLog
@@ -116,9 +117,11 @@ class Trainer:
                 self.fault("signal")  # signal:-1 arrives while the model loads
                 self.population = Population.load(cfg.es, cfg.rollout, self.model_path, self.devices, self.dtype,
                                                   self.task, comm.rank, comm.world_size, self.fault)
+                self.base_fingerprint = self.population.model_fingerprint()  # the model's, not the fp32 master's
+                self.prompt = prompt_format(cfg, self.task)  # raw text, or the folder's chat template around it
+                self.train_set = self.prompt.examples(self.population.tokenizer, self.train_set)
                 check_context(self.population.tokenizer, self.population.model.config,
                               [e.prompt for e in self.train_set], cfg.rollout.max_new_tokens)
-                self.base_fingerprint = self.population.model_fingerprint()  # the model's, not the fp32 master's
                 self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # the KL reference
                 self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
                                                   comm.world_size * len(self.devices))
@@ -132,7 +135,7 @@ class Trainer:
                     **self.population.search.ledger_attrs(),  # the search distribution: kind, rank, scope
                     "rollout_engine": self.population.rollout_engine,  # the engine that ran (auto resolved)
                     "noise_scheme": cfg.es.noise_scheme,  # replay draws the same noise from it
-                    "data_digest": self.data_digest})
+                    "data_digest": self.data_digest, **self.prompt.ledger_attrs()})
                 self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type,
                                         self.data_digest)
                 if self.plan is not None:

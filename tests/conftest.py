@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,6 +71,21 @@ def fingerprint_of(model_dir: Path | str) -> str:
     from hpc_es.models import fingerprint_dir
 
     return fingerprint_dir(str(model_dir))
+
+
+def perturbed_model(path: str, scale: float = 0.02, seed: int = 5) -> Any:
+    """The model in ``path`` with seeded Gaussian noise of std ``scale`` added to every parameter (a "fine-tuned"
+    model for the KL tests)."""
+    import torch
+
+    from hpc_es.models import load_model
+
+    model = load_model(path)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
 
 
 def ledger_arrays(run_dir: Path | str) -> dict:

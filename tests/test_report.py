@@ -434,3 +434,38 @@ def test_log_tensorboard_config_key() -> None:
     assert load_config(None, ["log.tensorboard=true"]).log.tensorboard is True
     with pytest.raises(ConfigError, match="'log.tensorboard' must be true or false"):
         load_config(None, ["log.tensorboard=yes please"])
+
+
+def _pareto_run(sigma: float, seed: int, reward: float, kl: float) -> rp.Run:
+    rows = [{**r, "eval_reward": math.nan, "eval_kl_k3_per_completion": math.nan,
+             "eval_kl_per_completion": math.nan} for r in synthetic_run(3).rows]
+    rows[1].update(eval_reward=reward - 5, eval_kl_k3_per_completion=kl / 2, eval_kl_per_completion=kl / 3)
+    rows[2].update(eval_reward=reward, eval_kl_k3_per_completion=kl, eval_kl_per_completion=kl / 2)
+    cfg = {"model": "m", "task": "conciseness", "seed": seed, "run_dir": f"/r/{sigma}-{seed}",
+           "es": {"sigma": sigma, "alpha": sigma / 2}}
+    return rp.Run(f"{sigma}-{seed}", "/nonexistent", "/nonexistent/log.h5", 16, cfg, rows)
+
+
+def test_pareto_groups_seeds_by_setting_and_prints_table_2s_columns(tmp_path: Path) -> None:
+    runs = [_pareto_run(1e-3, 0, -60.0, 0.2), _pareto_run(1e-3, 1, -40.0, 0.4),
+            _pareto_run(2e-3, 0, -30.0, 1.0), _pareto_run(2e-3, 1, -20.0, 1.4), _pareto_run(2e-3, 2, -10.0, 1.8)]
+    groups = rp.settings(runs)
+    assert [(g.label, len(g.runs)) for g in groups] == [("alpha=0.0005, sigma=0.001", 2),
+                                                         ("alpha=0.001, sigma=0.002", 3)]
+    table = rp.pareto_table(groups).splitlines()
+    # the final evaluation of each run; mean ± sample std over its seeds
+    assert f"{-50:.4g} ± {np.std([-60, -40], ddof=1):.2g}" in table[1] and f"{0.3:.4g} ± {0.1414:.2g}" in table[1]
+    assert f"{-20:.4g} ± {10:.2g}" in table[2] and f"{1.4:.4g} ± {0.4:.2g}" in table[2]
+    assert f"{0.7:.4g} ± {0.2:.2g}" in table[2] and table[2].endswith("(3 seeds)")
+    fig = rp.pareto_figure(groups)
+    assert fig.axes[0].get_xlabel() == "KL to the base model, k3, per completion (nats)"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["alpha=0.0005, sigma=0.001 (2 runs)",
+                                                                  "alpha=0.001, sigma=0.002 (3 runs)"]
+    assert not drawn_texts_overlap(fig)
+    box = plot_area(fig)
+    png = Path(rp.save(fig, str(tmp_path / "pareto.png")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(png)).shape == (450, 800, 4)
+    assert pixels(png, C0, box) > 40 and pixels(png, C1, box) > 40  # both settings' markers and error bars
