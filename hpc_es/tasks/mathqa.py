@@ -136,7 +136,8 @@ def _read_jsonl(path: str) -> list[Any]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataError(f"data file '{path}' line {lineno} is not valid JSON: {e.msg} at column {e.colno}") from None
+            raise DataError(f"data file '{path}' line {lineno} is not valid JSON: {e.msg} "
+                            f"at column {e.colno}") from None
         except RecursionError:
             raise DataError(f"data file '{path}' line {lineno} nests its JSON too deeply") from None
     if not out:
