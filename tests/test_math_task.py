@@ -231,3 +231,12 @@ def test_python_m_hpc_es_task_math_runs_on_the_sample_and_eval_prints_accuracy(t
     proc = run_hpc_es(["eval"] + SMALL + ["eval.limit=3", f"model={run_dir / 'final'}"], check=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["task"] == "math" and out["examples"] == 3 and out["accuracy"] == 0.0 and out["mean_reward"] == 0.0
+
+
+def test_the_shipped_math_config_has_the_seed_authors_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPC_ES_MODELS", "/models")
+    monkeypatch.setenv("HPC_ES_DATA", "/data")
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "math_qwen2.5-math-7b.yaml"))
+    assert (cfg.task, cfg.model, cfg.data.path) == ("math", "/models/Qwen2.5-Math-7B", "/data/math_train.jsonl")
+    assert (cfg.es.population_size, cfg.es.sigma, cfg.es.alpha) == (30, 1e-3, 1e-3 / 2)
+    assert cfg.rollout.max_new_tokens >= 2048 and cfg.rollout.repetition_penalty == "model"

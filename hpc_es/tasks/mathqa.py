@@ -9,7 +9,7 @@ Only the last ``\\boxed{...}`` counts (a model may box intermediate results); it
 ``\\{`` and ``\\}`` read as literal braces.  A last box whose braces never close, or an empty one, scores 0.
 With :func:`with_format` (``task=hpc_es.tasks.mathqa:with_format``) a completion whose last box holds an
 answer also gets :data:`FORMAT_WEIGHT`, right or wrong: a small push towards boxing an answer at all, for
-models that rarely do; ``task=math`` is the plain 1/0 reward of the seed authors' math runs.
+models that rarely do; ``task=math`` is the plain 1/0 reward.
 
 Data: a JSON list or a JSONL file (``.jsonl``) of objects with the problem in ``problem`` or ``question``
 and the reference in ``answer`` (a GSM8K answer's text after its last ``####``) or, without ``answer``, the
