@@ -240,3 +240,20 @@ def test_the_shipped_math_config_has_the_seed_authors_settings(monkeypatch: pyte
     assert (cfg.task, cfg.model, cfg.data.path) == ("math", "/models/Qwen2.5-Math-7B", "/data/math_train.jsonl")
     assert (cfg.es.population_size, cfg.es.sigma, cfg.es.alpha) == (30, 1e-3, 1e-3 / 2)
     assert cfg.rollout.max_new_tokens >= 2048 and cfg.rollout.repetition_penalty == "model"
+
+
+def test_without_math_verify_the_task_fails_at_start_with_one_line(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from hpc_es.tasks.symbolic import Grader
+
+    shadow = tmp_path / "math_verify"  # found first on the child's path, as if the package were not installed
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'math_verify'\")\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with pytest.raises(TaskError) as e:
+        Grader().start()
+    assert str(e.value) == ("the math grader did not start: cannot import math-verify: ModuleNotFoundError: No "
+                            "module named 'math_verify' (task 'math' needs the math-verify package: pip install "
+                            "math-verify)")
