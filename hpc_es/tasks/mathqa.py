@@ -19,6 +19,7 @@ last ``\\boxed{}`` of ``solution`` (README, "Math").  Without ``data.path`` the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -68,10 +69,17 @@ def _answer(completion: str) -> str | None:
     return answer if answer is not None and answer.strip() else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _equivalent(reference: str, answer: str) -> bool:
+    """Remembered: ``eval`` asks for the reward and the accuracy of each completion, and greedy members often
+    give the same answers (a grading that raised or was stopped is not remembered)."""
+    return grader().equivalent(reference, answer)
+
+
 def is_correct(completion: str, reference: str) -> bool:
     """Whether the completion's last boxed answer equals ``reference`` (LaTeX, no ``\\boxed``)."""
     answer = _answer(completion)
-    return answer is not None and grader().equivalent(reference, answer)
+    return answer is not None and _equivalent(reference, answer)
 
 
 def score(completion: str, reference: str, format_weight: float = 0.0) -> float:
