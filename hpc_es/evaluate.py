@@ -28,6 +28,7 @@ from hpc_es.errors import ConfigError, HpcEsError
 from hpc_es.kl import completion_kl, summarize
 from hpc_es.models import load_model, load_tokenizer, resolve_dtype
 from hpc_es.placement import local_devices, resolve_model_path
+from hpc_es.prompts import prompt_format
 from hpc_es.rollout import generate_ids, resolve_engine, resolve_repetition_penalty
 from hpc_es.schedule import Every
 from hpc_es.tasks import DEFAULT_REWARD_TIMEOUT_S, Example, Task, load_task, safe_score
@@ -163,6 +164,7 @@ class TestSplit:
         self.options = eval_options(cfg, base_model)
         self.schedule = Every(cfg.eval.every, cfg.es.iterations)
         self.examples = list(task.test_examples())[: cfg.eval.limit or None] if cfg.eval.every else []
+        self.prompt = prompt_format(cfg, task)
         if cfg.eval.every and not self.examples:
             raise HpcEsError(f"eval.every={cfg.eval.every} but task '{cfg.task}' has no test examples "
                              "(see data.train_size, data.test_size)")
@@ -176,7 +178,8 @@ class TestSplit:
             return self.skipped()
         a = time.perf_counter()
         engine = resolve_engine(self.cfg.rollout.engine, model, notice=False)  # issue 11: as the rollouts
-        got = score_items(model, tokenizer, self.task, self.examples, self.cfg.rollout.max_new_tokens,
+        examples = self.prompt.examples(tokenizer, self.examples)
+        got = score_items(model, tokenizer, self.task, examples, self.cfg.rollout.max_new_tokens,
                           eval_batch_size(self.cfg), self.comm, engine=engine, **self.options)
         seconds = time.perf_counter() - a
         if self.comm.is_main:
@@ -205,7 +208,8 @@ def evaluate(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
 
     agree(comm, attempt(build) if comm.is_main else None)
     agree(comm, attempt(load))
-    examples = list(state["task"].test_examples())[: cfg.eval.limit or None]
+    prompt = prompt_format(cfg, state["task"])
+    examples = prompt.examples(state["tok"], list(state["task"].test_examples())[: cfg.eval.limit or None])
     t0 = time.perf_counter()
 
     def progress(done: int, mine: int) -> None:  # thousands of prompts x 1024 tokens take a while
@@ -218,7 +222,8 @@ def evaluate(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
                          eval_batch_size(cfg), comm, progress, repetition_penalty=cfg.rollout.repetition_penalty,
                          kl_base=state["kl_base"], engine=state["engine"],
                          reward_timeout_s=cfg.rollout.reward_timeout_s)
-    out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples), **scores}
+    out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples),
+                           **prompt.ledger_attrs(), **scores}
     if state["kl_base"] is not None:
         out["kl_base_model"] = state["kl_base"]
     elif kl_enabled(cfg) and comm.is_main:

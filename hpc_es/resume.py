@@ -30,7 +30,7 @@ from hpc_es.progress import say, warn
 
 # Config keys that define the trajectory: a resumed run must agree on all of them.
 TRAJECTORY_KEYS = ("model", "task", "seed", "dtype", "es.population_size", "es.sigma", "es.alpha",
-                   "es.antithetic", "es.shaping", "rollout", "data", "tiny",
+                   "es.antithetic", "es.shaping", "rollout", "data", "tiny", "prompt",
                    "es.noise", "es.rank", "es.lowrank_scope",  # issue 14: the low-rank mode's keys
                    "es.master_dtype")  # issue 12: an fp32 master is another trajectory
 # (issue 12: es.noise_scheme and, under legacy noise, es.noise_chunk come from noise.trajectory_keys)

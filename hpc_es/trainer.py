@@ -34,6 +34,7 @@ from hpc_es.noise import _hash64, member_seeds
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.population import Population, Scores
 from hpc_es.progress import Progress, announce
+from hpc_es.prompts import prompt_format
 from hpc_es.tasks import Example, load_task
 from hpc_es.tboard import TensorBoardLog  # issue 15
 from hpc_es.watchdog import watchdog
@@ -140,6 +141,8 @@ class Trainer:
         self.population = Population.load(cfg, self.model_path, self.devices, self.dtype, self.task, comm.rank,
                                           comm.world_size, self.fault)
         self.base_fingerprint = self.population.model_fingerprint()  # issue 12: the model's, not the master's
+        self.prompt = prompt_format(cfg, self.task)  # raw text, or the folder's chat template around it
+        self.train_set = self.prompt.examples(self.population.tokenizer, self.train_set)
         self.test_split = TestSplit(cfg, self.task, comm, os.path.abspath(self.model_path))  # issue 13: KL reference
         self.divergence = DivergenceCheck(comm, cfg.dist.check_every, cfg.es.iterations,
                                           comm.world_size * len(self.devices))
@@ -151,7 +154,7 @@ class Trainer:
             "noise_device": self.devices[0].type, "model_dtype": str(self.dtype).removeprefix("torch."),
             **lowrank.ledger_attrs(cfg),  # issue 14: noise kind, rank, scope
             "rollout_engine": self.population.rollout_engine,  # issue 11: the engine that ran (auto resolved)
-            "noise_scheme": cfg.es.noise_scheme})  # issue 12
+            "noise_scheme": cfg.es.noise_scheme, **self.prompt.ledger_attrs()})  # issue 12
         self.plan = resume.plan(cfg, self.base_fingerprint, self.model_path, self.devices[0].type)
         if self.plan is not None:
             resume.apply(self.plan, self.population, self.base_weights, cfg.run_dir, self.devices[0].type)

@@ -624,3 +624,16 @@ def test_tasks_import_without_torch():
     code = ("import sys, hpc_es.tasks, hpc_es.tasks.countdown, hpc_es.tasks.conciseness; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_conciseness_paper_data_is_table_4_for_training_and_table_5_for_evaluation() -> None:
+    from hpc_es.config import load_config
+    from hpc_es.tasks import load_task
+
+    task = load_task(load_config(overrides=["task=conciseness", "data.path=paper", "data.train_size=1"]))
+    assert [(e.prompt, e.info["reference"]) for e in task.train_examples()] == [
+        ("Solve: 3 + 5 =", "8"), ("If all birds can fly and penguins are birds, can penguins fly?", "No")]
+    test = [(e.prompt, e.info["reference"]) for e in task.test_examples()]
+    assert len(test) == 8 and test[1] == ("Calculate: 12 × 7 =", "84")
+    assert test[4] == ("Translate “Hello” to Spanish:", "Hola") and test[-1] == ("How many days are in a week?", "7")
+    assert task.score("Paris.", task.test_examples()[0]) == -1.0

@@ -19,6 +19,8 @@ class Task(Protocol):
     """What ``task=`` resolves to.
 
     ``score`` sees the completion only (the generated text, never the prompt) and returns a finite float.
+    A task may also set ``default_system`` (a str, or None): the system message under ``prompt.chat=true``
+    when ``prompt.system`` is unset (hpc_es.prompts).
     """
 
     name: str
@@ -54,6 +56,7 @@ class SplitTask:
 
     name = "task"
     label = "task"
+    default_system: str | None = None  # prompt.chat=true without prompt.system: this system message (None: none)
 
     def __init__(self, cfg: Any) -> None:
         data = cfg.data

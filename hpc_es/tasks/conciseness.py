@@ -136,16 +136,47 @@ def synthetic(n: int, seed: int) -> list[Example]:
     return out
 
 
+# --------------------------------------------------------------------------------------------- the paper's
+
+PAPER = "paper"  # data.path=paper: the paper's own prompts, below
+# Qiu et al. 2025, Table 4 (training) and Table 5 (evaluation), verbatim.
+PAPER_TRAIN = (("Solve: 3 + 5 =", "8"),
+               ("If all birds can fly and penguins are birds, can penguins fly?", "No"))
+PAPER_EVAL = (("What is the capital of France?", "Paris"),
+              ("Calculate: 12 × 7 =", "84"),
+              ("Is the statement “All cats are mammals” true or false?", "True"),
+              ("What comes next in the sequence: 2, 4, 6, 8, ?", "10"),
+              ("Translate “Hello” to Spanish:", "Hola"),
+              ("What is 15% of 200?", "30"),
+              ("Name one primary color:", "Red"),
+              ("How many days are in a week?", "7"))
+
+
+def paper_examples() -> tuple[list[Example], list[Example]]:
+    """Table 4 as the training split, Table 5 as the test split."""
+    def examples(pairs: tuple[tuple[str, str], ...]) -> list[Example]:
+        return [Example(prompt=p, info={"reference": r, "index": i}) for i, (p, r) in enumerate(pairs)]
+
+    return examples(PAPER_TRAIN), examples(PAPER_EVAL)
+
+
 # --------------------------------------------------------------------------------------------- task
 
 class ConcisenessTask(SplitTask):
-    """Conciseness from ``cfg.data``: the file at ``data.path`` if set, else the synthetic set; split like Countdown."""
+    """Conciseness from ``cfg.data``: the file at ``data.path`` if set, else the synthetic set; split like Countdown.
+    ``data.path=paper``: the paper's Table 4 trains and its Table 5 tests (``data.*_size`` do not apply)."""
 
     name = "conciseness"
 
     label = "conciseness"
     load_json = staticmethod(load_json)
     synthetic = staticmethod(synthetic)
+
+    def __init__(self, cfg: Any) -> None:
+        if cfg.data.path == PAPER:
+            self._train, self._test = paper_examples()
+        else:
+            super().__init__(cfg)
 
     def score(self, completion: str, example: Example) -> float:
         return score(completion, example.info["reference"])
