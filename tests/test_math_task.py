@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, ledger_arrays, run_hpc_es
+from test_prompts import chat_model_dir  # noqa: F401  (a fixture: the tiny model with a ChatML template)
 from hpc_es.cli import main
 from hpc_es.config import load_config
 from hpc_es.errors import DataError, TaskError
@@ -240,6 +241,7 @@ def test_the_shipped_math_config_has_the_seed_authors_settings(monkeypatch: pyte
     assert (cfg.task, cfg.model, cfg.data.path) == ("math", "/models/Qwen2.5-Math-7B", "/data/math_train.jsonl")
     assert (cfg.es.population_size, cfg.es.sigma, cfg.es.alpha) == (30, 1e-3, 1e-3 / 2)
     assert cfg.rollout.max_new_tokens >= 2048 and cfg.rollout.repetition_penalty == "model"
+    assert cfg.prompt.chat and not cfg.prompt.system  # the task's default_system, which asks for \boxed{}
 
 
 def test_without_math_verify_the_task_fails_at_start_with_one_line(tmp_path: Path,
@@ -257,3 +259,44 @@ def test_without_math_verify_the_task_fails_at_start_with_one_line(tmp_path: Pat
     assert str(e.value) == ("the math grader did not start: cannot import math-verify: ModuleNotFoundError: No "
                             "module named 'math_verify' (task 'math' needs the math-verify package: pip install "
                             "math-verify)")
+
+
+# --------------------------------------------------------------------------------------------- chat template
+
+def test_prompts_raw_and_under_a_chat_template(request: pytest.FixtureRequest) -> None:
+    from transformers import AutoTokenizer
+
+    from hpc_es.prompts import prompt_format
+
+    tok = AutoTokenizer.from_pretrained(request.getfixturevalue("chat_model_dir"))
+
+    def first_prompt(*overrides: str) -> str:
+        cfg = load_config(None, ["task=math", *overrides])
+        task = load_task(cfg)
+        return prompt_format(cfg, task).examples(tok, task.train_examples())[0].prompt
+
+    problem = r"What is $\frac{3}{4} + \frac{1}{8}$? Give the answer as a fraction in lowest terms."
+    assert first_prompt() == f"{problem}\n{mathqa.INSTRUCTION}\n"  # no template needed
+    # the task's system message asks for the box; the user turn is the problem alone
+    assert first_prompt("prompt.chat=true") == (f"<|im_start|>system\n{mathqa.INSTRUCTION}<|im_end|>\n"
+                                                f"<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n")
+    # a system message of the user's own: the instruction stays with the problem
+    assert first_prompt("prompt.chat=true", "prompt.system=Be brief.") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        f"<|im_start|>user\n{problem}\n{mathqa.INSTRUCTION}\n<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_chat_run_records_the_system_message_and_eval_reports_accuracy(request: pytest.FixtureRequest,
+                                                                         tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    model = request.getfixturevalue("chat_model_dir")
+    run_dir = tmp_path / "r"
+    chat = ["task=math", "prompt.chat=true", "data.train_size=4", "eval.limit=2"]
+    assert main(TINY + chat + ["es.iterations=1", f"model={model}", f"run_dir={run_dir}"]) == 0
+    attrs = ledger_arrays(run_dir)["attrs"]
+    assert bool(attrs["prompt_chat"]) and attrs["prompt_system"] == mathqa.INSTRUCTION
+    capsys.readouterr()
+    assert main(["eval"] + TINY + chat + [f"model={run_dir / 'final'}"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["prompt_chat"], out["prompt_system"], out["examples"]) == (True, mathqa.INSTRUCTION, 2)
+    assert out["accuracy"] == 0.0 and out["mean_reward"] == 0.0  # a random tiny model boxes nothing

@@ -15,10 +15,15 @@ Data: a JSON list or a JSONL file (``.jsonl``) of objects with the problem in ``
 and the reference in ``answer`` (a GSM8K answer's text after its last ``####``) or, without ``answer``, the
 last ``\\boxed{}`` of ``solution`` (README, "Math").  Without ``data.path`` the built-in sample
 (math_sample.jsonl, a few dozen hand-written problems) is used.
+
+Prompt: the problem, then :data:`INSTRUCTION`, as raw text (no chat template needed).  Under ``prompt.chat``
+the instruction is the task's ``default_system`` and the user turn is the problem alone, unless a
+``prompt.system`` of the user's replaces it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -26,6 +31,7 @@ from typing import Any
 
 from hpc_es.errors import DataError
 from hpc_es.fsio import MAX_DATA_BYTES, read_text_file
+from hpc_es.prompts import prompt_format
 from hpc_es.tasks.base import Example, SplitTask
 from hpc_es.tasks.countdown import read_json_list
 from hpc_es.tasks.symbolic import grader
@@ -173,6 +179,11 @@ class MathTask(SplitTask):
     def __init__(self, cfg: Any, format_weight: float = 0.0) -> None:
         super().__init__(cfg)
         self.format_weight = format_weight
+        if prompt_format(cfg, self).system == INSTRUCTION:
+            # The chat template's system message already asks for the box: the user turn is the problem
+            # alone, as in Qwen2.5-Math's chat prompts and the seed authors' math runs.
+            self._train = [dataclasses.replace(e, prompt=e.info["problem"]) for e in self._train]
+            self._test = [dataclasses.replace(e, prompt=e.info["problem"]) for e in self._test]
         grader().start()  # fails here, before any compute, when math-verify is missing
 
     def builtin(self, data: Any, seed: int) -> tuple[list[Example], str]:
