@@ -94,6 +94,9 @@ class EvalConfig:
     limit: int = 0  # test items per evaluation; 0 = the whole test split
     kl: str = "auto"  # KL(fine-tuned || base model) on the test completions: auto (on for conciseness) | true | false
     base_model: str = ""  # `eval` only: the base model folder for the KL; empty = the ledger's, for a run's final/
+    samples: int = 1  # responses per test prompt: 1 = the greedy one; > 1 = sampled (seeded from `seed`)
+    temperature: float = 1.0  # eval.samples > 1: the sampling temperature (1 = the model's own distribution)
+    top_p: float = 1.0  # eval.samples > 1: nucleus sampling's mass (1 = off)
 
 
 @dataclass
@@ -201,6 +204,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "checkpoint.stop_grace_s": _float_range(0, 86400, lo_open=True),
     "eval.every": _int_range(0, 100_000_000),
     "eval.limit": _int_range(0, 100_000_000),
+    "eval.samples": _int_range(1, 100_000, " (1 = greedy)"),
+    "eval.temperature": _float_range(0, 100, lo_open=True),
+    "eval.top_p": _float_range(0, 1, lo_open=True),
     "seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
 }
 

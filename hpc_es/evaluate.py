@@ -1,10 +1,12 @@
-"""Mean reward and accuracy on a task's test split (greedy, completions only): `python -m hpc_es eval`,
+"""Mean reward and accuracy on a task's test split (greedy or sampled, completions only): `python -m hpc_es eval`,
 and the trainer's periodic evaluation (``eval.every``).
 
 :func:`score_items` returns the metrics by name; each name maps onto a ledger column by an ``eval_`` prefix
 (``mean_reward`` -> ``eval_reward``, kept from before), so the trainer copies the dict into its row:
 ``accuracy`` (hpc_es's: the answer is right by value), ``accuracy_paper`` (the published evaluation's rule,
-for tasks that define it), ``kl_per_token`` / ``kl_per_completion`` (KL to the base model, see hpc_es.kl).
+for tasks that define it), ``kl_per_token`` / ``kl_per_completion`` (the exact KL to the base model) and
+``kl_k3_per_token`` / ``kl_k3_per_completion`` (the paper's k3 estimate of it on the sampled tokens, see hpc_es.kl).
+With ``eval.samples`` > 1 every metric is over ``samples`` sampled responses per item.
 
 Under mpirun/torchrun whole batches of test items are dealt round-robin to the ranks (each on its own
 device) and the per-item scores are summed into one vector: every item is scored once, the batches and
@@ -25,18 +27,20 @@ import numpy as np
 from hpc_es.comm import Comm, agree, attempt
 from hpc_es.config import Config
 from hpc_es.errors import ConfigError, HpcEsError
-from hpc_es.kl import completion_kl, summarize
+from hpc_es.kl import CompletionKL, completion_kl, summarize
 from hpc_es.models import load_model, load_tokenizer, resolve_dtype
 from hpc_es.placement import local_devices, resolve_model_path
 from hpc_es.prompts import prompt_format
 from hpc_es.rollout import generate_ids, resolve_engine, resolve_repetition_penalty
+from hpc_es.sampling import item_seed, sample_ids
 from hpc_es.schedule import Every
 from hpc_es.tasks import DEFAULT_REWARD_TIMEOUT_S, Example, Task, load_task, safe_score
 
 log = logging.getLogger("hpc_es")
 
 # score_items' names and the ledger's test-split columns; a name missing from a result is NaN in the row
-METRICS = ("mean_reward", "accuracy", "accuracy_paper", "kl_per_token", "kl_per_completion")
+METRICS = ("mean_reward", "accuracy", "accuracy_paper", "kl_per_token", "kl_per_completion", "kl_k3_per_token",
+           "kl_k3_per_completion")
 
 
 def column(name: str) -> str:
@@ -63,7 +67,8 @@ def eval_options(cfg: Config, base_model: str) -> dict[str, Any]:
     reference of the KL; empty: no KL)."""
     return {"repetition_penalty": cfg.rollout.repetition_penalty,
             "kl_base": base_model if base_model and kl_enabled(cfg) else None,
-            "reward_timeout_s": cfg.rollout.reward_timeout_s}
+            "samples": cfg.eval.samples, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
+            "sample_seed": cfg.seed, "reward_timeout_s": cfg.rollout.reward_timeout_s}
 
 
 def eval_batch_size(cfg: Config) -> int:
@@ -80,50 +85,68 @@ def my_items(n: int, batch_size: int, rank: int, world: int) -> list[int]:
 def score_items(model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], max_new_tokens: int,
                 batch_size: int, comm: Comm, on_batch: Callable[[int, int], None] | None = None, *,
                 repetition_penalty: str | float = 1.0, kl_base: str | None = None,
-                engine: str = "hf",
+                engine: str = "hf", samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                sample_seed: int = 0,
                 reward_timeout_s: float = DEFAULT_REWARD_TIMEOUT_S) -> dict[str, float]:
     """The test metrics over ``examples`` (see :data:`METRICS`), this rank generating its share; a
     collective: every rank calls it.  ``on_batch(done, mine)`` reports progress.
 
     ``repetition_penalty`` is ``rollout.repetition_penalty`` (a number or ``model``); ``kl_base`` a base model
     folder: when given, the KL of ``model`` to it on the completions (loaded for the call, then freed);
-    ``engine`` the rollout engine (rollout.resolve_engine)."""
+    ``engine`` the rollout engine (rollout.resolve_engine).  ``samples`` > 1: that many sampled responses per
+    item (``temperature``, ``top_p``; item i's draws seeded from ``sample_seed`` and i, hpc_es.sampling), every
+    metric averaged over all of them; 1: the greedy completion."""
     n = len(examples)
     mine = my_items(n, batch_size, comm.rank, comm.world_size)
-    prompts = [examples[i].prompt for i in mine]
     penalty = resolve_repetition_penalty(str(repetition_penalty), model)
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
-                       on_batch=None if on_batch is None else lambda done: on_batch(done, len(mine)),
-                       repetition_penalty=penalty, engine=engine)
+    if samples == 1:
+        prompts = [examples[i].prompt for i in mine]
+        ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
+                           on_batch=None if on_batch is None else lambda done: on_batch(done, len(mine)),
+                           repetition_penalty=penalty, engine=engine)
+    else:
+        prompts, ids = [], []
+        for k, i in enumerate(mine):
+            prompts += [examples[i].prompt] * samples
+            ids += sample_ids(model, tokenizer, examples[i].prompt, samples, max_new_tokens,
+                              seed=item_seed(sample_seed, i), temperature=temperature, top_p=top_p,
+                              repetition_penalty=penalty)
+            if on_batch is not None:
+                on_batch(k + 1, len(mine))
+    owner = [i for i in mine for _ in range(samples)]  # the item of each completion
     completions = tokenizer.batch_decode(ids, skip_special_tokens=True)
     correct = getattr(task, "is_correct", None)
     paper = getattr(task, "is_correct_paper", None)
-    # [scores | correct | correct by the paper's rule | KL sums | completion tokens]: each item has one owner,
-    # so the sum over ranks is exact
-    local = np.zeros(5 * n)
-    for i, text in zip(mine, completions):
-        local[i] = safe_score(task, text, examples[i], reward_timeout_s)
+    # [scores | correct | correct by the paper's rule | exact KL sums | k3 sums | completion tokens], each a
+    # sum over the item's samples: each item has one owner, so the sum over ranks is exact
+    local = np.zeros(6 * n)
+    for i, text in zip(owner, completions):
+        local[i] += safe_score(task, text, examples[i], reward_timeout_s)
         if callable(correct):
-            local[n + i] = float(bool(correct(text, examples[i])))
+            local[n + i] += float(bool(correct(text, examples[i])))
         if callable(paper):
-            local[2 * n + i] = float(bool(paper(text, examples[i])))
+            local[2 * n + i] += float(bool(paper(text, examples[i])))
     if kl_base is not None:
         param = next(model.parameters())
         base = load_model(kl_base, param.dtype, str(param.device))
         try:
-            for i, (kl, tokens) in zip(mine, completion_kl(model, base, tokenizer, prompts, ids)):
-                local[3 * n + i], local[4 * n + i] = kl, tokens
+            for i, got in zip(owner, completion_kl(model, base, tokenizer, prompts, ids)):
+                local[3 * n + i] += got.exact
+                local[4 * n + i] += got.k3
+                local[5 * n + i] += got.tokens
         finally:
             del base
     total = comm.allreduce_sum(local)
     nan = float("nan")
-    out = {"mean_reward": float(np.mean(total[:n])) if n else nan}
+    out = {"mean_reward": float(np.mean(total[:n])) / samples if n else nan}
     if callable(correct):
-        out["accuracy"] = float(np.mean(total[n:2 * n])) if n else nan
+        out["accuracy"] = float(np.mean(total[n:2 * n])) / samples if n else nan
     if callable(paper):
-        out["accuracy_paper"] = float(np.mean(total[2 * n:3 * n])) if n else nan
+        out["accuracy_paper"] = float(np.mean(total[2 * n:3 * n])) / samples if n else nan
     if kl_base is not None:
-        out.update(summarize(list(zip(total[3 * n:4 * n].tolist(), total[4 * n:].astype(np.int64).tolist()))))
+        out.update(summarize([CompletionKL(kl, k3, int(tokens)) for kl, k3, tokens in
+                              zip(total[3 * n:4 * n].tolist(), total[4 * n:5 * n].tolist(),
+                                  total[5 * n:].tolist())], samples))
     return out
 
 
@@ -218,12 +241,11 @@ def evaluate(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
             print(f"hpc_es: eval {done}/{mine} prompts{share}, {time.perf_counter() - t0:.0f}s",
                   file=sys.stderr, flush=True)
 
+    options = {**eval_options(cfg, ""), "kl_base": state["kl_base"]}
     scores = score_items(state["model"], state["tok"], state["task"], examples, cfg.rollout.max_new_tokens,
-                         eval_batch_size(cfg), comm, progress, repetition_penalty=cfg.rollout.repetition_penalty,
-                         kl_base=state["kl_base"], engine=state["engine"],
-                         reward_timeout_s=cfg.rollout.reward_timeout_s)
+                         eval_batch_size(cfg), comm, progress, engine=state["engine"], **options)
     out: dict[str, Any] = {"model": state["path"], "task": cfg.task, "examples": len(examples),
-                           **prompt.ledger_attrs(), **scores}
+                           "samples": cfg.eval.samples, **prompt.ledger_attrs(), **scores}
     if state["kl_base"] is not None:
         out["kl_base_model"] = state["kl_base"]
     elif kl_enabled(cfg) and comm.is_main:

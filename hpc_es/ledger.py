@@ -28,9 +28,11 @@ SCALARS = {
     # test split (eval.every): NaN in the iterations that were not evaluated (hpc_es.evaluate.METRICS)
     "eval_reward": np.float64, "eval_accuracy": np.float64, "eval_accuracy_paper": np.float64,
     "eval_kl_per_token": np.float64, "eval_kl_per_completion": np.float64, "time_eval": np.float64,
+    "eval_kl_k3_per_token": np.float64, "eval_kl_k3_per_completion": np.float64,
 }
 # columns added after ledgers were first written: a ledger without them loads with NaN there
-LATER_COLUMNS = ("eval_accuracy_paper", "eval_kl_per_token", "eval_kl_per_completion")
+LATER_COLUMNS = ("eval_accuracy_paper", "eval_kl_per_token", "eval_kl_per_completion", "eval_kl_k3_per_token",
+                 "eval_kl_k3_per_completion")
 VERSION = 1
 
 

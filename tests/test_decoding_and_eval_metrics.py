@@ -15,7 +15,7 @@ import torch
 from hpc_es.config import ConfigError, load_config
 from hpc_es.evaluate import EVAL_COLUMNS, kl_base_for_eval, ledger_columns, score_items
 from hpc_es.kl import completion_kl, summarize
-from hpc_es.ledger import MATRIX, SCALARS, Ledger
+from hpc_es.ledger import LATER_COLUMNS, MATRIX, SCALARS, Ledger
 from hpc_es.models import load_model, load_tokenizer
 from hpc_es.rollout import eos_ids, generate, generate_ids, resolve_repetition_penalty
 from hpc_es.tasks.base import Example
@@ -129,13 +129,13 @@ def test_kl_of_a_model_with_itself_is_zero_and_a_perturbed_one_matches_a_direct_
     base, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     ids = generate_ids(base, tok, PROMPTS, 12)
     same = completion_kl(base, load_model(tiny_model_dir), tok, PROMPTS, ids)
-    assert [kl for kl, _ in same] == [0.0] * len(PROMPTS)
-    assert [n for _, n in same] == [len(c) for c in ids]
+    assert [c.exact for c in same] == [0.0] * len(PROMPTS) and [c.k3 for c in same] == [0.0] * len(PROMPTS)
+    assert [c.tokens for c in same] == [len(c) for c in ids]
 
     ft = _perturbed(tiny_model_dir)
     ft_ids = generate_ids(ft, tok, PROMPTS, 12)
     got = completion_kl(ft, base, tok, PROMPTS, ft_ids)
-    for prompt, completion, (kl, n) in zip(PROMPTS, ft_ids, got):
+    for prompt, completion, (kl, _, n) in zip(PROMPTS, ft_ids, got):
         seq = tok(prompt)["input_ids"] + completion
         direct = 0.0
         for t in range(len(tok(prompt)["input_ids"]), len(seq)):  # each completion token's prediction
@@ -147,8 +147,8 @@ def test_kl_of_a_model_with_itself_is_zero_and_a_perturbed_one_matches_a_direct_
         assert n == len(completion) > 0
         assert kl > 0 and kl == pytest.approx(direct, rel=1e-4, abs=1e-7)
     s = summarize(got)
-    assert s["kl_per_completion"] == pytest.approx(sum(k for k, _ in got) / 3)
-    assert s["kl_per_token"] == pytest.approx(sum(k for k, _ in got) / sum(n for _, n in got))
+    assert s["kl_per_completion"] == pytest.approx(sum(c.exact for c in got) / 3)
+    assert s["kl_per_token"] == pytest.approx(sum(c.exact for c in got) / sum(c.tokens for c in got))
 
 
 def test_score_items_carries_kl_and_paper_accuracy_as_eval_columns(tiny_model_dir: str) -> None:
@@ -160,7 +160,8 @@ def test_score_items_carries_kl_and_paper_accuracy_as_eval_columns(tiny_model_di
     tok = load_tokenizer(tiny_model_dir)
     ft = _perturbed(tiny_model_dir)
     got = score_items(ft, tok, task, examples, 6, 2, Comm(), kl_base=tiny_model_dir)
-    assert set(got) == {"mean_reward", "accuracy", "accuracy_paper", "kl_per_token", "kl_per_completion"}
+    assert set(got) == {"mean_reward", "accuracy", "accuracy_paper", "kl_per_token", "kl_per_completion",
+                        "kl_k3_per_token", "kl_k3_per_completion"}
     assert got["kl_per_token"] > 0 and got["kl_per_completion"] > got["kl_per_token"]
     row = ledger_columns(got)
     assert tuple(row) == EVAL_COLUMNS
@@ -207,8 +208,7 @@ def test_ledger_written_before_the_new_columns_still_loads(tmp_path: Path) -> No
     import h5py
 
     path = tmp_path / "old.h5"
-    old_scalars = [k for k in SCALARS if k not in ("eval_accuracy_paper", "eval_kl_per_token",
-                                                    "eval_kl_per_completion")]
+    old_scalars = [k for k in SCALARS if k not in LATER_COLUMNS]
     with h5py.File(path, "w") as f:
         f.attrs["version"] = 1
         f.attrs["config"] = "{}"
@@ -219,7 +219,7 @@ def test_ledger_written_before_the_new_columns_still_loads(tmp_path: Path) -> No
             f.create_dataset(k, data=np.arange(2, dtype=SCALARS[k]))
     ledger = Ledger.load(str(path))
     assert len(ledger) == 2 and ledger.column("eval_accuracy").tolist() == [0.0, 1.0]
-    for k in ("eval_accuracy_paper", "eval_kl_per_token", "eval_kl_per_completion"):
+    for k in LATER_COLUMNS:
         assert np.isnan(ledger.column(k)).all()
     ledger.save(str(path))  # and it is written back with every column
     with h5py.File(path, "r") as f:
