@@ -300,3 +300,7 @@ def test_a_chat_run_records_the_system_message_and_eval_reports_accuracy(request
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["prompt_chat"], out["prompt_system"], out["examples"]) == (True, mathqa.INSTRUCTION, 2)
     assert out["accuracy"] == 0.0 and out["mean_reward"] == 0.0  # a random tiny model boxes nothing
+    # sampled responses: accuracy over all of them is pass@1
+    assert main(["eval"] + TINY + chat + ["eval.samples=3", "eval.temperature=0.7", f"model={run_dir / 'final'}"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["samples"], out["examples"], out["accuracy"]) == (3, 2, 0.0)
