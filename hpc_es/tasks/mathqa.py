@@ -181,7 +181,7 @@ class MathTask(SplitTask):
         self.format_weight = format_weight
         if prompt_format(cfg, self).system == INSTRUCTION:
             # The chat template's system message already asks for the box: the user turn is the problem
-            # alone, as in Qwen2.5-Math's chat prompts and the seed authors' math runs.
+            # alone, as in Qwen2.5-Math's chat prompts.
             self._train = [dataclasses.replace(e, prompt=e.info["problem"]) for e in self._train]
             self._test = [dataclasses.replace(e, prompt=e.info["problem"]) for e in self._test]
         grader().start()  # fails here, before any compute, when math-verify is missing
