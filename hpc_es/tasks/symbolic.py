@@ -3,7 +3,7 @@
 Why a child process: sympy evaluates some answers inside one C call that holds the GIL for as long as it
 runs (``\\boxed{9^{9^{9^9}}}`` becomes a Python integer power), so neither the reward time limit
 (hpc_es/watchdog.py, which interrupts at the next bytecode) nor math-verify's own ``signal.alarm`` timer,
-which also needs the main thread, could ever stop it, and the process would hang for good.  Here the
+which also needs the main thread, could stop it: the process would hang for as long as it runs (hours).  Here the
 calling thread only waits on a pipe in short slices, so the time limit always lands: the child is killed
 and the run stops with the usual one-line error.  math-verify's own timers are off for the same reason
 (they would also fight the watchdog over SIGALRM).
