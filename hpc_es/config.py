@@ -170,7 +170,7 @@ class Config:
     DEVICES: ClassVar[tuple[str, ...]] = ("auto", "cpu", "cuda")  # placement.local_devices
 
     model: str = "tiny"  # a local HF model directory, or "tiny" for the built-in test model
-    task: str = "conciseness"  # countdown | conciseness | module:attr | path/file.py:attr
+    task: str = "conciseness"  # countdown | conciseness | math | module:attr | path/file.py:attr
     seed: int = 0
     run_dir: str = "runs/default"
     dtype: str = one_of("auto", DTYPES)  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16

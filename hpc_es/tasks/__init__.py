@@ -1,6 +1,6 @@
 """Resolving ``task=`` to a Task, and calling a task's reward without letting user bugs escape unexplained.
 
-``task`` is a built-in name (``countdown``, ``conciseness``), ``module:attr`` (the module is imported with
+``task`` is a built-in name (``countdown``, ``conciseness``, ``math``), ``module:attr`` (the module is imported with
 the current directory on ``sys.path``) or ``path/to/file.py:attr`` (loaded from that file). ``attr`` is a
 Task object, or a callable (e.g. a class) taking the Config and returning one.
 
@@ -30,7 +30,11 @@ from hpc_es.watchdog import RewardTimeout, watchdog
 __all__ = ["Example", "Task", "SplitTask", "BUILTIN_TASKS", "DEFAULT_REWARD_TIMEOUT_S", "load_task", "safe_score",
            "mean_reward", "split_examples", "check_task"]
 
-BUILTIN_TASKS: tuple[str, ...] = ("countdown", "conciseness")
+# name -> (module, class): imported only when named
+_BUILTIN_CLASSES = {"countdown": ("hpc_es.tasks.countdown", "CountdownTask"),
+                    "conciseness": ("hpc_es.tasks.conciseness", "ConcisenessTask"),
+                    "math": ("hpc_es.tasks.mathqa", "MathTask")}
+BUILTIN_TASKS: tuple[str, ...] = tuple(_BUILTIN_CLASSES)
 
 _PROTOCOL_METHODS = ("train_examples", "test_examples", "score")
 
@@ -145,12 +149,9 @@ def _unknown(spec: str) -> TaskError:
 def load_task(cfg: Any) -> Task:
     """Resolve ``cfg.task`` to a checked Task."""
     spec = str(cfg.task).strip()
-    if spec == "countdown":
-        from hpc_es.tasks.countdown import CountdownTask
-        return check_task(CountdownTask(cfg), spec)
-    if spec == "conciseness":
-        from hpc_es.tasks.conciseness import ConcisenessTask
-        return check_task(ConcisenessTask(cfg), spec)
+    if spec in _BUILTIN_CLASSES:
+        modname, attr = _BUILTIN_CLASSES[spec]
+        return check_task(getattr(importlib.import_module(modname), attr)(cfg), spec)
     if ":" not in spec:
         raise _unknown(spec)
     where, attr = spec.rsplit(":", 1)

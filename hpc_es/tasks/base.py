@@ -51,7 +51,8 @@ def split_examples(items: Sequence[Example], train_size: int, test_size: int,
 
 class SplitTask:
     """A task over one list of examples split by ``cfg.data``: the file at ``data.path`` when set, else the
-    task's seeded synthetic set.  Subclasses give ``name``, ``label``, ``load_json`` and ``synthetic``."""
+    task's built-in set (by default seeded synthetic).  Subclasses give ``name``, ``label``, ``load_json`` and
+    ``synthetic`` (or ``builtin``)."""
 
     name = "task"
     label = "task"
@@ -63,9 +64,13 @@ class SplitTask:
             items = self.load_json(data.path)
             source = f"data file '{data.path}'"
         else:
-            items = self.synthetic(data.synthetic_size, cfg.seed)
-            source = f"the synthetic {self.label} set (data.synthetic_size={data.synthetic_size})"
+            items, source = self.builtin(data, cfg.seed)
         self._train, self._test = split_examples(items, data.train_size, data.test_size, source)
+
+    def builtin(self, data: Any, seed: int) -> tuple[list[Example], str]:
+        """The examples used without a data file, and how a split error names them: the seeded synthetic set."""
+        return (self.synthetic(data.synthetic_size, seed),
+                f"the synthetic {self.label} set (data.synthetic_size={data.synthetic_size})")
 
     @staticmethod
     def load_json(path: str) -> list[Example]:
