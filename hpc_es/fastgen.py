@@ -146,9 +146,10 @@ def _weights(model: Any) -> _Weights:  # Any: HF modules' attributes are not typ
             lay.post_attention_layernorm.weight.data, float(lay.post_attention_layernorm.variance_epsilon),
             mlp.gate_proj.weight.data, _bias(mlp.gate_proj), mlp.up_proj.weight.data, _bias(mlp.up_proj),
             mlp.down_proj.weight.data, _bias(mlp.down_proj)))
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # Head counts from the tensors, not the config: a tensor-parallel shard holds whole heads of q and k/v.
+    heads = layers[0].wq.shape[0] // head_dim if layers else cfg.num_attention_heads
+    kv = layers[0].wk.shape[0] // head_dim if layers else (getattr(cfg, "num_key_value_heads", None) or heads)
     embed = inner.embed_tokens.weight.data
     rot = inner.rotary_emb
     return _Weights(embed, layers, inner.norm.weight.data, float(inner.norm.variance_epsilon),
@@ -207,6 +208,17 @@ class _Plain:
 
 
 PLAIN: Linears = _Plain()
+_LINEARS: weakref.WeakKeyDictionary[torch.nn.Module, Linears] = weakref.WeakKeyDictionary()
+
+
+def set_linears(model: torch.nn.Module, lin: Linears | None) -> None:
+    """The weight calls ``model``'s decoding uses instead of :data:`PLAIN` (a tensor-parallel shard's:
+    ``hpc_es.tp.ShardLinears``); None: plain again.  Such a model decodes eagerly (its exchange is neither
+    captured nor compiled) and takes no low-rank pass."""
+    if lin is None:
+        _LINEARS.pop(model, None)
+    else:
+        _LINEARS[model] = lin
 
 
 class Members(Protocol):
@@ -424,7 +436,9 @@ class _Decoder:
         self.on_logits: Callable[[torch.Tensor], None] | None = None
 
     def linears(self, grp: torch.Tensor, tokens: int) -> Linears:
-        return PLAIN if self.members is None else self.members.linears(grp, tokens)
+        if self.members is None:
+            return _LINEARS.get(self.model, PLAIN)
+        return self.members.linears(grp, tokens)
 
     def logits(self, x: torch.Tensor, lin: Linears) -> torch.Tensor:
         """fp32 logits of the last position of ``x`` (n, T, hidden)."""
@@ -638,7 +652,10 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     B, P = ids.shape
     # A pass's factors are new tensors each call, which captured graphs (and compiled guards) would not see:
     # low-rank runs eagerly; so does a step whose logits are watched.
-    plain = lowrank is None and obs.logits is None
+    own = model in _LINEARS
+    if own and lowrank is not None:
+        raise ValueError("a model with its own weight calls (a tensor-parallel shard) takes no low-rank pass")
+    plain = lowrank is None and obs.logits is None and not own
     use_graphs = plain and cuda and graphs is not False
     compiled = _compiled_step(model, W) if plain else None
     bucketed = use_graphs or compiled is not None
