@@ -128,7 +128,7 @@ def assert_slices(full: Replica, part: Replica, views: dict[str, tp.ShardView]) 
 def test_shard_perturb_and_update_are_slices_of_the_whole(kind: str, dtype: torch.dtype, master: str) -> None:
     """Bit for bit, for K = 2 and 3, with chunks that start mid-row and a thread pool drawing them."""
     model = build(kind, heads=6, kv_heads=6, dtype=dtype)
-    chunk = 37
+    chunk = 301  # not a multiple of any row length: chunks start mid-row
     full = Replica.wrap(copy.deepcopy(model), master_dtype=master)
     eng = Engine(chunk, workers=2)
     seeds, signs = member_seeds(7, 0, 6, antithetic=True)
@@ -138,13 +138,13 @@ def test_shard_perturb_and_update_are_slices_of_the_whole(kind: str, dtype: torc
             for K, ps in parts.items()}
 
     eng.perturb(full, int(seeds[2]), int(signs[2]), 0.05)
-    for K, rs in reps.items():
+    for rs in reps.values():
         for rep, seng, views in rs:
             seng.perturb(rep, int(seeds[2]), int(signs[2]), 0.05)
             assert_slices(full, rep, views)
     for _ in range(2):
         eng.update([full], seeds, signs, shaped, alpha=0.02)
-        for K, rs in reps.items():
+        for rs in reps.values():
             for rep, seng, views in rs:
                 seng.update([rep], seeds, signs, shaped, alpha=0.02)
                 assert_slices(full, rep, views)
@@ -251,3 +251,20 @@ def test_a_shard_takes_no_low_rank_pass() -> None:
 
     with pytest.raises(ValueError, match="takes no low-rank pass"):
         fastgen.generate_ids(part, ids, mask, 4, 0, PAD, lowrank=Members())  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["dist.tensor_parallel=0"], "'dist.tensor_parallel' = 0 is out of range; it must be an integer >= 1"),
+    (["dist.tensor_parallel=2", "es.noise_scheme=legacy"], "needs es.noise_scheme=keyed"),
+    (["dist.tensor_parallel=2", "es.noise=lowrank"], "does not combine with es.noise=lowrank"),
+    (["dist.tensor_parallel=2", "rollout.engine=hf"], "needs the fast engine"),
+    (["dist.tensor_parallel=2"], "not wired into the trainer yet"),
+])
+def test_tensor_parallel_config_refusals(overrides: list[str], words: str) -> None:
+    from hpc_es.config import load_config
+
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, overrides)
+    assert load_config(None, ["dist.tensor_parallel=1"]).dist.tensor_parallel == 1
