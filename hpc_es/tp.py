@@ -21,6 +21,8 @@ keys whole chunks of the flattened tensor and cannot be sliced: a sharded replic
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,9 +31,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from hpc_es.errors import ConfigError
+from hpc_es.errors import ConfigError, ModelError
 from hpc_es.es import Engine
-from hpc_es.models import named_params
+from hpc_es.models import check_model_dir, named_params
 from hpc_es.noise import KeyedNoise, _table, counter_base, keyed_transform
 
 ARCHITECTURES = ("qwen2", "llama")
@@ -305,3 +307,57 @@ class _ThreadMember:
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         return self.group._gather(self.rank, t)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def _safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, n) for n in names]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ModelError(f"model directory '{path}' has no model.safetensors (nor its index): a sharded replica loads "
+                     "its slices from safetensors files only")
+
+
+@torch.no_grad()
+def load_shard(path: str, shards: int, rank: int, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, ShardView]]:
+    """Shard ``rank`` of ``shards`` of the model in folder ``path``, and its views: the model is built on the
+    meta device and each parameter is read as the shard's slice of its safetensors tensor (``get_slice``),
+    so no whole split tensor is ever materialised.  ``dtype``: the files' own where None."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_dir(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    plan = plan_for(config, shards)
+    with torch.device("meta"):
+        model: Any = AutoModelForCausalLM.from_config(config)
+    metas = dict(model.named_parameters())
+    views = plan.views({n: tuple(p.shape) for n, p in metas.items()}, rank)
+    for file in _safetensors_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                v = views.get(name)
+                if v is None:
+                    continue
+                sl = f.get_slice(name)
+                t = sl[:] if v.dim is None else sl[v.lo:v.hi] if v.dim == 0 else sl[:, v.lo:v.hi]
+                t = t.to(device=device, dtype=dtype or t.dtype)
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, torch.nn.Parameter(t, requires_grad=False))
+    model.tie_weights()  # a tied head is the embedding (absent from the files)
+    inner = model.model  # the rotary tables: buffers computed at construction, rebuilt off the meta device
+    with torch.device(device):
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ModelError(f"model directory '{path}' lacks {len(missing)} tensors, e.g. '{missing[0]}'")
+    model.eval()
+    model.requires_grad_(False)
+    return model, views

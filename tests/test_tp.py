@@ -268,3 +268,32 @@ def test_tensor_parallel_config_refusals(overrides: list[str], words: str) -> No
     with pytest.raises(ConfigError, match=words):
         load_config(None, overrides)
     assert load_config(None, ["dist.tensor_parallel=1"]).dist.tensor_parallel == 1
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+@pytest.mark.parametrize(("kind", "dtype"), [("qwen2", torch.bfloat16), ("llama", torch.float32)])
+def test_load_shard_reads_the_slices_of_the_files(tmp_path, kind: str, dtype: torch.dtype) -> None:
+    from hpc_es.models import load_model
+
+    build(kind, heads=4, kv_heads=2, dtype=dtype).save_pretrained(tmp_path / "m")
+    model = load_model(str(tmp_path / "m"))  # the whole model as hpc_es loads it, then cut
+    for rank in range(2):
+        want, views = shard(model, 2, rank)
+        got, got_views = tp.load_shard(str(tmp_path / "m"), 2, rank)
+        assert got_views == views
+        g, w = dict(got.named_parameters()), dict(want.named_parameters())
+        assert sorted(g) == sorted(w)
+        for name in w:
+            assert g[name].dtype == dtype and torch.equal(bits(g[name]), bits(w[name])), name
+        assert torch.equal(got.model.rotary_emb.inv_freq, want.model.rotary_emb.inv_freq)
+        if kind == "qwen2":
+            assert got.lm_head.weight is got.model.embed_tokens.weight
+
+
+def test_load_shard_refuses_a_folder_without_safetensors(tmp_path) -> None:
+    from hpc_es.errors import ModelError
+
+    build("qwen2", heads=4, kv_heads=2).config.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="has no model.safetensors"):
+        tp.load_shard(str(tmp_path), 2, 0)
