@@ -297,3 +297,35 @@ def test_load_shard_refuses_a_folder_without_safetensors(tmp_path) -> None:
     build("qwen2", heads=4, kv_heads=2).config.save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="has no model.safetensors"):
         tp.load_shard(str(tmp_path), 2, 0)
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+def _gloo_shard(rank: int, size: int, folder: str, init: str, out: str) -> None:
+    """One process of a gloo group: load shard ``rank`` from the files, decode, write the ids."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        model, _ = tp.load_shard(folder, size, rank)
+        fastgen.set_linears(model, tp.ShardLinears(tp.DistExchange()))
+        ids, mask = batch(4, seed=11)
+        torch.save(fastgen.generate_ids(model, ids, mask, 12, 0, PAD), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_two_gloo_processes_decode_the_unsharded_tokens(tmp_path) -> None:
+    """K = 2 over torch.distributed (gloo, two processes, each loading its shard from the files) in fp32."""
+    import torch.multiprocessing as mp
+
+    from hpc_es.models import load_model
+
+    build("llama", heads=4, kv_heads=2, seed=5).save_pretrained(tmp_path / "m")
+    ids, mask = batch(4, seed=11)
+    want = fastgen.generate_ids(load_model(str(tmp_path / "m")), ids, mask, 12, 0, PAD)
+    out = str(tmp_path / "ids")
+    mp.spawn(_gloo_shard, args=(2, str(tmp_path / "m"), f"file://{tmp_path / 'init'}", out), nprocs=2)
+    for rank in range(2):
+        assert torch.equal(torch.load(f"{out}.{rank}"), want)
