@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from hpc_es.errors import ConfigError, ModelError
 from hpc_es.es import Engine
+from hpc_es.fastgen import PLAIN
 from hpc_es.models import check_model_dir, named_params
 from hpc_es.noise import KeyedNoise, _table, counter_base, keyed_transform
 
@@ -249,13 +250,13 @@ class ShardLinears:
         self.exchange = exchange
 
     def embed(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, w)
+        return PLAIN.embed(ids, w)
 
     def weight(self, w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return w
+        return PLAIN.weight(w, like)
 
     def proj(self, x: torch.Tensor, wb: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
-        return [F.linear(x, w, b) for w, b in wb]
+        return PLAIN.proj(x, wb)
 
     def out(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         parts = self.exchange.all_gather(F.linear(x, w))
