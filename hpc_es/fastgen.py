@@ -11,7 +11,8 @@ runs the same arithmetic as the HF Qwen2 / Llama modules, op for op where it mat
   preallocated :class:`KVCache` per layer, attention called in one place (:func:`_attend`);
 * the block's weight calls behind one seam (:class:`Linears`): plain layers, or a low-rank pass's per-row
   member terms (es.noise=lowrank, hpc_es/lowrank_pass.py: the functions the ``hf`` engine's hooks call too,
-  so the engines give the same tokens); a sharded block would be another ``Linears``, not another block;
+  so the engines give the same tokens), or a tensor-parallel shard's (hpc_es/tp.py, :func:`set_linears`):
+  the same block, with the shard's head counts read from its tensors;
 * the loaded model's own parameter tensors, read at every call (``Engine.perturb``/``update`` write them
   in place between members, so nothing derived from the weights is kept from one call to the next);
 * left-padded prompts with HF's positions (cumsum of the attention mask); the attention mask built once
@@ -173,8 +174,8 @@ def _rot(x: torch.Tensor) -> torch.Tensor:
 
 class Linears(Protocol):
     """The block's weight calls.  Plain decoding uses :data:`PLAIN`; a low-rank pass adds each row's member
-    term (``hpc_es.lowrank_pass.MemberLinears``); a tensor-parallel block would split ``proj`` by output
-    columns and all-reduce in ``out``, the block itself unchanged."""
+    term (``hpc_es.lowrank_pass.MemberLinears``); a tensor-parallel shard's (``hpc_es.tp.ShardLinears``)
+    runs ``proj`` on its own output rows and sums the shards' partials in ``out``, the block itself unchanged."""
 
     def embed(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Embedding rows of ``ids`` ((n, T) -> (n, T, hidden))."""
