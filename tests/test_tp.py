@@ -7,7 +7,9 @@ decoder's shards run in threads that exchange their partial sums through a Threa
 from __future__ import annotations
 
 import copy
+import os
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -127,6 +129,19 @@ def assert_slices(full: Replica, part: Replica, views: dict[str, tp.ShardView]) 
                                                (torch.bfloat16, "float32")])
 def test_shard_perturb_and_update_are_slices_of_the_whole(kind: str, dtype: torch.dtype, master: str) -> None:
     """Bit for bit, for K = 2 and 3, with chunks that start mid-row and a thread pool drawing them."""
+    check_slices(kind, dtype, master)
+
+
+@pytest.mark.skipif(os.environ.get("HPC_ES_TEST_COMPILE") != "1", reason="compiles (slow); HPC_ES_TEST_COMPILE=1")
+def test_shard_slices_with_the_compiled_fused_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shards that are one range (rows, replicated) run the fused kernels at their global offset."""
+    monkeypatch.setenv("HPC_ES_NOISE_COMPILE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a kernel refused (eager instead) would test nothing
+        check_slices("qwen2", torch.bfloat16, "model")
+
+
+def check_slices(kind: str, dtype: torch.dtype, master: str) -> None:
     model = build(kind, heads=6, kv_heads=6, dtype=dtype)
     chunk = 301  # not a multiple of any row length: chunks start mid-row
     full = Replica.wrap(copy.deepcopy(model), master_dtype=master)
