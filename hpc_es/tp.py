@@ -151,6 +151,19 @@ def plan_for(config: Any, shards: int) -> Plan:
     return Plan(shards, heads, kv, head_dim, inter)
 
 
+def assemble(views: Sequence[ShardView], parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The whole tensor from every shard's part, in rank order (``views[r]``, ``parts[r]``: shard r's): what
+    a checkpoint or ``final/`` writes, a plain tensor any tool loads.  A replicated tensor is shard 0's."""
+    v0 = views[0]
+    if v0.dim is None:
+        return parts[0]
+    edges = [(v.lo, v.hi) for v in views]
+    if any(v.name != v0.name or v.dim != v0.dim for v in views) or edges[0][0] != 0 or edges[-1][1] != \
+            v0.shape[v0.dim] or any(a[1] != b[0] for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"the parts of '{v0.name}' do not tile it in rank order: {edges}")
+    return torch.cat([p.to(parts[0].device) for p in parts], dim=v0.dim)
+
+
 @torch.no_grad()
 def shard_model(model: torch.nn.Module, plan: Plan, rank: int) -> dict[str, ShardView]:
     """Cut ``model``'s parameters in place down to shard ``rank``'s parts (each a fresh contiguous tensor)

@@ -18,6 +18,7 @@ import torch
 from hpc_es import fastgen, tp
 from hpc_es.errors import ConfigError
 from hpc_es.es import Engine, Replica
+from hpc_es.models import fingerprint_named
 from hpc_es.noise import KeyedNoise, member_seeds
 
 VOCAB, PAD = 96, 1
@@ -163,7 +164,20 @@ def check_slices(kind: str, dtype: torch.dtype, master: str) -> None:
             for rep, seng, views in rs:
                 seng.update([rep], seeds, signs, shaped, alpha=0.02)
                 assert_slices(full, rep, views)
+    for rs in reps.values():  # the shards' masters put together: the unsharded master's fingerprint
+        whole = [(n, tp.assemble([v[n] for _, _, v in rs], [r.master[n] for r, _, _ in rs])) for n in full.master]
+        assert fingerprint_named(sorted(whole)) == full.master_fingerprint()
     assert not torch.equal(full.master["model.norm.weight"].float(), model.model.norm.weight.float())
+
+
+def test_assemble_refuses_parts_out_of_order() -> None:
+    plan = tp.Plan(shards=2, heads=4, kv_heads=4, head_dim=8, intermediate=48)
+    name = "model.layers.0.mlp.down_proj.weight"
+    views = [plan.view(name, (32, 48), r) for r in range(2)]
+    full = torch.arange(32 * 48.0).view(32, 48)
+    assert torch.equal(tp.assemble(views, [v.take(full) for v in views]), full)
+    with pytest.raises(ValueError, match="do not tile it in rank order"):
+        tp.assemble(views[::-1], [v.take(full) for v in views[::-1]])
 
 
 def test_shard_noise_of_a_column_block_is_the_slice_of_the_whole() -> None:
