@@ -363,6 +363,10 @@ def load_shard(path: str, shards: int, rank: int, dtype: torch.dtype | None = No
                 sl = f.get_slice(name)
                 t = sl[:] if v.dim is None else sl[v.lo:v.hi] if v.dim == 0 else sl[:, v.lo:v.hi]
                 t = t.to(device=device, dtype=dtype or t.dtype)
+                if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                    # safetensors' slice is a view of the whole tensor's memory-mapped file pages (mapped,
+                    # read only where touched): a compact copy lets the mapping go
+                    t = t.clone(memory_format=torch.contiguous_format)
                 owner, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(owner), attr, torch.nn.Parameter(t, requires_grad=False))
     model.tie_weights()  # a tied head is the embedding (absent from the files)

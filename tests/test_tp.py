@@ -315,6 +315,8 @@ def test_load_shard_reads_the_slices_of_the_files(tmp_path, kind: str, dtype: to
         assert sorted(g) == sorted(w)
         for name in w:
             assert g[name].dtype == dtype and torch.equal(bits(g[name]), bits(w[name])), name
+            # its own storage, the slice's size: no whole tensor behind a view
+            assert g[name].untyped_storage().nbytes() == g[name].numel() * g[name].element_size(), name
         assert torch.equal(got.model.rotary_emb.inv_freq, want.model.rotary_emb.inv_freq)
         if kind == "qwen2":
             assert got.lm_head.weight is got.model.embed_tokens.weight
