@@ -129,6 +129,7 @@ class DistConfig:
     check_every: int = 10  # iterations between cross-rank weight fingerprint checks; 0 = never
     allow_idle_ranks: bool = False  # more ranks than slots: idle the extra ranks instead of failing
     timeout_s: float = 600.0  # torch.distributed collective timeout
+    tensor_parallel: int = 1  # shards per replica (hpc_es/tp.py); only 1 runs yet
 
 
 @dataclass
@@ -234,6 +235,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "dist.replicas_per_device": _int_range(1, 1024),
     "dist.check_every": _int_range(0, 100_000_000),
     "dist.timeout_s": _float_range(0, 7 * 86400, lo_open=True),
+    "dist.tensor_parallel": _int_range(1, 1024),
     "checkpoint.every": _int_range(0, 100_000_000),
     "checkpoint.stop_grace_s": _float_range(0, 86400, lo_open=True),
     "eval.every": _int_range(0, 100_000_000),
@@ -384,11 +386,29 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'es.master_on' = 'host' does not apply with es.noise=lowrank: the model's own "
                           "parameters are the master (es.master_dtype=float32 keeps an fp32 copy beside them); "
                           "use es.master_on=device")
+    if cfg.dist.tensor_parallel > 1:
+        _check_tensor_parallel(cfg)
     if not cfg.model:
         raise ConfigError("config key 'model' is empty; give a local model directory or 'tiny'")
     if not cfg.run_dir:
         raise ConfigError("config key 'run_dir' is empty")
     return cfg
+
+
+def _check_tensor_parallel(cfg: Config) -> None:
+    """What a sharded replica (dist.tensor_parallel > 1) cannot be combined with; the model's own shapes are
+    checked where it is loaded (hpc_es.tp.plan_for)."""
+    k = cfg.dist.tensor_parallel
+    if cfg.es.noise_scheme != "keyed":
+        raise ConfigError(f"config key 'dist.tensor_parallel' = {k} needs es.noise_scheme=keyed: a shard draws the "
+                          "noise of its own elements by their index, which the legacy per-chunk noise cannot")
+    if cfg.es.noise != "full":
+        raise ConfigError(f"config key 'dist.tensor_parallel' = {k} does not combine with es.noise=lowrank yet")
+    if cfg.rollout.engine == "hf":
+        raise ConfigError(f"config key 'dist.tensor_parallel' = {k} needs the fast engine (rollout.engine=auto or "
+                          "fast): HF generate runs a whole model")
+    raise ConfigError(f"config key 'dist.tensor_parallel' = {k}: sharded replicas are not wired into the trainer "
+                      "yet (hpc_es/tp.py holds the plan, the shard noise and the sharded decoder); use 1")
 
 
 def get_key(cfg: Config, key: str) -> Any:

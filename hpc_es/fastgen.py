@@ -11,7 +11,8 @@ runs the same arithmetic as the HF Qwen2 / Llama modules, op for op where it mat
   preallocated :class:`KVCache` per layer, attention called in one place (:func:`_attend`);
 * the block's weight calls behind one seam (:class:`Linears`): plain layers, or a low-rank pass's per-row
   member terms (es.noise=lowrank, hpc_es/lowrank_pass.py: the functions the ``hf`` engine's hooks call too,
-  so the engines give the same tokens); a sharded block would be another ``Linears``, not another block;
+  so the engines give the same tokens), or a tensor-parallel shard's (hpc_es/tp.py, :func:`set_linears`):
+  the same block, with the shard's head counts read from its tensors;
 * the loaded model's own parameter tensors, read at every call (``Engine.perturb``/``update`` write them
   in place between members, so nothing derived from the weights is kept from one call to the next);
 * left-padded prompts with HF's positions (cumsum of the attention mask); the attention mask built once
@@ -148,9 +149,10 @@ def _weights(model: Any) -> _Weights:  # Any: HF modules' attributes are not typ
             lay.post_attention_layernorm.weight.data, float(lay.post_attention_layernorm.variance_epsilon),
             mlp.gate_proj.weight.data, _bias(mlp.gate_proj), mlp.up_proj.weight.data, _bias(mlp.up_proj),
             mlp.down_proj.weight.data, _bias(mlp.down_proj)))
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # Head counts from the tensors, not the config: a tensor-parallel shard holds whole heads of q and k/v.
+    heads = layers[0].wq.shape[0] // head_dim if layers else cfg.num_attention_heads
+    kv = layers[0].wk.shape[0] // head_dim if layers else (getattr(cfg, "num_key_value_heads", None) or heads)
     embed = inner.embed_tokens.weight.data
     rot = inner.rotary_emb
     return _Weights(embed, layers, inner.norm.weight.data, float(inner.norm.variance_epsilon),
@@ -174,8 +176,8 @@ def _rot(x: torch.Tensor) -> torch.Tensor:
 
 class Linears(Protocol):
     """The block's weight calls.  Plain decoding uses :data:`PLAIN`; a low-rank pass adds each row's member
-    term (``hpc_es.lowrank_pass.MemberLinears``); a tensor-parallel block would split ``proj`` by output
-    columns and all-reduce in ``out``, the block itself unchanged."""
+    term (``hpc_es.lowrank_pass.MemberLinears``); a tensor-parallel shard's (``hpc_es.tp.ShardLinears``)
+    runs ``proj`` on its own output rows and sums the shards' partials in ``out``, the block itself unchanged."""
 
     def embed(self, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Embedding rows of ``ids`` ((n, T) -> (n, T, hidden))."""
@@ -209,6 +211,17 @@ class _Plain:
 
 
 PLAIN: Linears = _Plain()
+_LINEARS: weakref.WeakKeyDictionary[torch.nn.Module, Linears] = weakref.WeakKeyDictionary()
+
+
+def set_linears(model: torch.nn.Module, lin: Linears | None) -> None:
+    """The weight calls ``model``'s decoding uses instead of :data:`PLAIN` (a tensor-parallel shard's:
+    ``hpc_es.tp.ShardLinears``); None: plain again.  Such a model decodes eagerly (its exchange is neither
+    captured nor compiled) and takes no low-rank pass."""
+    if lin is None:
+        _LINEARS.pop(model, None)
+    else:
+        _LINEARS[model] = lin
 
 
 class Members(Protocol):
@@ -426,7 +439,9 @@ class _Decoder:
         self.on_logits: Callable[[torch.Tensor], None] | None = None
 
     def linears(self, grp: torch.Tensor, tokens: int) -> Linears:
-        return PLAIN if self.members is None else self.members.linears(grp, tokens)
+        if self.members is None:
+            return _LINEARS.get(self.model, PLAIN)
+        return self.members.linears(grp, tokens)
 
     def logits(self, x: torch.Tensor, lin: Linears) -> torch.Tensor:
         """fp32 logits of the last position of ``x`` (n, T, hidden)."""
@@ -640,7 +655,10 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     B, P = ids.shape
     # A pass's factors are new tensors each call, which captured graphs (and compiled guards) would not see:
     # low-rank runs eagerly; so does a step whose logits are watched.
-    plain = lowrank is None and obs.logits is None
+    own = model in _LINEARS
+    if own and lowrank is not None:
+        raise ValueError("a model with its own weight calls (a tensor-parallel shard) takes no low-rank pass")
+    plain = lowrank is None and obs.logits is None and not own
     use_graphs = plain and cuda and graphs is not False
     compiled = _compiled_step(model, W) if plain else None
     bucketed = use_graphs or compiled is not None
