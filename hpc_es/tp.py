@@ -35,7 +35,8 @@ from hpc_es.errors import ConfigError, ModelError
 from hpc_es.es import Engine
 from hpc_es.fastgen import PLAIN
 from hpc_es.models import check_model_dir, named_params
-from hpc_es.noise import KeyedNoise, _table, counter_base, keyed_transform
+from hpc_es.exact import keyed_table, keyed_transform
+from hpc_es.noise import KeyedNoise, counter_base
 
 ARCHITECTURES = ("qwen2", "llama")
 COLUMN = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "intermediate",
@@ -218,7 +219,7 @@ class ShardNoise(KeyedNoise):
         if v.contiguous:
             return super().fill(out, seed, name, v.offset + start)
         z = v.index(start, out.numel(), out.device).mul_(STEP).add_(counter_base(seed, name, 0))
-        cells, steps = _table(out.device)
+        cells, steps = keyed_table(out.device)
         keyed_transform(z, cells, steps, out)
         return out
 

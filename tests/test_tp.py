@@ -19,7 +19,8 @@ from hpc_es import fastgen, tp
 from hpc_es.errors import ConfigError
 from hpc_es.es import Engine, Replica
 from hpc_es.models import fingerprint_named
-from hpc_es.noise import KeyedNoise, member_seeds
+from hpc_es.noise import KeyedNoise
+from hpc_es.seeds import member_seeds
 
 VOCAB, PAD = 96, 1
 
