@@ -1,7 +1,8 @@
 """rollout.compile: the compiled decode step gives the eager step's tokens, and one that does not is refused.
 
-The compiling tests are marked ``integration``: torch.compile needs a C++ compiler and takes a minute or two
-per model on a small CPU.  They share compiled code through the process (one compiled step serves every
+The compiling tests are marked ``integration`` and run with HPC_ES_TEST_COMPILE=1 (as the noise kernels'
+compile tests): torch.compile needs a C++ compiler and takes a minute or two per model on a small CPU, about
+8 minutes for the four on 2 cores with a cold inductor cache, more than the whole suite's budget allows.  They share compiled code through the process (one compiled step serves every
 model), so each model compiles once.  The refusal tests fake the compiled step and run in the unit subset.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from hpc_es.errors import ConfigError
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_trace.json"
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
+compiles = pytest.mark.skipif(os.environ.get("HPC_ES_TEST_COMPILE") != "1", reason="compiles (slow); HPC_ES_TEST_COMPILE=1")
 
 
 def decode(model: torch.nn.Module, mode: str, ids: torch.Tensor, mask: torch.Tensor, new: int, eos: list[int],
@@ -38,6 +41,7 @@ def decode(model: torch.nn.Module, mode: str, ids: torch.Tensor, mask: torch.Ten
 
 @needs_cc
 @pytest.mark.integration
+@compiles
 @pytest.mark.parametrize("key", [("qwen2", 1), ("llama", 4)], ids=lambda k: f"{k[0]}-kv{k[1]}")
 def test_compiled_decoder_gives_the_eager_tokens(key: tuple[str, int]) -> None:
     """fp32: rows stopping early (EOS and a stop schedule, so the batch compacts through several shapes), a
@@ -58,6 +62,7 @@ def test_compiled_decoder_gives_the_eager_tokens(key: tuple[str, int]) -> None:
 
 @needs_cc
 @pytest.mark.integration
+@compiles
 def test_low_rank_pass_same_tokens_with_compile_on(tiny_model_dir: str) -> None:
     """A low-rank pass decodes eagerly whatever rollout.compile says (its factors are new tensors every
     pass): the same tokens with the setting on and off."""
@@ -85,6 +90,7 @@ def test_low_rank_pass_same_tokens_with_compile_on(tiny_model_dir: str) -> None:
 
 @needs_cc
 @pytest.mark.integration
+@compiles
 def test_demo_fingerprint_with_compile_on_and_off(tmp_path: Path) -> None:
     """The golden trace's run (compile off: test_trainer's golden test) with rollout.compile=true: the same
     rewards and final weights, and no refusal."""
