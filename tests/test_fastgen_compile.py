@@ -2,7 +2,8 @@
 
 The compiling tests are marked ``integration`` and run with HPC_ES_TEST_COMPILE=1 (as the noise kernels'
 compile tests): torch.compile needs a C++ compiler and takes a minute or two per model on a small CPU, about
-8 minutes for the four on 2 cores with a cold inductor cache, more than the whole suite's budget allows.  They share compiled code through the process (one compiled step serves every
+8 minutes for the four on 2 cores with a cold inductor cache, more than the whole suite's budget allows.
+They share compiled code through the process (one compiled step serves every
 model), so each model compiles once.  The refusal tests fake the compiled step and run in the unit subset.
 """
 
@@ -26,7 +27,8 @@ from hpc_es.errors import ConfigError
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_trace.json"
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
-compiles = pytest.mark.skipif(os.environ.get("HPC_ES_TEST_COMPILE") != "1", reason="compiles (slow); HPC_ES_TEST_COMPILE=1")
+compiles = pytest.mark.skipif(os.environ.get("HPC_ES_TEST_COMPILE") != "1",
+                              reason="compiles (slow); HPC_ES_TEST_COMPILE=1")
 
 
 def decode(model: torch.nn.Module, mode: str, ids: torch.Tensor, mask: torch.Tensor, new: int, eos: list[int],
