@@ -349,21 +349,19 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes_exact
 
 def test_a_full_disk_during_a_ledger_write_is_one_line_and_the_rerun_resumes_exactly(
         tmp_path: Path, reference_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    import builtins
-
     from conftest import fingerprint_of
-    from hpc_es import ledger
+    from hpc_es import fsio, ledger
 
     run_dir = tmp_path / "r"
-    real_open = builtins.open
+    real_create = fsio.create_new
 
-    def opener(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+    def create(path: str) -> int:  # the ledger's temporary file, created by fsio.write_atomic
         done = run_dir / "log.h5"
         if str(path).endswith("log.h5.tmp") and done.exists() and len(ledger.Ledger.load(str(done))) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+        return real_create(path)
 
-    monkeypatch.setattr(ledger, "open", opener, raising=False)
+    monkeypatch.setattr(fsio, "create_new", create)
     assert main(TINY + [f"run_dir={run_dir}"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Slist" not in err
